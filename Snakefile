@@ -1,0 +1,32 @@
+# mofo: the MOFO pipeline as one Snakemake DAG.
+#   decode -> optical_flow -> motion_map -> motion_boxes -> pretrain -> finetune -> evaluate -> table
+# Targets: `all` (default: the variant table), `motion` (boxes + box quality report).
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, schema="config/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/motion.smk"
+include: "rules/training.smk"
+
+
+rule all:
+    input:
+        f"{RESULTS}/table.csv",
+        f"{RESULTS}/table.md",
+        f"{RESULTS}/motion/box_quality.json",
+    default_target: True
+
+
+rule motion:
+    input:
+        f"{RESULTS}/motion/box_quality.json",
+        expand(f"{RESULTS}/boxes/{{shard}}.csv", shard=SHARDS),

@@ -1,0 +1,49 @@
+# Shared helpers for the rules. Everything computed here is cheap: the shard list comes
+# from the annotation files (or the demo config), never from decoding video.
+import json
+import hashlib
+
+from mofo.data.manifest import shard_names
+
+RESULTS = f"{config['results_dir']}/{config['dataset']['name']}"
+LOGS = f"{RESULTS}/logs"
+BENCH = f"{RESULTS}/benchmarks"
+SHARDS = shard_names(config)
+DEMO_ROOT = config["dataset"]["demo"]["root"]
+
+
+wildcard_constraints:
+    shard=r"shard-\d{4}",
+    masking=r"[a-z]+",
+    head=r"[a-z]+",
+
+
+def manifest_inputs(wildcards):
+    """The annotation files the manifest is built from, so a changed file rebuilds it."""
+    ds = config["dataset"]
+    name = ds["name"]
+    if name == "demo":
+        return [f"{DEMO_ROOT}/clips.csv"]
+    if name == "ssv2":
+        root = ds["ssv2"]["root"]
+        return [f"{root}/labels.json"] + [f"{root}/{split}.json" for split in ds["ssv2"]["splits"]]
+    if name == "epic100":
+        root = ds["epic100"]["annotations_dir"]
+        return [f"{root}/EPIC_100_{split}.csv" for split in ds["epic100"]["splits"]]
+    return list(ds["list"]["files"].values())
+
+
+def gt_boxes_input(wildcards):
+    """Ground-truth boxes exist for the demo dataset only."""
+    return [f"{DEMO_ROOT}/gt_boxes.csv", f"{DEMO_ROOT}/clips.csv"] if config["dataset"]["name"] == "demo" else []
+
+
+def section_hash(*sections):
+    """Short hash of config sections: a stage's params, so a changed setting reruns it."""
+    blob = json.dumps([config.get(s) for s in sections], sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def maybe_temp(path):
+    """Flow is large: Snakemake deletes it after its consumers unless optical_flow.keep."""
+    return path if config["optical_flow"]["keep"] else temp(path)

@@ -1,0 +1,70 @@
+# Datasets -> manifest -> decoded frame store (one job per shard).
+
+
+rule demo_data:
+    """Generate the built-in "motion shapes" demo videos and their ground-truth boxes."""
+    output:
+        clips=f"{DEMO_ROOT}/clips.csv",
+        gt=f"{DEMO_ROOT}/gt_boxes.csv",
+        videos=directory(f"{DEMO_ROOT}/videos"),
+    params:
+        demo=config["dataset"]["demo"],
+    log:
+        f"{LOGS}/demo_data.log",
+    benchmark:
+        f"{BENCH}/demo_data.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../envs/preprocess.yaml"
+    script:
+        "../workflow/scripts/demo_data.py"
+
+
+rule manifest:
+    """One table of every clip: id, video path, label(s), split, frame range, fps, shard."""
+    input:
+        manifest_inputs,
+    output:
+        f"{RESULTS}/manifest.csv",
+    params:
+        config_hash=section_hash("dataset", "shards"),
+    log:
+        f"{LOGS}/manifest.log",
+    benchmark:
+        f"{BENCH}/manifest.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/preprocess.yaml"
+    script:
+        "../workflow/scripts/manifest.py"
+
+
+rule decode:
+    """Decode one shard's clips with decord, resize, store as a memory-mappable JPEG pack."""
+    input:
+        manifest=f"{RESULTS}/manifest.csv",
+    output:
+        pack=f"{RESULTS}/frames/{{shard}}.jpgpack",
+        index=f"{RESULTS}/frames/{{shard}}.index.csv",
+        status=f"{RESULTS}/frames/{{shard}}.status.csv",
+    params:
+        prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
+        config_hash=section_hash("decode"),
+    log:
+        f"{LOGS}/decode/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/decode/{{shard}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    conda:
+        "../envs/preprocess.yaml"
+    script:
+        "../workflow/scripts/decode.py"

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install everything mofo needs on a fresh Debian/Ubuntu machine with Python 3.10+:
+# PyTorch (pinned), the mofo package with its test extras, and the system packages the
+# integration tests use (SLURM + munge for `pytest -m slurm`).
+# Usage: bash scripts/install.sh            (as root for the apt part; skipped otherwise)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+# torch first and pinned: an unpinned torch would pull a newer multi-GB CUDA build.
+"$PYTHON" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+"$PYTHON" -m pip install -q -e ".[dev]"
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+    fi
+else
+    echo "install.sh: not root (or no apt-get): skipping slurm-wlm/munge; pytest -m slurm will skip" >&2
+fi

@@ -1,0 +1,58 @@
+"""The conda environments in envs/ must ask for the same packages as pyproject.toml."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pyproject_requirements() -> dict[str, Requirement]:
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    reqs = [Requirement(r) for r in data["project"]["dependencies"]]
+    return {r.name.lower(): r for r in reqs}
+
+
+def _env_pip_requirements(path: Path) -> list[Requirement]:
+    env = yaml.safe_load(path.read_text())
+    pip_sections = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
+    assert pip_sections, f"{path.name}: no pip section"
+    return [Requirement(line) for line in pip_sections[0] if not line.startswith("-e")]
+
+
+ENV_FILES = sorted((ROOT / "envs").glob("*.yaml"))
+
+
+def test_there_are_env_files():
+    assert {p.name for p in ENV_FILES} >= {"preprocess.yaml", "train.yaml"}
+
+
+@pytest.mark.parametrize("env_file", ENV_FILES, ids=lambda p: p.name)
+def test_env_agrees_with_pyproject(env_file: Path):
+    project = _pyproject_requirements()
+    for req in _env_pip_requirements(env_file):
+        assert req.name.lower() in project, f"{env_file.name}: {req.name} is not in pyproject.toml"
+        assert req.specifier == project[req.name.lower()].specifier, (
+            f"{env_file.name}: {req.name}{req.specifier} but pyproject.toml says "
+            f"{project[req.name.lower()].specifier}"
+        )
+
+
+def test_envs_install_the_project_itself():
+    for env_file in ENV_FILES:
+        env = yaml.safe_load(env_file.read_text())
+        pip = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)][0]
+        assert "-e ../" in pip, f"{env_file.name} must install mofo itself"
+
+
+def test_every_rule_uses_an_env_that_exists():
+    for smk in (ROOT / "rules").glob("*.smk"):
+        for line in smk.read_text().splitlines():
+            line = line.strip()
+            if line.startswith('"../envs/'):
+                assert (ROOT / "rules" / line.strip('"')).resolve().exists(), f"{smk.name}: {line}"

@@ -1,0 +1,8 @@
+"""Snakemake adapter: motion boundaries for one shard (mofo.motion.boundaries)."""
+
+from mofo.logs import job_log
+from mofo.motion.boundaries import motion_map_shard
+
+sm = snakemake  # noqa: F821
+with job_log(sm.log[0]):
+    motion_map_shard(sm.input.flow, sm.output.motion_map, sm.config["motion_map"])
