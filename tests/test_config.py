@@ -1,0 +1,54 @@
+"""The configuration: defaults validate, bad values stop with the key's name."""
+
+from __future__ import annotations
+
+import pytest
+
+from mofo.config import ConfigError, deep_merge, get, load_config
+
+
+def test_defaults_validate_and_run_the_demo():
+    config = load_config()
+    assert config["dataset"]["name"] == "demo"
+    assert config["optical_flow"]["method"] in {"tvl1", "dis", "farneback"}
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"optical_flow": {"method": "raft"}}, "optical_flow.method"),
+        ({"shards": {"clips_per_shard": 0}}, "shards.clips_per_shard"),
+        ({"decode": {"jpeg_quality": 101}}, "decode.jpeg_quality"),
+        ({"motion_boxes": {"rel_max_threshold": 1.5}}, "motion_boxes.rel_max_threshold"),
+        ({"dataset": {"name": "kinetics"}}, "dataset.name"),
+        ({"optical_flow": {"tvl1": {"tua": 0.3}}}, "optical_flow.tvl1"),
+    ],
+)
+def test_bad_value_names_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=overrides)
+    assert key in str(err.value)
+
+
+def test_missing_overlay_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config([tmp_path / "nope.yaml"])
+
+
+def test_overlay_merges_key_by_key(tmp_path):
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text("optical_flow:\n  tvl1:\n    tau: 0.5\n")
+    config = load_config([overlay])
+    assert config["optical_flow"]["tvl1"]["tau"] == 0.5
+    assert config["optical_flow"]["tvl1"]["warps"] == load_config()["optical_flow"]["tvl1"]["warps"]
+
+
+def test_deep_merge_does_not_modify_inputs():
+    base = {"a": {"b": 1, "c": 2}}
+    merged = deep_merge(base, {"a": {"b": 3}})
+    assert merged == {"a": {"b": 3, "c": 2}} and base == {"a": {"b": 1, "c": 2}}
+
+
+def test_get_names_missing_key():
+    with pytest.raises(ConfigError, match="optical_flow.nope"):
+        get(load_config(), "optical_flow.nope")
