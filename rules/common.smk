@@ -47,3 +47,13 @@ def section_hash(*sections):
 def maybe_temp(path):
     """Flow is large: Snakemake deletes it after its consumers unless optical_flow.keep."""
     return path if config["optical_flow"]["keep"] else temp(path)
+
+
+VARIANTS = config["variants"]
+
+
+def processes_per_job(resources):
+    """Training processes in one job: one per GPU the job got (SLURM profile: `gpu`), else
+    engine.nproc_per_node (CPU DDP). More than one means torchrun --standalone inside the job."""
+    gpus = int(getattr(resources, "gpu", 0) or 0)
+    return max(gpus, int(config["engine"]["nproc_per_node"]))

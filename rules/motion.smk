@@ -31,6 +31,7 @@ rule motion_map:
         flow=f"{RESULTS}/flow/{{shard}}.npz",
     output:
         motion_map=f"{RESULTS}/motion_map/{{shard}}.npz",
+        raw_flow_map=f"{RESULTS}/motion_map/{{shard}}.rawflow.npz",
     params:
         config_hash=section_hash("motion_map"),
     log:
@@ -45,3 +46,84 @@ rule motion_map:
         "../envs/preprocess.yaml"
     script:
         "../workflow/scripts/motion_map.py"
+
+
+rule motion_boxes:
+    """Per-frame motion boxes from the motion map (and, as a baseline, from raw flow magnitude)."""
+    input:
+        motion_map=f"{RESULTS}/motion_map/{{shard}}.npz",
+        raw_flow_map=f"{RESULTS}/motion_map/{{shard}}.rawflow.npz",
+        index=f"{RESULTS}/frames/{{shard}}.index.csv",
+    output:
+        boxes=f"{RESULTS}/boxes/{{shard}}.csv",
+        raw_flow_boxes=f"{RESULTS}/boxes/{{shard}}.rawflow.csv",
+        report=f"{RESULTS}/boxes/{{shard}}.report.json",
+    params:
+        prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
+        config_hash=section_hash("motion_boxes"),
+    log:
+        f"{LOGS}/motion_boxes/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/motion_boxes/{{shard}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/preprocess.yaml"
+    script:
+        "../workflow/scripts/motion_boxes.py"
+
+
+rule motion_pictures:
+    """Frame | flow | motion map | boxes side by side for a few clips of one shard."""
+    input:
+        flow=f"{RESULTS}/flow/{{shard}}.npz",
+        motion_map=f"{RESULTS}/motion_map/{{shard}}.npz",
+        boxes=f"{RESULTS}/boxes/{{shard}}.csv",
+        raw_flow_boxes=f"{RESULTS}/boxes/{{shard}}.rawflow.csv",
+        index=f"{RESULTS}/frames/{{shard}}.index.csv",
+        gt=gt_boxes_input,
+    output:
+        directory(f"{RESULTS}/motion/pictures/{{shard}}"),
+    params:
+        prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
+    log:
+        f"{LOGS}/motion_pictures/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/motion_pictures/{{shard}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../envs/preprocess.yaml"
+    script:
+        "../workflow/scripts/motion_pictures.py"
+
+
+rule box_quality:
+    """Box quality against ground truth (demo), the raw-flow baseline, token-grid IoU, fallback counts."""
+    input:
+        boxes=expand(f"{RESULTS}/boxes/{{shard}}.csv", shard=SHARDS),
+        raw_flow_boxes=expand(f"{RESULTS}/boxes/{{shard}}.rawflow.csv", shard=SHARDS),
+        reports=expand(f"{RESULTS}/boxes/{{shard}}.report.json", shard=SHARDS),
+        status=expand(f"{RESULTS}/frames/{{shard}}.status.csv", shard=SHARDS),
+        pictures=expand(f"{RESULTS}/motion/pictures/{{shard}}", shard=SHARDS),
+        gt=gt_boxes_input,
+    output:
+        f"{RESULTS}/motion/box_quality.json",
+    params:
+        config_hash=section_hash("model"),
+    log:
+        f"{LOGS}/box_quality.log",
+    benchmark:
+        f"{BENCH}/box_quality.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/preprocess.yaml"
+    script:
+        "../workflow/scripts/box_quality.py"

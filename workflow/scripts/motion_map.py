@@ -1,8 +1,10 @@
-"""Snakemake adapter: motion boundaries for one shard (mofo.motion.boundaries)."""
+"""Snakemake adapter: motion boundaries (and the raw-flow baseline maps) for one shard."""
 
 from mofo.logs import job_log
 from mofo.motion.boundaries import motion_map_shard
 
 sm = snakemake  # noqa: F821
 with job_log(sm.log[0]):
-    motion_map_shard(sm.input.flow, sm.output.motion_map, sm.config["motion_map"])
+    motion_map_shard(
+        sm.input.flow, sm.output.motion_map, sm.config["motion_map"], raw_flow_out=sm.output.raw_flow_map
+    )

@@ -1,0 +1,53 @@
+"""Run a training-side stage module as its own process (one, or several under torchrun).
+
+The Snakemake scripts for pretrain / finetune / evaluate call :func:`run_stage_module`. The
+stage always runs as ``python -m <module>`` in a child process so that one process and
+``torchrun --standalone --nproc-per-node=N`` (several GPUs of one SLURM job, or CPU DDP) take
+exactly the same path. The effective configuration is written beside the stage's outputs
+(``<out_dir>/config.yaml``): it is what the stage read, kept for provenance.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+
+class StageFailed(RuntimeError):
+    """A stage process exited non-zero; the message names the stage and its log."""
+
+
+def stage_command(module: str, args: Sequence[str], nproc: int) -> list[str]:
+    """``python -m module args`` or, for nproc > 1, the same under torchrun on this node."""
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    else:
+        launcher = [sys.executable]
+    return [*launcher, "-m", module, *args]
+
+
+def write_stage_config(config: dict, out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_stage_module(
+    module: str, args: Sequence[str], config: dict, out_dir: str | Path, nproc: int = 1
+) -> None:
+    """Run ``module`` with the effective config; its output goes to this process's stdout/stderr
+    (the job log). Raises StageFailed with the exit code on failure."""
+    config_path = write_stage_config(config, out_dir)
+    cmd = stage_command(module, ["--config", str(config_path), *args], nproc)
+    print("running:", " ".join(cmd), file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    code = subprocess.call(cmd, stdout=sys.stdout, stderr=sys.stderr)
+    if code != 0:
+        raise StageFailed(f"{module} exited with code {code} (output dir {out_dir}); see the log above")

@@ -1,0 +1,20 @@
+"""Snakemake adapter: motion/box_quality.json (mofo.motion.quality.write_box_quality)."""
+
+from mofo.logs import job_log
+from mofo.motion.quality import write_box_quality
+
+sm = snakemake  # noqa: F821
+with job_log(sm.log[0]) as log:
+    gt_boxes, clips = (sm.input.gt[0], sm.input.gt[1]) if sm.input.gt else (None, None)
+    prefixes = [p[: -len(".status.csv")] for p in sm.input.status]
+    result = write_box_quality(
+        sm.output[0],
+        sm.input.boxes,
+        clips,
+        gt_boxes,
+        sm.config["model"],
+        raw_flow_boxes=sm.input.raw_flow_boxes,
+        frames_prefixes=prefixes,
+        reports=sm.input.reports,
+    )
+    log.info("box quality: %s", {k: v for k, v in result.items() if not isinstance(v, dict)})

@@ -1,0 +1,15 @@
+"""Snakemake adapter: multi-view evaluation of one variant (python -m mofo.evaluation.evaluate)."""
+
+from mofo.logs import job_log
+from mofo.stages import run_stage_module
+
+sm = snakemake  # noqa: F821
+with job_log(sm.log[0]):
+    run_stage_module(
+        "mofo.evaluation.evaluate",
+        ["--head", sm.wildcards.head, "--checkpoint", sm.input.checkpoint, "--manifest", sm.input.manifest,
+         "--results-dir", sm.config["results_dir"] + "/" + sm.config["dataset"]["name"],
+         "--out", sm.params.out_dir],
+        sm.config,
+        sm.params.out_dir,
+    )

@@ -1,0 +1,21 @@
+"""Snakemake adapter: frame | flow | motion map | boxes pictures for a few clips of one shard."""
+
+from pathlib import Path
+
+from mofo.logs import job_log
+from mofo.motion.viz import write_shard_pictures
+
+sm = snakemake  # noqa: F821
+with job_log(sm.log[0]) as log:
+    Path(sm.output[0]).mkdir(parents=True, exist_ok=True)
+    written = write_shard_pictures(
+        sm.params.prefix,
+        sm.input.motion_map,
+        sm.input.boxes,
+        sm.output[0],
+        n_clips=sm.config["motion_boxes"]["n_picture_clips"],
+        flow_path=sm.input.flow,
+        gt_boxes_csv=sm.input.gt[0] if sm.input.gt else None,
+        raw_boxes_csv=sm.input.raw_flow_boxes,
+    )
+    log.info("wrote %d pictures to %s", len(written), sm.output[0])

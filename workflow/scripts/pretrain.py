@@ -1,0 +1,16 @@
+"""Snakemake adapter: MOFO / VideoMAE pretraining (python -m mofo.training.pretrain)."""
+
+from mofo.logs import job_log
+from mofo.stages import run_stage_module
+
+sm = snakemake  # noqa: F821
+with job_log(sm.log[0]):
+    run_stage_module(
+        "mofo.training.pretrain",
+        ["--masking", sm.wildcards.masking, "--manifest", sm.input.manifest,
+         "--results-dir", sm.config["results_dir"] + "/" + sm.config["dataset"]["name"],
+         "--out", sm.params.out_dir],
+        sm.config,
+        sm.params.out_dir,
+        nproc=sm.params.nproc,
+    )
