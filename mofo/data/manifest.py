@@ -1,0 +1,206 @@
+"""The manifest: one table of every clip of the configured dataset (stage ``manifest``).
+
+Columns and types are the contract of docs/ARCHITECTURE.md (``MANIFEST_COLUMNS``). The rows
+come from the adapter of ``dataset.name`` (mofo.data.adapters), in annotation order (splits in
+the configured order), and ``shard = row_index // shards.clips_per_shard``.
+
+``count_clips``/``shard_names`` give the shard list without building the manifest (the
+Snakefile needs it at parse time): for the demo from the config alone, for the real datasets
+from the annotation files (no file-system checks on videos), with the same skipping rules as
+``build_manifest``, so both always agree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from mofo.data import adapters
+from mofo.data import demo as demo_data
+
+MANIFEST_COLUMNS = [
+    "clip_id",
+    "video_path",
+    "label",
+    "verb_class",
+    "noun_class",
+    "split",
+    "start_frame",
+    "stop_frame",
+    "fps",
+    "shard",
+]
+MANIFEST_DTYPES = {
+    "clip_id": str,
+    "video_path": str,
+    "label": "int64",
+    "verb_class": "int64",
+    "noun_class": "int64",
+    "split": str,
+    "start_frame": "int64",
+    "stop_frame": "int64",
+    "fps": "float64",
+    "shard": "int64",
+}
+SPLITS = ("train", "validation", "test")
+
+
+class ManifestError(ValueError):
+    """The manifest (or the rows that would make it) is invalid; the message names the file."""
+
+
+def _adapter(config: dict):
+    name = config["dataset"]["name"]
+    try:
+        return adapters.ADAPTERS[name]
+    except KeyError:
+        raise ManifestError(
+            f"dataset.name {name!r}: no adapter (known: {sorted(adapters.ADAPTERS)})"
+        ) from None
+
+
+def build_manifest(config: dict) -> pd.DataFrame:
+    """Manifest of ``config["dataset"]`` (missing videos: one warning, rows kept)."""
+    rows = _adapter(config)(config["dataset"], check_videos=True)
+    df = assign_shards(rows, int(config["shards"]["clips_per_shard"]))
+    validate_manifest(df, source=f"dataset {config['dataset']['name']!r}")
+    if config["dataset"]["name"] == "demo":
+        expected = demo_data.count_clips(config["dataset"]["demo"])
+        if len(df) != expected:
+            raise ManifestError(
+                f"{Path(config['dataset']['demo']['root']) / 'clips.csv'} has {len(df)} clips "
+                f"but the "
+                f"config dataset.demo asks for {expected}: regenerate the demo data"
+            )
+    return df
+
+
+def assign_shards(rows: pd.DataFrame, clips_per_shard: int) -> pd.DataFrame:
+    """Add ``shard = row_index // clips_per_shard`` (rows keep their order)."""
+    if clips_per_shard < 1:
+        raise ManifestError(f"shards.clips_per_shard must be >= 1, got {clips_per_shard}")
+    df = rows.reset_index(drop=True).copy()
+    df["shard"] = (df.index // clips_per_shard).astype("int64")
+    return df[MANIFEST_COLUMNS]
+
+
+def count_clips(config: dict) -> int:
+    """Number of manifest rows, cheaply: demo from the config, others from the annotations."""
+    name = config["dataset"]["name"]
+    if name == "demo":
+        return demo_data.count_clips(config["dataset"]["demo"])
+    return len(_adapter(config)(config["dataset"], check_videos=False))
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{int(index):04d}"
+
+
+def shard_index(name: str | int) -> int:
+    """``"shard-0003"`` (or 3) → 3."""
+    if isinstance(name, int):
+        return name
+    text = str(name)
+    if not text.startswith("shard-") or not text[6:].isdigit():
+        raise ValueError(f"not a shard name: {name!r} (expected shard-0000 style)")
+    return int(text[6:])
+
+
+def shard_names(config: dict) -> list[str]:
+    """``["shard-0000", ...]``, one per ``shards.clips_per_shard`` clips."""
+    n = count_clips(config)
+    per = int(config["shards"]["clips_per_shard"])
+    return [shard_name(i) for i in range(math.ceil(n / per))]
+
+
+def select_shard(manifest: pd.DataFrame, shard: str | int) -> pd.DataFrame:
+    """The manifest rows of one shard (``"shard-0003"`` or 3); error if it has none."""
+    idx = shard_index(shard)
+    part = manifest[manifest["shard"] == idx]
+    if part.empty:
+        raise ManifestError(
+            f"{shard_name(idx)}: no rows in the manifest (shards 0..{int(manifest['shard'].max())})"
+        )
+    return part.reset_index(drop=True)
+
+
+def validate_manifest(df: pd.DataFrame, source: str = "manifest") -> pd.DataFrame:
+    """Check columns, types and values; return the frame with the contract dtypes.
+
+    ``source`` (a file name) starts every error message.
+    """
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{source}: missing columns {missing}")
+    df = df[MANIFEST_COLUMNS].copy()
+    for col, dtype in MANIFEST_DTYPES.items():
+        if dtype == "int64":
+            values = pd.to_numeric(df[col], errors="coerce")
+            bad = values.isna() | (values != values.round())
+            if bad.any():
+                line = int(bad.to_numpy().nonzero()[0][0])
+                raise ManifestError(
+                    f"{source}: column {col!r} must be integers "
+                    f"(row {line}: {df[col].iloc[line]!r})"
+                )
+            df[col] = values.astype("int64")
+        elif dtype == "float64":
+            df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+        else:
+            if df[col].isna().any() or (df[col].astype(str).str.strip() == "").any():
+                raise ManifestError(f"{source}: empty value in column {col!r}")
+            df[col] = df[col].astype(str)
+    dup = df["clip_id"].duplicated()
+    if dup.any():
+        raise ManifestError(
+            f"{source}: clip_id {df.loc[dup, 'clip_id'].iloc[0]!r} appears more than once"
+        )
+    unsafe = df["clip_id"] != df["clip_id"].map(adapters.safe_id)
+    if unsafe.any():
+        raise ManifestError(
+            f"{source}: clip_id {df.loc[unsafe, 'clip_id'].iloc[0]!r} is not file-name safe"
+        )
+    bad_split = ~df["split"].isin(SPLITS)
+    if bad_split.any():
+        raise ManifestError(
+            f"{source}: split {df.loc[bad_split, 'split'].iloc[0]!r} is not one of {SPLITS}"
+        )
+    whole = (df["start_frame"] == -1) & (df["stop_frame"] == -1)
+    ranged = (df["start_frame"] >= 0) & (df["stop_frame"] >= df["start_frame"])
+    bad_range = ~(whole | ranged)
+    if bad_range.any():
+        r = df[bad_range].iloc[0]
+        raise ManifestError(
+            f"{source}: clip {r.clip_id!r} has a bad frame range {r.start_frame}..{r.stop_frame}"
+        )
+    if (df["label"] < -1).any():
+        raise ManifestError(f"{source}: labels must be >= -1")
+    return df
+
+
+def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Validate and write ``manifest.csv`` atomically (temp file + rename)."""
+    path = Path(path)
+    df = validate_manifest(df, source=str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+    """Read and validate a manifest; errors name the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"manifest not found: {path}")
+    try:
+        df = pd.read_csv(
+            path, dtype={"clip_id": str, "video_path": str, "split": str}, keep_default_na=True
+        )
+    except pd.errors.EmptyDataError as err:
+        raise ManifestError(f"{path}: empty file") from err
+    return validate_manifest(df, source=str(path))

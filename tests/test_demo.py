@@ -1,0 +1,171 @@
+"""The "motion shapes" demo generator: files per contract, determinism, boxes, motion semantics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("av")  # before decord: see mofo.data.video
+cv2 = pytest.importorskip("cv2")
+decord = pytest.importorskip("decord")
+
+from mofo.config import load_config  # noqa: E402
+from mofo.data import demo  # noqa: E402
+from tests.videofixtures import psnr  # noqa: E402
+
+
+def small_cfg(root, **over) -> dict:
+    cfg = dict(load_config()["dataset"]["demo"])
+    cfg.update(
+        root=str(root),
+        train_clips_per_class=1,
+        val_clips_per_class=1,
+        num_frames=10,
+        height=48,
+        width=64,
+    )
+    cfg.update(over)
+    return cfg
+
+
+def _read(path) -> np.ndarray:
+    vr = decord.VideoReader(str(path))
+    return vr.get_batch(list(range(len(vr)))).asnumpy()
+
+
+def test_generate_writes_the_contract_files(tmp_path):
+    cfg = small_cfg(tmp_path / "demo")
+    clips = demo.generate(cfg)
+    n_classes = len(cfg["classes"])
+    assert list(clips.columns) == [
+        "clip_id",
+        "video_path",
+        "label",
+        "class_name",
+        "split",
+        "camera_motion",
+        "fps",
+    ]
+    assert len(clips) == demo.count_clips(cfg) == 2 * n_classes
+    assert clips["split"].value_counts().to_dict() == {"train": n_classes, "validation": n_classes}
+    assert sorted(clips["label"].unique()) == list(range(n_classes))
+    assert (clips["class_name"] == [cfg["classes"][i] for i in clips["label"]]).all()
+    assert set(clips["camera_motion"]) <= {"none", "pan", "shake"}
+    # camera_motion_fraction 0.5 of each split, exactly
+    for _, part in clips.groupby("split"):
+        assert (part["camera_motion"] != "none").sum() == round(0.5 * len(part))
+    on_disk = pd.read_csv(tmp_path / "demo" / "clips.csv")
+    assert on_disk["clip_id"].tolist() == clips["clip_id"].tolist()
+    gt = pd.read_csv(tmp_path / "demo" / "gt_boxes.csv")
+    assert list(gt.columns) == ["clip_id", "frame", "x1", "y1", "x2", "y2"]
+    assert len(gt) == len(clips) * cfg["num_frames"]
+    assert (gt["x2"] > gt["x1"]).all() and (gt["y2"] > gt["y1"]).all()
+    assert gt[["x1", "y1"]].min().min() >= 0 and gt["x2"].max() <= 64 and gt["y2"].max() <= 48
+    video = _read(tmp_path / "demo" / clips["video_path"].iloc[0])
+    assert video.shape == (cfg["num_frames"], 48, 64, 3)
+
+
+def test_same_seed_same_data_other_seed_other_data(tmp_path):
+    cfg_a = small_cfg(tmp_path / "a", classes=["left", "clockwise"])
+    cfg_b = small_cfg(tmp_path / "b", classes=["left", "clockwise"])
+    demo.generate(cfg_a)
+    demo.generate(cfg_b)
+    for name in ("clips.csv", "gt_boxes.csv"):
+        text_a = (tmp_path / "a" / name).read_text()
+        assert text_a == (tmp_path / "b" / name).read_text().replace(
+            str(tmp_path / "b"), str(tmp_path / "a")
+        )
+    for cid in ("demo_train_0000", "demo_validation_0001"):
+        a, b = (
+            _read(tmp_path / "a" / "videos" / f"{cid}.mp4"),
+            _read(tmp_path / "b" / "videos" / f"{cid}.mp4"),
+        )
+        assert np.array_equal(a, b)
+    other = demo.render_clip(dict(cfg_a, seed=1), "train", 0)[0]
+    assert not np.array_equal(other, demo.render_clip(cfg_a, "train", 0)[0])
+
+
+def test_video_matches_rendered_frames(tmp_path):
+    cfg = small_cfg(tmp_path / "demo", classes=["up", "grow"], val_clips_per_class=1)
+    clips = demo.generate(cfg)
+    frames, _, _ = demo.render_clip(cfg, "train", 1)
+    decoded = _read(tmp_path / "demo" / clips["video_path"].iloc[1])
+    assert psnr(frames, decoded) > 30
+
+
+def _orientation(mask: np.ndarray) -> float:
+    m = cv2.moments(mask)
+    return 0.5 * np.arctan2(2 * m["mu11"], m["mu20"] - m["mu02"])
+
+
+@pytest.mark.parametrize(
+    "cls", ["left", "right", "up", "down", "grow", "shrink", "clockwise", "anticlockwise"]
+)
+def test_motion_defines_the_class_and_boxes_fit_the_object(cls):
+    cfg = small_cfg(
+        "unused",
+        classes=[cls, "left" if cls != "left" else "right"],
+        num_frames=12,
+        height=96,
+        width=128,
+        camera_motion_fraction=0.0,
+        train_clips_per_class=3,
+    )
+    for index in (0, 2, 4):  # clips of class `cls`, several random draws
+        frames, boxes, info = demo.render_clip(cfg, "train", index, with_mask=True)
+        assert info["class_name"] == cls and info["camera_motion"] == "none"
+        mask = info["mask"]
+        for t in range(len(frames)):
+            ys, xs = np.nonzero(mask[t] > 0.5)
+            x1, y1, x2, y2 = boxes[t]
+            # the box is the object's box: within one pixel of the rendered object's extent
+            assert abs(xs.min() - x1) <= 1 and abs(ys.min() - y1) <= 1
+            assert abs(xs.max() + 1 - x2) <= 1 and abs(ys.max() + 1 - y2) <= 1
+            assert x1 >= 0 and y1 >= 0 and x2 <= 128 and y2 <= 96
+        moments = [cv2.moments(m) for m in mask]
+        centre = np.array([[m["m10"] / m["m00"], m["m01"] / m["m00"]] for m in moments])
+        shift = centre[-1] - centre[0]
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        expected_shift = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+        if cls in expected_shift:
+            axis = 0 if expected_shift[cls][0] else 1
+            sign = sum(expected_shift[cls])
+            # >= 1.5 px/frame along the class direction, nothing across it
+            assert sign * shift[axis] >= 1.5 * (len(frames) - 1) - 1
+            assert abs(shift[1 - axis]) <= 1
+        elif cls in ("grow", "shrink"):
+            ratio = area[-1] / area[0]
+            assert (ratio > 3) if cls == "grow" else (ratio < 1 / 3)
+            assert np.abs(shift).max() <= 1
+        else:
+            theta = np.unwrap([_orientation(m) for m in mask], period=np.pi)
+            turn = np.rad2deg(theta[-1] - theta[0])
+            # image y points down, so a growing moment angle is clockwise on screen
+            assert (turn > 40) if cls == "clockwise" else (turn < -40)
+
+
+@pytest.mark.parametrize("kind", ["pan", "none"])
+def test_camera_motion_moves_the_whole_picture(kind):
+    cfg = small_cfg(
+        "unused",
+        num_frames=8,
+        height=96,
+        width=128,
+        train_clips_per_class=2,
+        camera_motion_fraction=1.0 if kind == "pan" else 0.0,
+    )
+    index = next(i for i in range(16) if demo.camera_kind(cfg, "train", i) == kind)
+    frames, _, info = demo.render_clip(cfg, "train", index)
+    grey = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY).astype(np.float64) for f in frames]
+    (dx, dy), _ = cv2.phaseCorrelate(grey[0], grey[-1])
+    travelled = np.hypot(dx, dy)
+    if kind == "pan":
+        assert travelled >= 0.5 * (len(frames) - 1)
+    else:
+        assert travelled < 0.5
+
+
+def test_odd_frame_size_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="even"):
+        demo.generate(small_cfg(tmp_path, height=49))
