@@ -1,0 +1,125 @@
+"""Heads: the batched MCA head equals a per-sample loop; mean pooling; multi-output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mofo.models.heads import MeanPoolHead, MotionCrossAttentionHead
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a small shared CPU, OpenMP spinning makes 2 threads far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+D, HEADS = 24, 3
+
+
+def block_on_sets(block, queries, keys):
+    """One pre-norm cross-attention block with separate query and key/value sets, by hand."""
+    attn = block.attn
+    qn, kn = block.norm1(queries), block.norm1(keys)
+    w_q, w_k, w_v = attn.qkv.weight.chunk(3)
+    q = F.linear(qn, w_q, attn.q_bias)
+    k = F.linear(kn, w_k)  # no k bias
+    v = F.linear(kn, w_v, attn.v_bias)
+    hd = D // HEADS
+    q, k, v = (z.reshape(z.shape[0], HEADS, hd).transpose(0, 1) for z in (q, k, v))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / hd**0.5, dim=-1)
+    out = (weights @ v).transpose(0, 1).reshape(queries.shape[0], D)
+    x = queries + attn.proj(out)
+    return x + block.mlp(block.norm2(x))
+
+
+def mca_reference_per_sample(head, tokens, inbox):
+    """MOFO's MCA as the published code runs it: one clip at a time."""
+    feats = []
+    for toks, flags in zip(tokens, inbox, strict=True):
+        inside, outside = toks[flags], toks[~flags]
+        if inside.shape[0] == 0:
+            feats.append(toks.mean(0))
+            continue
+        keys = outside if outside.shape[0] else inside
+        feats.append(block_on_sets(head.cross_block, inside, keys).mean(0))
+    pooled = head.fc_norm(torch.stack(feats))
+    if isinstance(head.head, torch.nn.ModuleDict):
+        return {name: layer(pooled) for name, layer in head.head.items()}
+    return head.head(pooled)
+
+
+def make_head(outputs=7):
+    torch.manual_seed(0)
+    head = MotionCrossAttentionHead(D, outputs, num_heads=HEADS, init_scale=1.0).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so that every term is exercised
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return head
+
+
+def test_mca_batched_equals_per_sample_loop():
+    head = make_head()
+    gen = torch.Generator().manual_seed(1)
+    for n in (1, 2, 9, 40):
+        tokens = torch.randn(6, n, D, generator=gen)
+        inbox = torch.rand(6, n, generator=gen) < 0.4
+        inbox[0] = True  # all in the box: attend among in-box tokens
+        inbox[1] = False  # none in the box: mean of all tokens
+        inbox[2] = False
+        inbox[2, 0] = True  # a single in-box token
+        if n > 1:
+            inbox[3] = False
+            inbox[3, -1] = True
+        got = head(tokens, inbox)
+        want = mca_reference_per_sample(head, tokens, inbox)
+        assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_mca_multi_output_and_gradients():
+    head = make_head({"verb": 5, "noun": 11})
+    tokens = torch.randn(3, 12, D, requires_grad=True)
+    inbox = torch.rand(3, 12) < 0.5
+    inbox[0], inbox[1] = True, False
+    out = head(tokens, inbox)
+    want = mca_reference_per_sample(head, tokens, inbox)
+    assert set(out) == {"verb", "noun"} and out["noun"].shape == (3, 11)
+    for name in out:
+        assert (out[name] - want[name]).abs().max().item() <= 1e-5
+    (out["verb"].sum() + out["noun"].sum()).backward()
+    assert torch.isfinite(tokens.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
+
+
+def test_mca_out_of_box_tokens_matter_only_as_keys():
+    head = make_head()
+    tokens = torch.randn(1, 10, D)
+    inbox = torch.zeros(1, 10, dtype=torch.bool)
+    inbox[0, :4] = True
+    changed = tokens.clone()
+    changed[0, 6] += torch.randn(D)  # an out-of-box token: changes the keys, so the output
+    assert not torch.allclose(head(tokens, inbox), head(changed, inbox))
+    with torch.no_grad():
+        head.cross_block.attn.qkv.weight[D : 2 * D] = 0  # keys carry nothing: uniform attention
+    # ... so an in-box token's output is the same wherever the out-of-box tokens sit.
+    permuted = tokens.clone()
+    permuted[0, 4:] = tokens[0, 4:].flip(0)
+    assert torch.allclose(head(tokens, inbox), head(permuted, inbox), atol=1e-6)
+    with pytest.raises(ValueError, match="in-box"):
+        head(tokens, None)
+
+
+def test_mean_pool_head():
+    torch.manual_seed(0)
+    head = MeanPoolHead(D, 4, init_scale=1.0).eval()
+    tokens = torch.randn(2, 5, D)
+    want = head.head(head.fc_norm(tokens.mean(1)))
+    assert torch.allclose(head(tokens), want)
+    small = MeanPoolHead(D, 4, init_scale=0.001)
+    assert 0 < small.head.weight.abs().max() <= 0.001 * 6 * 0.02  # N(0, .02) scaled by .001
+    multi = MeanPoolHead(D, {"verb": 3, "noun": 2})
+    assert {k: v.shape for k, v in multi(tokens).items()} == {"verb": (2, 3), "noun": (2, 2)}
