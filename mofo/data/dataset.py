@@ -1,0 +1,488 @@
+"""The training / evaluation dataset: decoded frames + motion boxes -> model-ready clips.
+
+One item of :class:`VideoClipDataset` is a dict (collated by PyTorch's default collate):
+
+==============  ==========================  =================================================
+key             type                        meaning
+==============  ==========================  =================================================
+frames          float32 ``(3, T, S, S)``    ImageNet-normalised clip (``S = model.input_size``)
+boxes           float32 ``(T, 4)``          motion box per sampled frame, crop pixels
+                                            ``x1, y1, x2, y2`` (exclusive); empty = all zero
+inbox           bool ``(N,)``               tokens overlapping the box (masking.grid)
+mask            bool ``(N,)``               pretrain only: True = masked (``masking.*``)
+label           int64 ``()``                class (-1 = unknown); EPIC-100: the verb class
+verb, noun      int64 ``()``                EPIC-100 only
+frame_indices   int64 ``(T,)``              which stored frames were sampled
+clip_id         str
+index           int                         position of the clip in the dataset's clip list
+view            int                         test only: ``clip_idx * num_crops + crop_idx``
+==============  ==========================  =================================================
+
+Modes: ``pretrain`` (dense random window, VideoMAE multi-scale crop, no flip, mask),
+``finetune`` (segment/dense random sampling, random resized crop, flip where the dataset
+allows it, RandAugment, random erasing) and ``test`` (deterministic views: ``test_clips``
+temporal views x ``test_crops`` spatial crops after resizing the short side to ``S``).
+
+Per-sample randomness: ``numpy.random.default_rng([seed, epoch, item])``, so a run is
+reproducible for any number of workers. The epoch lives in shared memory, so
+:meth:`VideoClipDataset.set_epoch` reaches persistent workers too (call it before iterating
+the loader for that epoch; :func:`set_loader_epoch` does it with the sampler's).
+
+Frame stores and box files are opened lazily and cached per worker process, one per shard;
+only the sampled frames are decoded. Clips that are not in their shard's frame store (decode
+failed) are skipped when the dataset is built, counted in ``n_skipped`` and logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm import tqdm
+
+from mofo.data import sampling, transforms
+from mofo.data.framestore import FrameStore
+from mofo.data.manifest import shard_name
+from mofo.masking import mask_from_config
+from mofo.masking.grid import inbox_tokens, token_grid
+
+log = logging.getLogger(__name__)
+
+MODES = ("pretrain", "finetune", "test")
+BOX_COLUMNS = ["clip_id", "frame", "x1", "y1", "x2", "y2"]
+
+
+class DatasetError(RuntimeError):
+    """The frames or boxes a clip needs are missing or inconsistent; the message names the file."""
+
+
+# --------------------------------------------------------------------------- config rules
+
+
+def flip_allowed(config: dict) -> bool:
+    """Whether a left/right flip keeps the label: never for demo and ssv2 (left/right is part
+    of the class), ``dataset.list.horizontal_flip`` for list files, always for epic100."""
+    name = config["dataset"]["name"]
+    if name in ("demo", "ssv2"):
+        return False
+    if name == "list":
+        return bool(config["dataset"].get("list", {}).get("horizontal_flip", True))
+    if name == "epic100":
+        return True
+    raise ValueError(f"unknown dataset.name {name!r}")
+
+
+def sampling_scheme(config: dict, mode: str) -> str:
+    """Temporal sampling scheme for ``mode``: ``augment.pretrain_sampling`` for pretraining,
+    ``augment.finetune_sampling`` otherwise ("auto": dense for list files, which are
+    Kinetics/UCF-style untrimmed-ish clips, segment for demo, ssv2 and epic100)."""
+    aug = config["augment"]
+    if mode == "pretrain":
+        return aug["pretrain_sampling"]
+    scheme = aug["finetune_sampling"]
+    if scheme == "auto":
+        return "dense" if config["dataset"]["name"] == "list" else "segment"
+    return scheme
+
+
+def build_test_views(dataset_len: int, num_clips: int, num_crops: int) -> np.ndarray:
+    """All test views, int64 ``(dataset_len * num_clips * num_crops, 3)`` rows of
+    ``(index, clip_idx, crop_idx)``, clip-major (the views of one clip are adjacent)."""
+    if num_clips < 1 or num_crops < 1:
+        raise ValueError(f"num_clips and num_crops must be >= 1, got {num_clips}, {num_crops}")
+    index, clip_idx, crop_idx = np.meshgrid(
+        np.arange(dataset_len), np.arange(num_clips), np.arange(num_crops), indexing="ij"
+    )
+    return np.stack([index.ravel(), clip_idx.ravel(), crop_idx.ravel()], axis=1).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- boxes file
+
+
+def read_boxes(path: Path) -> dict[str, np.ndarray]:
+    """``boxes/shard-XXXX.csv`` -> ``{clip_id: float32 (n_frames, 4)}`` in original video
+    pixels, row ``f`` = frame ``f``. Frames missing from the file repeat the previous one."""
+    if not path.exists():
+        raise DatasetError(f"motion boxes not found: {path} (run the motion_boxes stage)")
+    try:
+        df = pd.read_csv(path, dtype={"clip_id": str}, usecols=lambda c: c in BOX_COLUMNS)
+    except pd.errors.EmptyDataError as err:
+        raise DatasetError(f"{path}: empty file") from err
+    missing = [c for c in BOX_COLUMNS if c not in df.columns]
+    if missing:
+        raise DatasetError(f"{path}: missing columns {missing}")
+    if df[BOX_COLUMNS[1:]].isna().any().any():
+        raise DatasetError(f"{path}: empty values in the box columns")
+    out: dict[str, np.ndarray] = {}
+    for clip_id, rows in df.groupby("clip_id", sort=False):
+        frames = rows["frame"].to_numpy(np.int64)
+        if (frames < 0).any():
+            raise DatasetError(f"{path}: clip {clip_id!r} has a negative frame number")
+        order = np.argsort(frames, kind="stable")
+        frames = frames[order]
+        coords = rows[["x1", "y1", "x2", "y2"]].to_numpy(np.float32)[order]
+        # row f <- the last listed frame <= f (complete files map 1:1)
+        slot = np.searchsorted(frames, np.arange(frames[-1] + 1), side="right") - 1
+        out[str(clip_id)] = coords[np.maximum(slot, 0)]
+    return out
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class VideoClipDataset(Dataset):
+    """Clips of one split of the manifest, sampled and augmented for ``mode``.
+
+    Args:
+        manifest: the manifest table (``mofo.data.manifest.read_manifest``).
+        results_dir: ``<results_dir>/<dataset>``; frames under ``frames/shard-XXXX``, boxes
+            under ``boxes/shard-XXXX.csv``.
+        split: which ``split`` rows to use (``train``, ``validation``, ``test``).
+        mode: ``pretrain`` | ``finetune`` | ``test``.
+        config: the full mofo config (``model``, ``masking``, ``augment``, ``dataset``).
+        test_view: test only: ``(clip_idx, crop_idx)`` to yield that single view per clip;
+            None enumerates every view (``num_clips * num_crops`` items per clip).
+        seed: base seed of the per-sample generators.
+        num_clips, num_crops: test views; default ``augment.test_clips`` / ``test_crops``.
+    """
+
+    def __init__(
+        self,
+        manifest: pd.DataFrame,
+        results_dir: str | Path,
+        split: str,
+        mode: str,
+        config: dict,
+        test_view: tuple[int, int] | None = None,
+        *,
+        seed: int = 0,
+        num_clips: int | None = None,
+        num_crops: int | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.results_dir = Path(results_dir)
+        self.split, self.mode, self.seed = split, mode, int(seed)
+        self.model_cfg = dict(config["model"])
+        self.masking_cfg = dict(config["masking"])
+        self.augment_cfg = dict(config["augment"])
+        self.dataset_name = config["dataset"]["name"]
+        self.scheme = sampling_scheme(config, mode)
+        self.flip = mode == "finetune" and flip_allowed(config)
+        self.grid = token_grid(self.model_cfg)
+        rand_augment = self.augment_cfg.get("rand_augment", "")
+        self.rand_augment = (
+            transforms.VideoRandAugment(rand_augment, int(self.model_cfg["input_size"]))
+            if mode == "finetune" and rand_augment
+            else None
+        )
+        self.num_clips = int(num_clips or self.augment_cfg["test_clips"])
+        self.num_crops = int(num_crops or self.augment_cfg["test_crops"])
+
+        rows = manifest[manifest["split"] == split].reset_index(drop=True)
+        if rows.empty:
+            raise DatasetError(f"no manifest rows with split {split!r} (splits: {sorted(manifest['split'].unique())})")
+        self.clips, self.skipped_ids = self._available_clips(rows)
+        self.n_skipped = len(self.skipped_ids)
+        if self.n_skipped:
+            log.warning(
+                "%s/%s: skipped %d of %d clips that are not in the frame store (decode failed; "
+                "see frames/shard-XXXX.status.csv), e.g. %s",
+                self.results_dir, split, self.n_skipped, len(rows), self.skipped_ids[:3],
+            )
+        if self.clips.empty:
+            raise DatasetError(f"{self.results_dir}: no decoded clips in split {split!r}")
+
+        if mode == "test":
+            if test_view is None:
+                self.views = build_test_views(len(self.clips), self.num_clips, self.num_crops)
+            else:
+                clip_idx, crop_idx = (int(v) for v in test_view)
+                if not (0 <= clip_idx < self.num_clips and 0 <= crop_idx < self.num_crops):
+                    raise ValueError(f"test_view {test_view} outside {self.num_clips} clips x {self.num_crops} crops")
+                self.views = build_test_views(len(self.clips), 1, 1)
+                self.views[:, 1:] = (clip_idx, crop_idx)
+        elif test_view is not None:
+            raise ValueError("test_view is only meaningful in mode 'test'")
+        else:
+            self.views = None
+
+        # The epoch is read by the workers: shared memory reaches persistent workers.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._stores: dict[int, FrameStore] = {}
+        self._boxes: dict[int, dict[str, np.ndarray]] = {}
+
+    # -- construction helpers ------------------------------------------------------------
+
+    def frames_prefix(self, shard: int) -> Path:
+        return self.results_dir / "frames" / shard_name(shard)
+
+    def boxes_path(self, shard: int) -> Path:
+        return self.results_dir / "boxes" / f"{shard_name(shard)}.csv"
+
+    def _available_clips(self, rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+        """Rows whose clip is in its shard's store, with ``n_frames``; and the skipped ids."""
+        keep, n_frames, skipped = [], [], []
+        shards = rows.groupby("shard", sort=True)
+        for shard, part in tqdm(shards, total=shards.ngroups, desc="frame stores", unit="shard", leave=False):
+            store = FrameStore(self.frames_prefix(int(shard)))  # index only; dropped after
+            for pos, clip_id in zip(part.index, part["clip_id"]):
+                if clip_id in store:
+                    keep.append(pos)
+                    n_frames.append(store.num_frames(clip_id))
+                else:
+                    skipped.append(str(clip_id))
+        clips = rows.loc[keep, ["clip_id", "shard", "label", "verb_class", "noun_class"]].copy()
+        clips["n_frames"] = np.asarray(n_frames, dtype=np.int64)
+        order = rows.index.get_indexer(clips.index)  # keep manifest order
+        clips = clips.iloc[np.argsort(order, kind="stable")].reset_index(drop=True)
+        return clips, skipped
+
+    # -- per-worker caches ----------------------------------------------------------------
+
+    def _store(self, shard: int) -> FrameStore:
+        if shard not in self._stores:
+            self._stores[shard] = FrameStore(self.frames_prefix(shard))
+        return self._stores[shard]
+
+    def _clip_boxes(self, shard: int, clip_id: str) -> np.ndarray:
+        if shard not in self._boxes:
+            self._boxes[shard] = read_boxes(self.boxes_path(shard))
+        try:
+            return self._boxes[shard][clip_id]
+        except KeyError:
+            raise DatasetError(f"{self.boxes_path(shard)}: no boxes for clip {clip_id!r}") from None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_stores"], state["_boxes"] = {}, {}  # each worker fills its own caches
+        return state
+
+    # -- epoch ----------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed the per-sample generators of this epoch (visible to running workers)."""
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.item())
+
+    # -- items ----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.views) if self.views is not None else len(self.clips)
+
+    def sample_rng(self, item: int) -> np.random.Generator:
+        """The generator of item ``item`` in the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, int(item)])
+
+    def frame_indices(self, index: int, rng: np.random.Generator, clip_idx: int = 0) -> np.ndarray:
+        """Stored-frame indices of clip ``index`` for this mode (test: temporal view ``clip_idx``)."""
+        n = int(self.clips.at[index, "n_frames"])
+        t, rate = int(self.model_cfg["num_frames"]), int(self.model_cfg["sampling_rate"])
+        if self.mode == "test":
+            return sampling.test_views(n, t, rate, self.num_clips, self.scheme)[clip_idx]
+        return sampling.train_indices(n, t, rate, rng, self.scheme)
+
+    def load(self, index: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Frames uint8 ``(T, H, W, 3)`` and boxes float32 ``(T, 4)`` in stored-frame pixels."""
+        clip_id = str(self.clips.at[index, "clip_id"])
+        shard = int(self.clips.at[index, "shard"])
+        store = self._store(shard)
+        unique, inverse = np.unique(indices, return_inverse=True)  # decode each frame once
+        frames = store.read(clip_id, unique)[inverse]
+        meta = store.meta(clip_id)
+        src = self._clip_boxes(shard, clip_id)
+        boxes = src[np.minimum(indices, len(src) - 1)].astype(np.float32)
+        sx, sy = meta["width"] / meta["src_width"], meta["height"] / meta["src_height"]
+        boxes *= np.array([sx, sy, sx, sy], dtype=np.float32)
+        return frames, transforms.clip_boxes(boxes, meta["width"], meta["height"])
+
+    def spatial(
+        self, frames: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, crop_idx: int = 0
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Crop / resize / augment for this mode; returns the normalised clip and crop boxes."""
+        size = int(self.model_cfg["input_size"])
+        aug = self.augment_cfg
+        if self.mode == "pretrain":
+            frames, boxes = transforms.multi_scale_crop(frames, boxes, size, aug["multi_scale_crop"], rng)
+        elif self.mode == "finetune":
+            rrc = aug["random_resized_crop"]
+            frames, boxes = transforms.random_resized_crop(frames, boxes, size, rng, rrc["scale"], rrc["ratio"])
+            if self.flip and rng.random() < 0.5:
+                frames, boxes = transforms.horizontal_flip(frames, boxes)
+            if self.rand_augment is not None:
+                frames, boxes = self.rand_augment(frames, boxes, rng)
+        else:
+            frames, boxes = transforms.resize_short_side(frames, boxes, size)
+            frames, boxes = transforms.spatial_crop(frames, boxes, size, crop_idx, self.num_crops)
+        clip = transforms.normalize(frames)
+        if self.mode == "finetune" and aug["random_erasing"] > 0:
+            transforms.random_erase(clip, float(aug["random_erasing"]), rng)
+        return clip, boxes
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        if not 0 <= item < len(self):
+            raise IndexError(f"item {item} outside dataset of {len(self)}")
+        rng = self.sample_rng(item)
+        if self.views is not None:
+            index, clip_idx, crop_idx = (int(v) for v in self.views[item])
+        else:
+            index, clip_idx, crop_idx = item, 0, 0
+        indices = self.frame_indices(index, rng, clip_idx)
+        frames, boxes = self.load(index, indices)
+        clip, boxes = self.spatial(frames, boxes, rng, crop_idx)
+        m = self.model_cfg
+        inbox = inbox_tokens(
+            boxes, int(m["num_frames"]), int(m["input_size"]), int(m["patch_size"]), int(m["tubelet_size"])
+        )
+        row = self.clips.iloc[index]
+        sample: dict[str, Any] = {
+            "frames": clip,
+            "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
+            "inbox": torch.from_numpy(inbox),
+            "label": torch.tensor(int(row["label"]), dtype=torch.int64),
+            "frame_indices": torch.from_numpy(np.asarray(indices, dtype=np.int64)),
+            "clip_id": str(row["clip_id"]),
+            "index": index,
+        }
+        if self.mode == "pretrain":
+            sample["mask"] = torch.from_numpy(mask_from_config(self.masking_cfg, self.grid, inbox, rng))
+        if self.dataset_name == "epic100":
+            sample["verb"] = torch.tensor(int(row["verb_class"]), dtype=torch.int64)
+            sample["noun"] = torch.tensor(int(row["noun_class"]), dtype=torch.int64)
+        if self.mode == "test":
+            sample["view"] = clip_idx * self.num_crops + crop_idx
+        return sample
+
+
+# --------------------------------------------------------------------------- loader
+
+
+class ShuffleSampler(Sampler[int]):
+    """A random order drawn from ``(seed, epoch)``: the same order for the same epoch in any
+    run (``RandomSampler`` continues one stream, so a resumed run would see other orders)."""
+
+    def __init__(self, length: int, seed: int = 0):
+        self.length, self.seed, self.epoch = int(length), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Per worker: one OpenCV thread (the workers are the parallelism) and the global NumPy /
+    Python generators seeded from the worker's torch seed (the transforms do not use them, but
+    any library code that does gets distinct, reproducible streams)."""
+    cv2.setNumThreads(1)
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    shuffle: bool,
+    seed: int = 0,
+    drop_last: bool = False,
+    distributed: bool = False,
+) -> DataLoader:
+    """A DataLoader over ``dataset``: ``DistributedSampler`` when ``distributed`` (needs an
+    initialised process group), else :class:`ShuffleSampler` / sequential order; persistent
+    workers when ``num_workers > 0``. Call :func:`set_loader_epoch` before every epoch."""
+    if distributed:
+        sampler: Sampler[int] | None = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    elif shuffle:
+        sampler = ShuffleSampler(len(dataset), seed)
+    else:
+        sampler = None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=worker_init_fn,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell the sampler (shuffle order) and the dataset (augmentation seeds) the epoch."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+
+
+def steps_per_epoch(dataset_len: int, batch_size: int, drop_last: bool, world_size: int = 1) -> int:
+    """Batches one rank sees per epoch (for learning-rate schedules)."""
+    # DistributedSampler pads to a multiple of world_size, or drops the tail with drop_last
+    per_rank = dataset_len // world_size if drop_last else math.ceil(dataset_len / world_size)
+    return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+
+
+def _benchmark(n_clips: int = 4, n_items: int = 12) -> None:
+    """Print seconds per item (one process) at the VideoMAE SSV2 scale: stored frames
+    240x320, 16 frames at stride 2, 224 crops, patch 16 (synthetic noise frames)."""
+    import tempfile
+    import time
+
+    from mofo.config import load_config
+    from mofo.data.framestore import FrameStoreWriter
+
+    config = load_config(overrides={"model": {"input_size": 224, "num_frames": 16, "sampling_rate": 2,
+                                              "patch_size": 16, "tubelet_size": 2}})
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "demo"
+        rows, boxes = [], []
+        with FrameStoreWriter(root / "frames" / "shard-0000") as writer:
+            for k in range(n_clips):
+                clip_id = f"b{k}"
+                writer.begin_clip(clip_id, src_height=240, src_width=320, fps=12.0)
+                # smooth noise compresses like video, pure noise would overstate decode cost
+                small = rng.integers(0, 256, (48, 30, 40, 3), dtype=np.uint8)
+                writer.add_frames(cv2.resize(f, (320, 240), interpolation=cv2.INTER_CUBIC) for f in small)
+                writer.end_clip()
+                rows.append({"clip_id": clip_id, "video_path": "", "label": k, "verb_class": -1,
+                             "noun_class": -1, "split": "train", "start_frame": -1, "stop_frame": -1,
+                             "fps": 12.0, "shard": 0})
+                boxes += [(clip_id, f, 80, 60, 240, 200, True, "") for f in range(48)]
+        (root / "boxes").mkdir()
+        pd.DataFrame(boxes, columns=["clip_id", "frame", "x1", "y1", "x2", "y2", "detected", "source"]).to_csv(
+            root / "boxes" / "shard-0000.csv", index=False)
+        manifest = pd.DataFrame(rows)
+        for mode in MODES:
+            ds = VideoClipDataset(manifest, root, "train", mode, config)
+            ds[0]  # open the store and the boxes once
+            start = time.perf_counter()
+            for item in range(n_items):
+                ds[item % len(ds)]
+            per_item = (time.perf_counter() - start) / n_items
+            print(f"{mode:9s}: {per_item * 1000:.0f} ms per clip (16x224x224, one process)")
+
+
+if __name__ == "__main__":
+    _benchmark()
