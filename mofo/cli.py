@@ -56,6 +56,21 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clip(args: argparse.Namespace) -> int:
+    from mofo.config import dataset_results_dir
+    from mofo.motion.clip import process_clip
+
+    config = _config(args)
+    root = dataset_results_dir(config)
+    out = Path(args.out) if args.out else root / "clips" / args.clip_id
+    gt = Path(config["dataset"]["demo"]["root"]) / "gt_boxes.csv"
+    gt_boxes = gt if config["dataset"]["name"] == "demo" and gt.exists() else None
+    report = process_clip(config, args.manifest or root / "manifest.csv", args.clip_id, out, gt_boxes)
+    print(json.dumps(report, indent=2, default=str))
+    print(f"wrote {out}/boxes.csv and {out}/{args.clip_id}.png")
+    return 0
+
+
 def cmd_bench_motion(args: argparse.Namespace) -> int:
     from mofo.motion.bench import run_motion_benchmark
 
@@ -96,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", default="manifest.csv", help="output CSV (default: %(default)s)")
     p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser(
+        "clip",
+        help="rerun decode -> flow -> motion map -> boxes -> picture for ONE clip into "
+        "<results>/<dataset>/clips/<clip_id>/ (the shard outputs are left alone)",
+    )
+    _add_config_args(p)
+    p.add_argument("clip_id", help="clip id as in manifest.csv")
+    p.add_argument("--manifest", help="manifest.csv (default: <results>/<dataset>/manifest.csv)")
+    p.add_argument("--out", help="output folder (default: <results>/<dataset>/clips/<clip_id>)")
+    p.set_defaults(func=cmd_clip)
 
     bench = sub.add_parser("bench", help="benchmarks that print throughput figures")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

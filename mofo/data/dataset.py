@@ -424,6 +424,9 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=worker_init_fn,
         persistent_workers=num_workers > 0,
+        # Workers start from a fresh forkserver process, not a fork of this one: a fork taken
+        # after OpenCV's thread pool has run (flow, resizes) deadlocks in the child.
+        multiprocessing_context="forkserver" if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
 
