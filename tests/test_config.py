@@ -52,3 +52,11 @@ def test_deep_merge_does_not_modify_inputs():
 def test_get_names_missing_key():
     with pytest.raises(ConfigError, match="optical_flow.nope"):
         get(load_config(), "optical_flow.nope")
+
+
+@pytest.mark.parametrize("overlay", ["ssv2.yaml", "epic100.yaml", "list.yaml"])
+def test_dataset_overlays_validate(overlay):
+    from mofo.config import REPO_ROOT
+
+    config = load_config([REPO_ROOT / "config" / overlay])
+    assert config["dataset"]["name"] == overlay.removesuffix(".yaml")
