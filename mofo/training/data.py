@@ -1,0 +1,59 @@
+"""The stages' bridge to ``mofo.data.dataset``: datasets, loaders and class counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+# SSV2 and EPIC-KITCHENS-100 have fixed label spaces (a subset manifest may not show the
+# highest class), so their counts are not inferred from the labels.
+FIXED_CLASS_COUNTS = {"ssv2": 174}
+EPIC_HEADS = {"verb": 97, "noun": 300}
+
+
+def output_heads(config: dict, manifest: pd.DataFrame) -> dict[str, int]:
+    """Target name -> class count: ``{"label": C}``, or verb/noun for EPIC-KITCHENS-100."""
+    name = config["dataset"]["name"]
+    if name == "epic100":
+        return dict(EPIC_HEADS)
+    if name == "demo":
+        return {"label": len(config["dataset"]["demo"]["classes"])}
+    if name in FIXED_CLASS_COUNTS:
+        return {"label": FIXED_CLASS_COUNTS[name]}
+    labels = manifest["label"][manifest["label"] >= 0]
+    if labels.empty:
+        raise ValueError("the manifest has no labelled clips; cannot tell the class count")
+    return {"label": int(labels.max()) + 1}
+
+
+def class_names(config: dict, num_classes: int) -> list[str]:
+    """Readable class names where the config knows them (demo), else the indices."""
+    if config["dataset"]["name"] == "demo":
+        return list(config["dataset"]["demo"]["classes"])
+    return [str(i) for i in range(num_classes)]
+
+
+def read_manifest(manifest_path: str | Path) -> pd.DataFrame:
+    from mofo.data.manifest import read_manifest as _read
+
+    return _read(manifest_path)
+
+
+def build_dataset(config: dict, manifest_path: str | Path, results_dir: str | Path, split: str,
+                  mode: str, **kwargs: Any):
+    """``mofo.data.dataset.VideoClipDataset`` for one split and mode."""
+    from mofo.data.dataset import VideoClipDataset
+
+    manifest = read_manifest(manifest_path)
+    return VideoClipDataset(manifest, results_dir, split, mode=mode, config=config, **kwargs)
+
+
+def build_loader(dataset: Any, batch_size: int, num_workers: int, shuffle: bool, seed: int,
+                 drop_last: bool, distributed: bool):
+    """``mofo.data.dataset.make_loader`` (sampler, workers, collate of the data module)."""
+    from mofo.data.dataset import make_loader
+
+    return make_loader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
+                       seed=seed, drop_last=drop_last, distributed=distributed)

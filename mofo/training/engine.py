@@ -1,0 +1,521 @@
+"""The one training loop behind pretraining and fine-tuning.
+
+It runs unchanged as one CPU/GPU process, under ``torchrun`` / ``srun`` (DDP: gloo on CPU,
+nccl on GPU) and under DeepSpeed (``engine.kind: deepspeed``). A stage supplies a *task*:
+``task(model, batch) -> (loss, extras)``; the engine does everything else:
+
+- optimizer (timm AdamW) and per-iteration cosine schedule (``mofo.training.optim``);
+- bf16 autocast on GPU (``engine.precision``), fp32 on CPU; gradient clipping;
+- one small all-reduce per step of ``[loss, non-finite flag, stop flag, clips]`` so every
+  rank sees the same mean loss, stops together on a NaN/inf loss (``NonFiniteLossError``
+  naming the step) and checkpoints together on SIGUSR1/SIGTERM;
+- checkpoints (``checkpoint-last.pt``) every ``checkpoint_every`` epochs, at the end, on a
+  signal (then exits with ``REQUEUE_EXIT_CODE``) and at ``max_steps``; a restarted run resumes
+  from ``checkpoint-last.pt`` at the same step: the epoch's loader is rebuilt from the epoch's
+  starting RNG state, the finished batches are drawn and dropped, then the RNG states of the
+  step are restored, so a CPU run reproduces the uninterrupted run's losses;
+- JSONL metrics (``metrics.jsonl``: ``type`` = ``step`` | ``epoch`` | ``end``) and an optional
+  ``metrics_callback(record, step)`` hook, on rank 0.
+
+DeepSpeed note: the forward runs under torch autocast as in the other engines and DeepSpeed
+keeps fp32 weights (no ``bf16`` section), ZeRO stage 0; mofo's own checkpoint format is used so
+that resuming and ``load_pretrained`` work the same whichever engine wrote the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mofo.training import checkpointing as ckpt_io
+from mofo.training.distributed import (
+    DistContext,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+)
+from mofo.training.optim import build_optimizer, build_scheduler, current_lr
+
+# sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry" -- a requeued
+# SLURM job (or a Snakemake retry) that sees it resumes from checkpoint-last.pt.
+REQUEUE_EXIT_CODE = 75
+LAST_CHECKPOINT = "checkpoint-last.pt"
+FINAL_CHECKPOINT = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+# Written next to the checkpoint when a run stops for a requeue, so a parent process that
+# only sees torchrun's generic exit code 1 can tell (``mofo.training.launch``).
+REQUEUE_MARKER = "requeue.json"
+
+Task = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
+MetricsCallback = Callable[[dict, int], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the global step and epoch."""
+
+
+class RequeueRequested(SystemExit):
+    """Raised after the checkpoint written on SIGUSR1/SIGTERM; exits with code 75."""
+
+    def __init__(self, message: str):
+        super().__init__(REQUEUE_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" | "stopped" (max_steps reached)
+    final_checkpoint: Path | None  # checkpoint.pt when finished
+    last_checkpoint: Path
+    global_step: int
+    epoch: int
+    losses: list[float] = field(default_factory=list)  # mean loss of every step run here
+
+
+# --------------------------------------------------------------------------- signals
+class StopFlag:
+    """Set by SIGUSR1 / SIGTERM (SLURM ``--signal=USR1@...`` before the time limit).
+
+    The handler only sets a flag; the loop checks it once per step, so the checkpoint is
+    always written between two optimizer steps.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def install(self) -> StopFlag:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+# --------------------------------------------------------------------------- helpers
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor inside a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def autocast_context(engine_cfg: dict, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU (``engine.precision`` auto/bf16), fp32 otherwise."""
+    precision = engine_cfg.get("precision", "auto")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def set_loader_epoch(loader: Any, epoch: int, seed: int) -> None:
+    """Tell the sampler and the dataset which epoch starts, and reseed the loader's
+    generator, so the epoch's order and worker seeds depend only on ``(seed, epoch)``."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if hasattr(getattr(batch_sampler, "sampler", None), "set_epoch"):
+        batch_sampler.sampler.set_epoch(epoch)
+    dataset = getattr(loader, "dataset", None)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    generator = getattr(loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(seed * 100_003 + epoch)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / DeepSpeed wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def count_batch(batch: Any) -> int:
+    """Clips in a batch (first dimension of its ``frames``)."""
+    frames = batch["frames"] if isinstance(batch, dict) else batch[0]
+    return int(frames.shape[0])
+
+
+# --------------------------------------------------------------------------- metrics log
+class MetricsLog:
+    """Appends JSON lines on rank 0 and forwards every record to ``callback``."""
+
+    def __init__(self, path: Path, enabled: bool, callback: MetricsCallback | None):
+        self.path = path
+        self.enabled = enabled
+        self.callback = callback
+
+    def truncate_after(self, global_step: int) -> None:
+        """Drop records a killed run wrote after the step it is resumed from."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            if record.get("step", 0) <= global_step and record.get("type") != "end":
+                kept.append(line)
+        self.path.write_text("".join(k + "\n" for k in kept))
+
+    def reset(self) -> None:
+        if self.enabled and self.path.exists():
+            self.path.unlink()
+
+    def write(self, record: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        record = {"time": time.time(), **record}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.callback is not None:
+            self.callback(record, step)
+
+
+# --------------------------------------------------------------------------- engine wrapper
+@dataclass
+class Wrapped:
+    """The model as the loop calls it plus the objects that step it."""
+
+    model: nn.Module  # DDP / DeepSpeed engine / plain module
+    optimizer: torch.optim.Optimizer
+    ds_engine: Any | None
+
+
+def deepspeed_config(stage_cfg: dict, engine_cfg: dict, batch_size: int, world: int) -> dict:
+    """DeepSpeed's JSON config: fp32 weights, ZeRO 0, our client optimizer, clipping."""
+    ds_cfg = engine_cfg.get("deepspeed", {})
+    return {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": batch_size * world,
+        "gradient_clipping": float(stage_cfg.get("clip_grad") or 0.0),
+        "zero_optimization": {"stage": int(ds_cfg.get("zero_stage", 0))},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def wrap_model(
+    model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext, stage_cfg: dict,
+    engine_cfg: dict, batch_size: int,
+) -> Wrapped:
+    """DDP for several torch processes, ``deepspeed.initialize`` for DeepSpeed, else as is."""
+    if ctx.kind == "deepspeed":
+        import deepspeed
+
+        if int(engine_cfg.get("deepspeed", {}).get("zero_stage", 0)) != 0:
+            raise ValueError(
+                "engine.deepspeed.zero_stage must be 0: mofo checkpoints hold full optimizer "
+                "states (ViT-B fits on one GPU, so ZeRO sharding is not needed)"
+            )
+        ds_model, _ds_opt, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            config=deepspeed_config(stage_cfg, engine_cfg, batch_size, ctx.world_size),
+        )
+        return Wrapped(ds_model, optimizer, ds_model)
+    if ctx.distributed and ctx.world_size > 1:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=ids,
+            find_unused_parameters=bool(engine_cfg.get("find_unused_parameters", False)),
+        )
+        return Wrapped(ddp, optimizer, None)
+    return Wrapped(model, optimizer, None)
+
+
+# --------------------------------------------------------------------------- the loop
+def _save_last(
+    path: Path, wrapped: Wrapped, scheduler: Any, *, epoch: int, step_in_epoch: int,
+    global_step: int, epoch_start_rng: dict, hash_: str, meta: dict, ctx: DistContext,
+) -> None:
+    """Gather every rank's RNG state and write ``checkpoint-last.pt`` from rank 0."""
+    rng_all = all_gather_objects(ckpt_io.capture_rng_state())
+    start_all = all_gather_objects(epoch_start_rng)
+    if ctx.is_main:
+        state = {
+            "format": ckpt_io.CHECKPOINT_FORMAT,
+            "model": unwrap(wrapped.model).state_dict(),
+            "optimizer": wrapped.optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "rng": rng_all,
+            "epoch_start_rng": start_all,
+            "world_size": ctx.world_size,
+            "config_hash": hash_,
+            "meta": meta,
+        }
+        ckpt_io.atomic_torch_save(state, path)
+    barrier()
+
+
+def _iterate_epoch(
+    loader: Any, skip: int, restore_rng: dict | None
+) -> Iterator[Any]:
+    """The epoch's batches, dropping the first ``skip`` (already trained on) and restoring
+    the step's RNG state just before the first batch that is used."""
+    iterator = iter(loader)
+    for _ in range(skip):
+        next(iterator)
+    if restore_rng is not None:
+        ckpt_io.restore_rng_state(restore_rng)
+    yield from iterator
+
+
+def train(
+    model: nn.Module,
+    loader: Any,
+    task: Task,
+    *,
+    stage_cfg: dict,
+    engine_cfg: dict,
+    ctx: DistContext,
+    out_dir: str | Path,
+    hash_config: dict,
+    meta: dict | None = None,
+    metrics_callback: MetricsCallback | None = None,
+    max_steps: int | None = None,
+    stage: str = "train",
+) -> TrainResult:
+    """Train ``model`` for ``stage_cfg['epochs']`` epochs of ``loader`` with ``task``.
+
+    ``stage_cfg`` keys used: epochs, warmup_epochs, batch_size, base_lr, min_lr, warmup_lr,
+    weight_decay, betas, clip_grad, layer_decay (optional), checkpoint_every, log_interval,
+    seed. ``hash_config`` is what must be unchanged for a resume (a different hash starts
+    afresh). ``max_steps`` stops after that many global steps with a checkpoint (status
+    "stopped") -- a controlled stand-in for a kill. Returns a ``TrainResult``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    last_path = out_dir / LAST_CHECKPOINT
+    final_path = out_dir / FINAL_CHECKPOINT
+    log = MetricsLog(out_dir / METRICS_FILE, ctx.is_main, metrics_callback)
+    hash_ = ckpt_io.config_hash(hash_config)
+    seed = int(stage_cfg.get("seed", 0))
+    epochs = int(stage_cfg["epochs"])
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{stage}: the training loader has no batches (dataset of {len(loader.dataset)} "
+            f"clips, batch size {stage_cfg['batch_size']} with drop_last)"
+        )
+
+    seed_everything(seed + ctx.info.rank)
+    model.to(ctx.device)
+    total_batch = int(stage_cfg["batch_size"]) * ctx.world_size
+    optimizer = build_optimizer(model, stage_cfg, total_batch)
+    scheduler = build_scheduler(optimizer, stage_cfg, steps_per_epoch)
+
+    # ---- resume
+    start_epoch, start_step_in_epoch, global_step = 0, 0, 0
+    resume_rng: dict | None = None
+    resume_start_rng: dict | None = None
+    resume_enabled = bool(engine_cfg.get("resume", True))
+    if resume_enabled and last_path.exists():
+        ckpt = ckpt_io.load_checkpoint(last_path)
+        if ckpt.get("config_hash") != hash_:
+            print(
+                f"[mofo] {last_path} was written with another configuration "
+                f"(hash {ckpt.get('config_hash')} != {hash_}); starting afresh",
+                file=sys.stderr,
+            )
+        elif ckpt.get("world_size") != ctx.world_size:
+            raise RuntimeError(
+                f"{last_path} was written by {ckpt.get('world_size')} processes, this run has "
+                f"{ctx.world_size}; resume with the same number or delete the checkpoint"
+            )
+        else:
+            unwrap(model).load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            start_epoch = int(ckpt["epoch"])
+            start_step_in_epoch = int(ckpt["step_in_epoch"])
+            global_step = int(ckpt["global_step"])
+            resume_rng = ckpt["rng"][ctx.info.rank]
+            resume_start_rng = ckpt["epoch_start_rng"][ctx.info.rank]
+            scheduler.step_update(global_step)
+            if ctx.is_main:
+                print(f"[mofo] {stage}: resuming from {last_path} at epoch {start_epoch}, "
+                      f"step {global_step}", file=sys.stderr)
+    if global_step == 0:
+        log.reset()
+    else:
+        log.truncate_after(global_step)
+
+    wrapped = wrap_model(model, optimizer, ctx, stage_cfg, engine_cfg,
+                         int(stage_cfg["batch_size"]))
+    clip_grad = float(stage_cfg.get("clip_grad") or 0.0)
+    log_interval = max(1, int(stage_cfg.get("log_interval", 10)))
+    checkpoint_every = max(1, int(stage_cfg.get("checkpoint_every", 1)))
+    marker = out_dir / REQUEUE_MARKER
+    if ctx.is_main and marker.exists():
+        marker.unlink()
+    stop = StopFlag().install()
+    losses: list[float] = []
+    status = "finished"
+    wrapped.model.train()
+
+    def save(epoch: int, step_in_epoch: int, start_rng: dict) -> None:
+        _save_last(last_path, wrapped, scheduler, epoch=epoch, step_in_epoch=step_in_epoch,
+                   global_step=global_step, epoch_start_rng=start_rng, hash_=hash_,
+                   meta=meta, ctx=ctx)
+
+    try:
+        for epoch in range(start_epoch, epochs):
+            resuming_mid_epoch = epoch == start_epoch and start_step_in_epoch > 0
+            if resuming_mid_epoch:
+                ckpt_io.restore_rng_state(resume_start_rng)
+            elif epoch == start_epoch and resume_rng is not None:
+                ckpt_io.restore_rng_state(resume_rng)
+            epoch_start_rng = ckpt_io.capture_rng_state()
+            set_loader_epoch(loader, epoch, seed)
+            skip = start_step_in_epoch if resuming_mid_epoch else 0
+            batches = _iterate_epoch(loader, skip, resume_rng if resuming_mid_epoch else None)
+            step_in_epoch = skip
+            epoch_loss, epoch_clips, t0 = 0.0, 0, time.perf_counter()
+            bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"{stage} epoch {epoch}",
+                       disable=not ctx.is_main, file=sys.stderr, leave=False)
+            for batch in batches:
+                t_step = time.perf_counter()
+                batch = to_device(batch, ctx.device)
+                with autocast_context(engine_cfg, ctx.device):
+                    loss, extras = task(wrapped.model, batch)
+                n = count_batch(batch)
+                local = float(loss.detach().float().item())
+                finite = math.isfinite(local)
+                stats = all_reduce_sum(torch.tensor(
+                    [local * n if finite else 0.0, 0.0 if finite else 1.0,
+                     1.0 if stop.requested else 0.0, float(n)], dtype=torch.float64,
+                ).to(ctx.device if ctx.backend == "nccl" else "cpu"))
+                loss_sum, bad, stop_votes, clips = (float(v) for v in stats.cpu())
+                if bad > 0:
+                    raise NonFiniteLossError(
+                        f"{stage}: loss is {local if not finite else 'non-finite on another rank'}"
+                        f" at global step {global_step + 1} (epoch {epoch}, step "
+                        f"{step_in_epoch + 1} of {steps_per_epoch}); stopping"
+                    )
+                if wrapped.ds_engine is not None:
+                    wrapped.ds_engine.backward(loss)
+                    wrapped.ds_engine.step()
+                else:
+                    loss.backward()
+                    if clip_grad > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                step_in_epoch += 1
+                scheduler.step_update(global_step)
+                mean_loss = loss_sum / max(clips, 1.0)
+                losses.append(mean_loss)
+                epoch_loss += loss_sum
+                epoch_clips += int(clips)
+                bar.update(1)
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                if global_step % log_interval == 0 or step_in_epoch == steps_per_epoch:
+                    record = {"type": "step", "stage": stage, "epoch": epoch,
+                              "step": global_step, "loss": mean_loss,
+                              "lr": current_lr(optimizer),
+                              "clips_per_s": clips / max(time.perf_counter() - t_step, 1e-9)}
+                    record.update({k: float(v) for k, v in extras.items()})
+                    log.write(record, global_step)
+                if stop_votes > 0:
+                    save(epoch, step_in_epoch, epoch_start_rng)
+                    if ctx.is_main:
+                        marker.write_text(json.dumps({"signal": stop.requested,
+                                                      "step": global_step}))
+                    message = (
+                        f"{stage}: {stop.requested or 'stop signal on another rank'} received; "
+                        f"checkpoint written at step {global_step} to {last_path}; exiting "
+                        f"with code {REQUEUE_EXIT_CODE} so the job is requeued"
+                    )
+                    print(f"[mofo] {message}", file=sys.stderr)
+                    raise RequeueRequested(message)
+                if max_steps is not None and global_step >= max_steps:
+                    save(epoch, step_in_epoch, epoch_start_rng)
+                    status = "stopped"
+                    break
+            bar.close()
+            if status == "stopped":
+                break
+            seconds = time.perf_counter() - t0
+            log.write({"type": "epoch", "stage": stage, "epoch": epoch, "step": global_step,
+                       "loss": epoch_loss / max(epoch_clips, 1), "lr": current_lr(optimizer),
+                       "seconds": seconds, "clips_per_s": epoch_clips / max(seconds, 1e-9)},
+                      global_step)
+            if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs:
+                save(epoch + 1, 0, ckpt_io.capture_rng_state())
+            start_step_in_epoch = 0
+            resume_rng = None
+    finally:
+        stop.uninstall()
+
+    if status == "finished":
+        if not last_path.exists():  # resumed after the last epoch finished: nothing to train
+            save(epochs, 0, ckpt_io.capture_rng_state())
+        if ctx.is_main:
+            ckpt_io.atomic_torch_save(
+                {"format": ckpt_io.CHECKPOINT_FORMAT, "model": unwrap(model).state_dict(),
+                 "global_step": global_step, "epoch": epochs, "config_hash": hash_,
+                 "meta": meta},
+                final_path,
+            )
+            log.write({"type": "end", "stage": stage, "step": global_step, "epoch": epochs},
+                      global_step)
+        barrier()
+    return TrainResult(status, final_path if status == "finished" else None, last_path,
+                       global_step, epochs if status == "finished" else epoch, losses)
+
+
+def os_environ_snapshot() -> dict[str, str]:
+    """The environment variables that describe the job (recorded in run metadata)."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS")
+    return {k: os.environ[k] for k in keys if k in os.environ}

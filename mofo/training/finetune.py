@@ -1,0 +1,148 @@
+"""Stage entry point: supervised fine-tuning with the mean-pooling or MCA head.
+
+``run(config, manifest_path, results_dir, pretrained_ckpt, head, out_dir)`` loads a
+pretrained checkpoint (ours or an official VideoMAE/MOFO file; ``None`` trains from
+scratch), fine-tunes on the train split with layer-wise lr decay, mixup/cutmix + label
+smoothing (``mofo.training.mixup``), drop path, and the dataset's RandAugment / random
+erasing, and writes ``checkpoint-last.pt``, ``checkpoint.pt``, ``metrics.jsonl`` and
+``load_report.json`` into ``out_dir``. EPIC-KITCHENS-100 gets a verb and a noun output; the
+loss is their sum, mixed with the same partner and lam.
+
+    python -m mofo.training.finetune --pretrained results/demo/pretrain/mofo/checkpoint.pt \
+        --head mca --out results/demo/finetune/mofo_mca
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mofo.config import load_config
+from mofo.masking.grid import token_grid
+from mofo.training import data as data_io
+from mofo.training.distributed import cleanup_distributed, init_distributed
+from mofo.training.engine import MetricsCallback, seed_everything, train
+from mofo.training.losses import classification_loss
+from mofo.training.mixup import VideoMixup
+from mofo.training.pretrain import resolve_paths, stage_arg_parser
+
+NON_HASHED_KEYS = ("num_workers", "log_interval", "checkpoint_every")
+HEADS = ("mean", "mca")
+
+
+def finetune_task(heads: dict[str, int], mixer: VideoMixup | None,
+                  label_smoothing: float) -> Callable:
+    """``task(model, batch) -> (loss, extras)``: (mixed) cross-entropy summed over heads."""
+
+    def task(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        targets = {name: batch[name] for name in heads}
+        frames, inbox = batch["frames"], batch.get("inbox")
+        inbox = inbox.bool() if inbox is not None else None
+        if mixer is not None:
+            frames, inbox, targets = mixer(frames, inbox, targets)
+        out = model(frames, inbox)
+        if not isinstance(out, dict):
+            out = {next(iter(heads)): out}
+        loss = sum(classification_loss(out[name], targets[name], label_smoothing)
+                   for name in heads)
+        return loss, {}
+
+    return task
+
+
+def build_model(config: dict, heads: dict[str, int], head: str) -> torch.nn.Module:
+    """The classifier for ``heads`` (``{"label": C}`` or verb/noun) with the chosen head."""
+    from mofo.models.vit import build_classifier
+
+    ft = config["finetune"]
+    multi = None if list(heads) == ["label"] else dict(heads)
+    return build_classifier(config["model"], heads.get("label"), head=head,
+                            drop_path=float(ft["drop_path"]),
+                            head_init_scale=float(ft["head_init_scale"]), num_heads_out=multi,
+                            fc_dropout=float(ft["fc_dropout"]))
+
+
+def pretrained_meta(pretrained_ckpt: str | Path | None) -> dict:
+    """``meta`` of one of our checkpoints ({} for official files or no checkpoint)."""
+    if not pretrained_ckpt:
+        return {}
+    try:
+        obj = torch.load(pretrained_ckpt, map_location="cpu", weights_only=True,
+                         mmap=True)
+    except Exception:  # noqa: BLE001 - official files may pickle extra objects
+        return {}
+    return dict(obj.get("meta") or {}) if isinstance(obj, dict) else {}
+
+
+def hash_config(config: dict, head: str, pretrained_ckpt: str | Path | None) -> dict:
+    stage = {k: v for k, v in config["finetune"].items() if k not in NON_HASHED_KEYS}
+    return {"stage": "finetune", "dataset": config["dataset"]["name"], "model": config["model"],
+            "finetune": stage, "head": head, "pretrained": str(pretrained_ckpt or "")}
+
+
+def run(config: dict, manifest_path: str | Path, results_dir: str | Path,
+        pretrained_ckpt: str | Path | None, head: str, out_dir: str | Path,
+        metrics_callback: MetricsCallback | None = None, max_steps: int | None = None) -> Path:
+    """Fine-tune and return the path of the final checkpoint (``out_dir/checkpoint.pt``)."""
+    if head not in HEADS:
+        raise ValueError(f"fine-tuning head must be one of {HEADS}, got {head!r}")
+    ft, engine_cfg = config["finetune"], config["engine"]
+    out_dir = Path(out_dir)
+    ctx = init_distributed(engine_cfg)
+    try:
+        heads = data_io.output_heads(config, data_io.read_manifest(manifest_path))
+        dataset = data_io.build_dataset(config, manifest_path, results_dir, "train", "finetune",
+                                        seed=int(ft["seed"]))
+        loader = data_io.build_loader(
+            dataset, int(ft["batch_size"]), int(ft["num_workers"]), shuffle=True,
+            seed=int(ft["seed"]), drop_last=True, distributed=ctx.world_size > 1)
+        seed_everything(int(ft["seed"]))  # same head init on every rank and run
+        model = build_model(config, heads, head)
+        report = None
+        if pretrained_ckpt:
+            from mofo.models.checkpoint import load_pretrained
+
+            report = load_pretrained(model, pretrained_ckpt)
+            if ctx.is_main:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                (out_dir / "load_report.json").write_text(
+                    json.dumps(report.to_dict(), indent=1, default=str))
+        src_meta = pretrained_meta(pretrained_ckpt)
+        meta = {"stage": "finetune", "finetune_head": head, "heads": heads,
+                "pretrain_masking": src_meta.get("masking",
+                                                 "external" if pretrained_ckpt else "none"),
+                "pretrained": str(pretrained_ckpt or ""), "dataset": config["dataset"]["name"],
+                "model_size": config["model"]["size"]}
+        mixer = VideoMixup(ft, heads, token_grid(config["model"]),
+                           int(config["model"]["patch_size"]))
+        task = finetune_task(heads, mixer if mixer.enabled else None,
+                             float(ft["label_smoothing"]))
+        result = train(model, loader, task, stage_cfg=ft, engine_cfg=engine_cfg, ctx=ctx,
+                       out_dir=out_dir, hash_config=hash_config(config, head, pretrained_ckpt),
+                       meta=meta, metrics_callback=metrics_callback, max_steps=max_steps,
+                       stage=f"finetune-{head}")
+        return result.final_checkpoint or result.last_checkpoint
+    finally:
+        cleanup_distributed()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_arg_parser("fine-tuning (mean or MCA head)")
+    parser.add_argument("--pretrained", default=None,
+                        help="pretrained checkpoint (ours or official); omit to train from scratch")
+    parser.add_argument("--head", required=True, choices=list(HEADS))
+    parser.add_argument("--max-steps", type=int, default=None)
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    manifest, results_dir = resolve_paths(config, args)
+    print(run(config, manifest, results_dir, args.pretrained, args.head, args.out,
+              max_steps=args.max_steps))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

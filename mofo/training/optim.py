@@ -1,0 +1,93 @@
+"""Optimizer and learning-rate schedule (timm's, set up the VideoMAE way).
+
+Weight decay skips biases, norms, position embeddings and tokens (timm's
+``create_optimizer_v2`` filters 1-d parameters and the names in ``model.no_weight_decay()``);
+layer-wise lr decay uses timm's ``param_groups_layer_decay``, which needs the model's
+``group_matcher()``. The schedule is a per-iteration cosine with linear warm-up.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.optim import create_optimizer_v2, param_groups_layer_decay
+from timm.scheduler import CosineLRScheduler
+
+
+def scaled_lr(base_lr: float, total_batch: int) -> float:
+    """The linear scaling rule: ``base_lr`` is quoted per 256 clips."""
+    return base_lr * total_batch / 256.0
+
+
+# VideoMAE/BEiT layer ids for timm's layer decay when the model has no group_matcher():
+# embeddings are layer 0, blocks.i is layer i+1, everything after (norm, fc_norm, head, the
+# MCA cross_block) is the top layer with lr scale 1.
+VIT_GROUP_MATCHER = {
+    "stem": r"^(?:patch_embed|pos_embed|cls_token)",
+    "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+}
+
+
+class _MatcherView:
+    """Duck-typed stand-in exposing ``named_parameters`` and ``group_matcher`` -- the only two
+    things timm's ``param_groups_layer_decay`` asks of a model."""
+
+    def __init__(self, model: torch.nn.Module, matcher: dict):
+        self._model, self._matcher = model, matcher
+
+    def named_parameters(self, *args, **kwargs):
+        return self._model.named_parameters(*args, **kwargs)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return self._matcher
+
+
+def build_optimizer(
+    model: torch.nn.Module, stage_cfg: dict, total_batch: int
+) -> torch.optim.Optimizer:
+    """AdamW with ``stage_cfg``'s betas / weight decay / (optional) layer decay.
+
+    ``stage_cfg`` is the ``pretrain`` or ``finetune`` config section; the peak lr is
+    ``base_lr * total_batch / 256``. Layer decay uses the model's ``group_matcher()`` or,
+    without one, ``VIT_GROUP_MATCHER`` (VideoMAE parameter names).
+    """
+    lr = scaled_lr(stage_cfg["base_lr"], total_batch)
+    betas = tuple(stage_cfg["betas"])
+    layer_decay = stage_cfg.get("layer_decay")
+    if layer_decay is None or layer_decay >= 1.0:  # 1.0 means "no decay"
+        return create_optimizer_v2(model, opt="adamw", lr=lr,
+                                   weight_decay=stage_cfg["weight_decay"], betas=betas,
+                                   foreach=False)
+    if hasattr(model, "group_matcher"):
+        return create_optimizer_v2(model, opt="adamw", lr=lr,
+                                   weight_decay=stage_cfg["weight_decay"], betas=betas,
+                                   layer_decay=layer_decay, foreach=False)
+    no_wd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = param_groups_layer_decay(
+        _MatcherView(model, VIT_GROUP_MATCHER), weight_decay=stage_cfg["weight_decay"],
+        no_weight_decay_list=no_wd, layer_decay=layer_decay,
+    )
+    return create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=0.0, betas=betas,
+                               foreach=False)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, stage_cfg: dict, steps_per_epoch: int
+) -> CosineLRScheduler:
+    """Cosine decay to ``min_lr`` over all iterations after ``warmup_epochs`` of linear
+    warm-up from ``warmup_lr``; the engine calls ``step_update(global_step)`` every step."""
+    total = max(1, stage_cfg["epochs"] * steps_per_epoch)
+    warmup = min(round(stage_cfg["warmup_epochs"] * steps_per_epoch), total - 1)
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=total - warmup,
+        lr_min=stage_cfg["min_lr"],
+        warmup_t=warmup,
+        warmup_lr_init=stage_cfg["warmup_lr"],
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The largest lr over the parameter groups (the head's, with layer decay)."""
+    return max(group["lr"] for group in optimizer.param_groups)

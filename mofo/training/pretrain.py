@@ -1,0 +1,151 @@
+"""Stage entry point: VideoMAE / MOFO masked-autoencoder pretraining.
+
+``run(config, manifest_path, results_dir, masking, out_dir)`` trains on the manifest's train
+split with the given masking strategy (``tube`` or ``mofo``) and writes into ``out_dir``:
+``checkpoint-last.pt`` (resumable), ``checkpoint.pt`` (final weights, VideoMAE layout, with
+``meta``), ``metrics.jsonl`` and ``reconstructions/*.png``. As a module it runs the same under
+one process, ``torchrun`` or DeepSpeed::
+
+    python -m mofo.training.pretrain --config config/my.yaml --masking mofo --out results/x
+    torchrun --standalone --nproc-per-node=2 -m mofo.training.pretrain --masking tube --out ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mofo.config import dataset_results_dir, deep_merge, load_config
+from mofo.training import data as data_io
+from mofo.training.distributed import cleanup_distributed, init_distributed
+from mofo.training.engine import MetricsCallback, TrainResult, seed_everything, train, unwrap
+from mofo.training.losses import masked_reconstruction_loss
+
+# Keys that do not change what is trained (a resume across them is fine).
+NON_HASHED_KEYS = ("num_workers", "log_interval", "checkpoint_every", "n_reconstruction_clips")
+
+
+def pretrain_task(model_cfg: dict, normalize_target: bool) -> Callable:
+    """``task(model, batch) -> (loss, extras)``: masked-token MSE on per-patch targets."""
+    patch, tubelet = int(model_cfg["patch_size"]), int(model_cfg["tubelet_size"])
+
+    def task(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        mask = batch["mask"].bool()
+        pred = model(batch["frames"], mask)
+        loss = masked_reconstruction_loss(pred, batch["frames"], mask, patch, tubelet,
+                                          normalize_target)
+        return loss, {}
+
+    return task
+
+
+def stage_config(config: dict, masking: str) -> dict:
+    """The config this pretraining runs with: ``masking.strategy`` set to ``masking``."""
+    if masking not in ("tube", "mofo"):
+        raise ValueError(f"pretraining masking must be 'tube' or 'mofo', got {masking!r}")
+    return deep_merge(config, {"masking": {"strategy": masking}})
+
+
+def hash_config(config: dict) -> dict:
+    """The settings a resumed pretraining must share with the checkpoint it resumes."""
+    stage = {k: v for k, v in config["pretrain"].items() if k not in NON_HASHED_KEYS}
+    return {"stage": "pretrain", "dataset": config["dataset"]["name"], "model": config["model"],
+            "masking": config["masking"], "pretrain": stage}
+
+
+def run(config: dict, manifest_path: str | Path, results_dir: str | Path, masking: str,
+        out_dir: str | Path, metrics_callback: MetricsCallback | None = None,
+        max_steps: int | None = None) -> Path:
+    """Pretrain and return the path of the final checkpoint (``out_dir/checkpoint.pt``)."""
+    config = stage_config(config, masking)
+    pre_cfg, engine_cfg = config["pretrain"], config["engine"]
+    out_dir = Path(out_dir)
+    ctx = init_distributed(engine_cfg)
+    try:
+        dataset = data_io.build_dataset(config, manifest_path, results_dir, "train", "pretrain",
+                                        seed=int(pre_cfg["seed"]))
+        loader = data_io.build_loader(
+            dataset, int(pre_cfg["batch_size"]), int(pre_cfg["num_workers"]), shuffle=True,
+            seed=int(pre_cfg["seed"]), drop_last=True, distributed=ctx.world_size > 1)
+        from mofo.models.vit import build_pretrain_model
+
+        seed_everything(int(pre_cfg["seed"]))  # same initial weights on every rank and run
+        model = build_pretrain_model(config["model"], drop_path=float(pre_cfg["drop_path"]))
+        meta = {"stage": "pretrain", "masking": masking, "dataset": config["dataset"]["name"],
+                "model_size": config["model"]["size"]}
+        result = train(model, loader, pretrain_task(config["model"], pre_cfg["normalize_target"]),
+                       stage_cfg=pre_cfg, engine_cfg=engine_cfg, ctx=ctx, out_dir=out_dir,
+                       hash_config=hash_config(config), meta=meta,
+                       metrics_callback=metrics_callback, max_steps=max_steps,
+                       stage=f"pretrain-{masking}")
+        if ctx.is_main and result.status == "finished":
+            save_reconstructions(unwrap(model), dataset, config, out_dir / "reconstructions",
+                                 int(pre_cfg["n_reconstruction_clips"]), ctx.device)
+        return _final_path(result)
+    finally:
+        cleanup_distributed()
+
+
+def _final_path(result: TrainResult) -> Path:
+    return result.final_checkpoint if result.final_checkpoint is not None else result.last_checkpoint
+
+
+@torch.no_grad()
+def save_reconstructions(model: torch.nn.Module, dataset, config: dict, out_dir: Path,
+                         n_clips: int, device: torch.device) -> list[Path]:
+    """Original / masked / reconstructed frames (motion box drawn) of the first clips."""
+    from mofo.evaluation.figures import reconstruction_figure
+
+    model.eval()
+    paths = []
+    model_cfg = config["model"]
+    for i in range(min(n_clips, len(dataset))):
+        item = dataset[i]
+        frames, mask = item["frames"], item["mask"].bool()
+        pred = model(frames[None].to(device), mask[None].to(device))[0]
+        boxes = item.get("boxes")
+        boxes = boxes.numpy() if isinstance(boxes, torch.Tensor) else boxes
+        paths.append(reconstruction_figure(
+            frames, mask, pred, boxes, out_dir / f"{item['clip_id']}.png",
+            int(model_cfg["patch_size"]), int(model_cfg["tubelet_size"]),
+            bool(config["pretrain"]["normalize_target"]),
+            title=f"{item['clip_id']} ({config['masking']['strategy']} masking)"))
+    return paths
+
+
+def stage_arg_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments shared by the stage modules' command lines."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", action="append", default=[],
+                        help="config overlay file(s) merged over config/config.yaml (repeatable)")
+    parser.add_argument("--manifest", help="manifest.csv (default <results>/<dataset>/manifest.csv)")
+    parser.add_argument("--results-dir", help="dataset results folder (default <results>/<dataset>)")
+    parser.add_argument("--out", required=True, help="output folder of this stage")
+    return parser
+
+
+def resolve_paths(config: dict, args: argparse.Namespace) -> tuple[Path, Path]:
+    root = dataset_results_dir(config)
+    return (Path(args.manifest) if args.manifest else root / "manifest.csv",
+            Path(args.results_dir) if args.results_dir else root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_arg_parser("MOFO / VideoMAE pretraining")
+    parser.add_argument("--masking", required=True, choices=["tube", "mofo"])
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop (with a checkpoint) after this many steps")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    manifest, results_dir = resolve_paths(config, args)
+    path = run(config, manifest, results_dir, args.masking, args.out, max_steps=args.max_steps)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

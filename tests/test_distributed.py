@@ -1,0 +1,82 @@
+"""The training loop under torchrun (2 CPU processes, gloo) and under DeepSpeed (CPU).
+
+Both start real subprocesses. DeepSpeed compiles a small C++ op on its first start (minutes);
+it is cached under ``~/.cache/mofo/torch_extensions`` (or ``$TORCH_EXTENSIONS_DIR``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mofo.training.launch import stage_args, torchrun_command
+
+pytestmark = pytest.mark.distributed
+
+
+def run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # the subprocess must not think it is a rank of this process
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def summaries(out, world: int) -> list[dict]:
+    return [json.loads((out / f"selfcheck-rank{r}.json").read_text()) for r in range(world)]
+
+
+def initial_checksum() -> float:
+    from mofo.models.vit import build_pretrain_model
+    from mofo.training.engine import seed_everything
+    from mofo.training.selfcheck import TINY_MODEL, weights_checksum
+
+    seed_everything(0)
+    return weights_checksum(build_pretrain_model(TINY_MODEL, depth=1, decoder_depth=1))
+
+
+def test_torchrun_two_cpu_processes_train_in_sync(tmp_path):
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "mofo.training.selfcheck", "--out", str(tmp_path)], timeout=300)
+    a, b = summaries(tmp_path, 2)
+    assert a["world_size"] == b["world_size"] == 2 and a["backend"] == "gloo"
+    # 16 clips / 2 ranks / batch 4 = 2 steps per epoch, 2 epochs
+    assert a["steps"] == b["steps"] == 4
+    assert a["losses"] == pytest.approx(b["losses"], abs=1e-6)  # all-reduced mean loss
+    assert a["checksum"] == pytest.approx(b["checksum"], rel=1e-9)  # DDP kept weights equal
+    assert a["checksum"] != pytest.approx(initial_checksum(), rel=1e-9)
+    assert (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_deepspeed_engine_takes_optimizer_steps_on_cpu(tmp_path):
+    run([sys.executable, "-m", "mofo.training.selfcheck", "--engine", "deepspeed", "--out",
+         str(tmp_path)], timeout=900)
+    (s,) = summaries(tmp_path, 1)
+    assert s["engine"] == "deepspeed" and s["steps"] == 8 and s["status"] == "finished"
+    assert all(math.isfinite(v) for v in s["losses"])
+    assert s["checksum"] != pytest.approx(initial_checksum(), rel=1e-9)
+    final = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert final["global_step"] == 8
+
+
+def test_launch_builds_the_torchrun_command(tmp_path):
+    from mofo.config import load_config
+
+    cfg = load_config(overrides={"engine": {"nproc_per_node": 4}})
+    args = stage_args("finetune", "m.csv", "res", tmp_path, tmp_path / "c.yaml",
+                      pretrained_ckpt="p.pt", head="mca")
+    cmd = torchrun_command(cfg, "finetune", args)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
+    assert cmd[5:7] == ["-m", "mofo.training.finetune"]
+    assert cmd[cmd.index("--head") + 1] == "mca" and "--pretrained" in cmd
+    with pytest.raises(ValueError, match="unknown stage"):
+        stage_args("evaluate", "m", "r", tmp_path, "c")

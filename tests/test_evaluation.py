@@ -1,0 +1,121 @@
+"""Evaluation: view averaging, top-k, per-class accuracy, EPIC action, figures, the table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mofo.evaluation import metrics as M
+from mofo.evaluation.figures import confusion_figure, reconstruction_figure
+from mofo.evaluation.table import make_table, variant_name
+
+
+def test_aggregate_views_averages_softmax_per_clip():
+    logits = np.array([[2.0, 0.0], [0.0, 2.0], [0.0, 0.0], [1.0, 0.0]])
+    ids, scores, counts = M.aggregate_views(["a", "b", "a", "b"], logits, "softmax")
+    assert ids == ["a", "b"] and counts.tolist() == [2, 2]
+    p = lambda x: np.exp(x) / np.exp(x).sum()
+    assert np.allclose(scores[0], (p(logits[0]) + p(logits[2])) / 2)
+    _, mean_logits, _ = M.aggregate_views(["a", "b", "a", "b"], logits, "logits")
+    assert np.allclose(mean_logits[1], [0.5, 1.0])
+    with pytest.raises(ValueError, match="softmax"):
+        M.aggregate_views(["a"], logits[:1], "max")
+
+
+def test_topk_and_per_class_on_known_scores():
+    scores = np.array([
+        [0.9, 0.05, 0.03, 0.02],  # true 0, top1 right
+        [0.5, 0.3, 0.1, 0.1],     # true 1, top1 wrong, top2 right
+        [0.1, 0.2, 0.3, 0.4],     # true 2, rank 2 -> top1 wrong, top2 right
+        [0.1, 0.2, 0.3, 0.4],     # true 3, right
+        [0.7, 0.1, 0.1, 0.1],     # unlabelled: ignored
+    ])
+    labels = np.array([0, 1, 2, 3, -1])
+    res = M.classification_metrics(scores, labels, 4, ks=(1, 2))
+    assert res["top1"] == pytest.approx(50.0)
+    assert res["top2"] == pytest.approx(100.0)
+    assert res["per_class_accuracy"] == [100.0, 0.0, 0.0, 100.0]
+    assert res["mean_class_accuracy"] == pytest.approx(50.0)
+    assert res["n_clips"] == 4 and res["n_unlabelled"] == 1
+    conf = res["confusion"]
+    assert conf[1, 0] == 1 and conf[2, 3] == 1 and conf.sum() == 4
+
+
+def test_per_class_nan_for_absent_classes():
+    conf = M.confusion_matrix(np.array([0, 0]), np.array([0, 2]), 3)
+    acc = M.per_class_accuracy(conf)
+    assert acc[0] == 100.0 and np.isnan(acc[1]) and acc[2] == 0.0
+
+
+def test_action_needs_verb_and_noun_right():
+    verb = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
+    noun = np.array([[0.1, 0.6, 0.3], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])
+    res = M.action_metrics(verb, noun, np.array([0, 0, 1]), np.array([1, 1, 2]), ks=(1, 5))
+    # clip 0: both right; clip 1: noun wrong; clip 2: both right
+    assert res["action_top1"] == pytest.approx(200 / 3)
+    assert res["action_top5"] == pytest.approx(100.0)
+
+
+def test_figures_are_written(tmp_path):
+    conf = np.array([[3, 1], [0, 4]])
+    path = confusion_figure(conf, tmp_path / "c.png", ["left", "right"])
+    assert path.stat().st_size > 1000
+    torch.manual_seed(0)
+    frames = torch.randn(3, 4, 16, 16)
+    mask = torch.zeros(2 * 2 * 2, dtype=torch.bool)
+    mask[[0, 3, 5]] = True
+    pred = torch.randn(3, 2 * 8 * 8 * 3)
+    boxes = np.tile([2.0, 3.0, 10.0, 12.0], (4, 1))
+    out = reconstruction_figure(frames, mask, pred, boxes, tmp_path / "r.png", 8, 2)
+    assert out.stat().st_size > 1000
+
+
+def test_reconstruction_keeps_visible_patches():
+    from mofo.evaluation.figures import reconstruct_clip
+    from mofo.training.losses import denormalize
+
+    frames = torch.rand(3, 2, 8, 8)
+    mask = torch.tensor([True, False, False, False])
+    pred = torch.zeros(1, 2 * 4 * 4 * 3)
+    masked, recon = reconstruct_clip(frames, mask, pred, 4, 2)
+    original = denormalize(frames[None])[0].clamp(0, 1).permute(1, 2, 3, 0).numpy()
+    assert np.allclose(recon[:, 4:, :], original[:, 4:, :], atol=1e-6)
+    assert np.allclose(masked[:, :4, :4], 0.5)
+
+
+def write_metrics(path, masking, head, top1, top5, **extra):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pretrain_masking": masking, "finetune_head": head,
+                                "top1": top1, "top5": top5, **extra}))
+    return path
+
+
+def test_table_columns_rows_and_paper_numbers(tmp_path):
+    files = [write_metrics(tmp_path / f"{m}_{h}" / "metrics.json", m, h, 40.0 + i, 90.0)
+             for i, (m, h) in enumerate([("mofo", "mca"), ("tube", "mean"), ("tube", "mca"),
+                                         ("mofo", "mean")])]
+    df = make_table(files, tmp_path / "table.csv", tmp_path / "table.md", "ssv2")
+    assert list(df.columns) == ["variant", "pretrain_masking", "finetune_head", "top1", "top5"]
+    assert df["variant"].tolist() == ["VideoMAE", "MOFO*", "MOFO**", "MOFO†"]
+    csv = pd.read_csv(tmp_path / "table.csv")
+    assert csv.loc[csv["variant"] == "MOFO†", "top1"].item() == pytest.approx(40.0)
+    md = (tmp_path / "table.md").read_text()
+    assert "75.5" in md and "70.8" in md and "paper" in md
+
+
+def test_table_for_demo_and_epic(tmp_path):
+    f = write_metrics(tmp_path / "a.json", "tube", "mean", 80.0, 100.0)
+    make_table({"VideoMAE": f}, tmp_path / "t.csv", tmp_path / "t.md", "demo")
+    assert "no numbers for 'demo'" in (tmp_path / "t.md").read_text()
+    e = write_metrics(tmp_path / "e.json", "mofo", "mca", 30.0, 60.0, verb_top1=50.0,
+                      noun_top1=40.0, action_top1=30.0)
+    df = make_table([e], tmp_path / "e.csv", tmp_path / "e.md", "epic100")
+    assert {"verb_top1", "noun_top1", "action_top1"} <= set(df.columns)
+    assert "74.2" in (tmp_path / "e.md").read_text()
+    assert variant_name("mofo", "mean") == "MOFO*"
+    with pytest.raises(FileNotFoundError):
+        make_table([tmp_path / "missing.json"], tmp_path / "x.csv", tmp_path / "x.md", "demo")

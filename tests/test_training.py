@@ -1,0 +1,246 @@
+"""Training loop: loss target, resume, NaN stop, signal checkpoint, metrics log, optimizer."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mofo.config import load_config
+from mofo.training import engine
+from mofo.training.distributed import DistContext, RankInfo, rank_info
+from mofo.training.losses import (
+    masked_reconstruction_loss,
+    patch_normalized_target,
+    patchify,
+    unpatchify,
+)
+from mofo.training.optim import build_optimizer
+from mofo.training.synthetic import SyntheticClipDataset
+
+TINY_MODEL = {"size": "demo", "input_size": 16, "num_frames": 4, "sampling_rate": 1,
+              "patch_size": 8, "tubelet_size": 2}
+
+
+def cpu_ctx() -> DistContext:
+    return DistContext(RankInfo(0, 0, 1, "single"), torch.device("cpu"), None, "torch")
+
+
+def stage_cfg(**kw) -> dict:
+    cfg = {"epochs": 3, "warmup_epochs": 1, "batch_size": 4, "base_lr": 1e-2, "min_lr": 1e-5,
+               "warmup_lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.95], "clip_grad": 1.0,
+               "checkpoint_every": 1, "log_interval": 1, "seed": 3}
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # the tiny models are faster on one thread, and the test machine is shared
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model() -> torch.nn.Module:
+    from mofo.models.vit import build_pretrain_model
+
+    torch.manual_seed(0)  # the stages seed before building the model, as here
+    return build_pretrain_model(TINY_MODEL, depth=1, decoder_depth=1, drop_path=0.1)
+
+
+def tiny_loader(n: int = 20) -> DataLoader:
+    ds = SyntheticClipDataset(n, TINY_MODEL, mask_ratio=0.75, global_rng_jitter=0.1)
+    return DataLoader(ds, batch_size=4, shuffle=True, drop_last=True,
+                      generator=torch.Generator())
+
+
+def pretrain_task():
+    from mofo.training.pretrain import pretrain_task as make
+
+    return make(TINY_MODEL, True)
+
+
+# ----------------------------------------------------------------- loss and target
+def test_patch_normalized_target_matches_hand_computation():
+    torch.manual_seed(0)
+    frames = torch.randn(1, 3, 2, 4, 4)
+    target = patch_normalized_target(frames, patch_size=2, tubelet_size=2)
+    assert target.shape == (1, 4, 2 * 2 * 2 * 3)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
+    pixels = frames[0] * std + mean
+    # token 3 = spatial cell (row 1, col 1): pixels [2:4, 2:4] of both frames
+    cube = pixels[:, :, 2:4, 2:4]  # (C, 2, 2, 2) in (c, t, y, x)
+    values = cube.permute(1, 2, 3, 0).reshape(8, 3)  # (t, y, x) x channel
+    expected = (values - values.mean(0)) / (values.std(0, unbiased=True) + 1e-6)
+    assert torch.allclose(target[0, 3], expected.reshape(-1), atol=1e-5)
+
+
+def test_masked_loss_compares_only_masked_tokens():
+    torch.manual_seed(0)
+    frames = torch.randn(2, 3, 2, 4, 4)
+    mask = torch.tensor([[True, False, True, False], [False, True, True, False]])
+    target = patch_normalized_target(frames, 2, 2)
+    pred = target[mask].reshape(2, 2, -1).clone()
+    assert masked_reconstruction_loss(pred, frames, mask, 2, 2).item() == pytest.approx(0.0)
+    pred[0, 1] += 1.0  # one masked token off by 1 everywhere -> mean over 4 tokens = 0.25
+    assert masked_reconstruction_loss(pred, frames, mask, 2, 2).item() == pytest.approx(0.25)
+
+
+def test_patchify_roundtrip_and_model_order_agree():
+    from mofo.models.vit import patchify as model_patchify
+
+    x = torch.randn(2, 3, 4, 8, 8)
+    tokens = patchify(x, 4, 2)
+    assert torch.equal(tokens.flatten(2), model_patchify(x, 4, 2))
+    assert torch.equal(unpatchify(tokens.flatten(2), 4, 2, (2, 2, 2)), x)
+
+
+# ----------------------------------------------------------------- optimizer
+def test_optimizer_excludes_biases_norms_and_tokens_from_weight_decay():
+    model = tiny_model()
+    opt = build_optimizer(model, stage_cfg(), 256)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            no_decay = p.ndim <= 1 or names[id(p)] == "mask_token"
+            assert (group["weight_decay"] == 0.0) == no_decay, names[id(p)]
+    assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_layer_decay_scales_blocks_geometrically():
+    from mofo.models.vit import build_classifier
+
+    model = build_classifier(TINY_MODEL, 3, head="mca", depth=2)
+    opt = build_optimizer(model, stage_cfg(layer_decay=0.5, betas=[0.9, 0.999]), 256)
+    scale = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            scale[names[id(p)]] = group["lr_scale"]
+    assert scale["patch_embed.proj.weight"] == pytest.approx(0.125)
+    assert scale["blocks.0.attn.qkv.weight"] == pytest.approx(0.25)
+    assert scale["blocks.1.attn.qkv.weight"] == pytest.approx(0.5)
+    assert scale["head.weight"] == 1.0 and scale["cross_block.attn.qkv.weight"] == 1.0
+
+
+# ----------------------------------------------------------------- rank variables
+def test_rank_info_prefers_torchrun_over_slurm():
+    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "SLURM_PROCID": "0",
+           "SLURM_NTASKS": "2"}
+    assert rank_info(env) == rank_info({**env}) and rank_info(env).rank == 3
+    assert rank_info(env).source == "torchrun"
+    slurm = rank_info({"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NTASKS": "2"})
+    assert (slurm.rank, slurm.local_rank, slurm.world_size, slurm.source) == (1, 1, 2, "slurm")
+    assert rank_info({}).world_size == 1
+
+
+# ----------------------------------------------------------------- the loop
+def run_train(out, cfg, max_steps=None, callback=None, task=None):
+    return engine.train(tiny_model(), tiny_loader(), task or pretrain_task(), stage_cfg=cfg,
+                        engine_cfg={"resume": True}, ctx=cpu_ctx(), out_dir=out,
+                        hash_config={"cfg": cfg}, meta={"masking": "tube"},
+                        metrics_callback=callback, max_steps=max_steps, stage="test")
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    cfg = stage_cfg()
+    full = run_train(tmp_path / "full", cfg)
+    assert full.status == "finished" and full.global_step == 3 * 5
+    # stop mid-epoch (step 7 of 15 = epoch 1, step 2), then start again in the same folder
+    part = run_train(tmp_path / "part", cfg, max_steps=7)
+    assert part.status == "stopped" and part.global_step == 7
+    resumed = run_train(tmp_path / "part", cfg)
+    assert resumed.global_step == 15
+    assert part.losses == pytest.approx(full.losses[:7], abs=1e-6)
+    assert resumed.losses == pytest.approx(full.losses[7:], abs=1e-6)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the metrics log holds each step once
+    steps = [json.loads(line)["step"] for line in
+             (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "step"]
+    assert steps == list(range(1, 16))
+
+
+def test_resume_at_an_epoch_boundary(tmp_path):
+    cfg = stage_cfg(epochs=2)
+    full = run_train(tmp_path / "full", cfg)
+    run_train(tmp_path / "part", cfg, max_steps=5)  # exactly one epoch
+    resumed = run_train(tmp_path / "part", cfg)
+    assert resumed.losses == pytest.approx(full.losses[5:], abs=1e-6)
+
+
+def test_changed_config_starts_afresh(tmp_path, capsys):
+    run_train(tmp_path, stage_cfg(), max_steps=3)
+    other = run_train(tmp_path, stage_cfg(base_lr=2e-2), max_steps=2)
+    assert other.global_step == 2
+    assert "another configuration" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_the_step(tmp_path):
+    calls = {"n": 0}
+    base = pretrain_task()
+
+    def task(model, batch):
+        calls["n"] += 1
+        loss, extras = base(model, batch)
+        return (loss * float("nan") if calls["n"] == 4 else loss), extras
+
+    with pytest.raises(engine.NonFiniteLossError, match="global step 4"):
+        run_train(tmp_path, stage_cfg(), task=task)
+
+
+def test_signal_writes_checkpoint_and_exits_for_requeue(tmp_path):
+    calls = {"n": 0}
+    base = pretrain_task()
+
+    def task(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM --signal=USR1@... sends
+        return base(model, batch)
+
+    with pytest.raises(SystemExit) as info:
+        run_train(tmp_path, stage_cfg(), task=task)
+    assert info.value.code == engine.REQUEUE_EXIT_CODE
+    ckpt = torch.load(tmp_path / "checkpoint-last.pt", weights_only=False)
+    assert ckpt["global_step"] == 3 and ckpt["step_in_epoch"] == 3
+    assert signal.getsignal(signal.SIGUSR1) is not None  # handler restored
+    resumed = run_train(tmp_path, stage_cfg())
+    assert resumed.global_step == 15 and len(resumed.losses) == 12
+
+
+def test_metrics_callback_and_jsonl(tmp_path):
+    seen = []
+    result = run_train(tmp_path, stage_cfg(epochs=1), callback=lambda r, s: seen.append((r, s)))
+    assert result.status == "finished"
+    kinds = [r["type"] for r, _ in seen]
+    assert kinds.count("step") == 5 and kinds.count("epoch") == 1 and kinds[-1] == "end"
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in lines] == kinds
+    assert all(math.isfinite(r["loss"]) for r in lines if "loss" in r)
+    final = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert final["meta"] == {"masking": "tube"} and "optimizer" not in final
+
+
+def test_pretraining_loss_decreases(tmp_path):
+    result = run_train(tmp_path, stage_cfg(epochs=4, base_lr=5e-2))
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
+    assert last < first
+
+
+def test_default_config_has_training_sections():
+    cfg = load_config()
+    for key in ("pretrain", "finetune", "evaluate", "variants", "engine"):
+        assert key in cfg
+    labels = {v["label"]: (v["masking"], v["head"]) for v in cfg["variants"].values()}
+    assert labels["VideoMAE"] == ("tube", "mean") and labels["MOFO†"] == ("mofo", "mca")

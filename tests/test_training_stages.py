@@ -1,0 +1,158 @@
+"""Stage entry points end to end on a tiny real frame store, mixup, fine-tuning resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mofo.config import load_config
+from mofo.training import engine
+from mofo.training.distributed import DistContext, RankInfo
+from mofo.training.mixup import VideoMixup
+from mofo.training.synthetic import SyntheticClipDataset
+from tests.test_dataset import make_results
+
+TINY = {"size": "demo", "input_size": 32, "num_frames": 8, "sampling_rate": 2, "patch_size": 8,
+        "tubelet_size": 2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(**extra) -> dict:
+    fast = {"epochs": 1, "warmup_epochs": 0, "batch_size": 2, "num_workers": 0, "log_interval": 1}
+    overrides = {"model": TINY, "pretrain": {**fast, "n_reconstruction_clips": 1},
+                 "finetune": fast, "evaluate": {"batch_size": 4, "num_workers": 0},
+                 "engine": {"device": "cpu"}}
+    for key, value in extra.items():
+        overrides[key] = {**overrides.get(key, {}), **value}
+    return load_config(overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage") / "demo"
+    manifest = make_results(root)
+    manifest["label"] = manifest["label"] % 3
+    path = root / "manifest.csv"
+    manifest.to_csv(path, index=False)
+    return path, root
+
+
+def test_pretrain_finetune_evaluate_end_to_end(results, tmp_path):
+    from mofo.evaluation import evaluate
+    from mofo.training import finetune, pretrain
+
+    manifest, root = results
+    cfg = tiny_config(dataset={"demo": {"classes": ["left", "right", "up"]}})
+    ckpt = pretrain.run(cfg, manifest, root, "mofo", tmp_path / "pre")
+    assert ckpt.name == "checkpoint.pt"
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["meta"]["masking"] == "mofo" and any(k.startswith("encoder.") for k in saved["model"])
+    assert len(list((tmp_path / "pre" / "reconstructions").glob("*.png"))) == 1
+    records = [json.loads(x) for x in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["type"] == "end"
+
+    ft = finetune.run(cfg, manifest, root, ckpt, "mca", tmp_path / "ft")
+    meta = torch.load(ft, weights_only=True)["meta"]
+    assert meta["pretrain_masking"] == "mofo" and meta["finetune_head"] == "mca"
+    assert json.loads((tmp_path / "ft" / "load_report.json").read_text())["loaded"]
+
+    metrics = evaluate.run(cfg, manifest, root, ft, "mca", tmp_path / "ev")
+    assert metrics["variant"] == "MOFO†" and metrics["views_per_clip"] == 6
+    assert 0.0 <= metrics["top1"] <= 100.0 and metrics["n_clips"] == 1
+    pred = pd.read_csv(tmp_path / "ev" / "predictions.csv")
+    assert pred["clip_id"].tolist() == ["c4"] and pred["n_views"].tolist() == [6]
+    assert (tmp_path / "ev" / "confusion.png").exists()
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["top1"] == metrics["top1"]
+    with pytest.raises(Exception, match="head"):
+        evaluate.run(cfg, manifest, root, ft, "mean", tmp_path / "ev2")
+
+
+def test_mixup_pastes_partner_inbox_inside_the_cut():
+    cfg = {"label_smoothing": 0.1, "mixup": 0.0, "cutmix": 1.0, "mixup_prob": 1.0,
+           "mixup_switch_prob": 0.5}
+    mixer = VideoMixup(cfg, {"label": 4}, (2, 4, 4), 8)
+    frames = torch.stack([torch.zeros(3, 4, 32, 32), torch.ones(3, 4, 32, 32)])
+    inbox = torch.zeros(2, 32, dtype=torch.bool)
+    inbox[1] = True  # partner of clip 0 is clip 1 (flip)
+    np.random.seed(0)
+    mixed, new_inbox, targets = mixer(frames, inbox, {"label": torch.tensor([0, 1])})
+    pasted = mixed[0, 0, 0] == 1.0  # pixels of clip 0 that came from clip 1
+    cell_centres = pasted[4::8, 4::8].reshape(-1)  # (4*4,) one per spatial cell
+    assert torch.equal(new_inbox[0], cell_centres.repeat(2))
+    lam = 1.0 - pasted.float().mean().item()
+    assert targets["label"][0, 0].item() == pytest.approx(lam * 0.925 + (1 - lam) * 0.025)
+    assert torch.allclose(targets["label"].sum(1), torch.ones(2))
+
+
+def test_mixup_blend_unions_inbox_and_mixes_every_head():
+    cfg = {"label_smoothing": 0.0, "mixup": 0.8, "cutmix": 0.0, "mixup_prob": 1.0,
+           "mixup_switch_prob": 0.5}
+    mixer = VideoMixup(cfg, {"verb": 3, "noun": 5}, (1, 1, 2), 8)
+    inbox = torch.tensor([[True, False], [False, True]])
+    frames = torch.randn(2, 3, 2, 8, 16)
+    np.random.seed(1)
+    mixed, new_inbox, targets = mixer(frames, inbox, {"verb": torch.tensor([0, 1]),
+                                                      "noun": torch.tensor([4, 2])})
+    assert new_inbox.all()
+    lam = targets["verb"][0, 0].item()
+    assert targets["noun"][0, 4].item() == pytest.approx(lam)
+    assert torch.allclose(mixed[0], lam * frames[0] + (1 - lam) * frames[1], atol=1e-6)
+
+
+def test_finetune_resume_with_mixup_reproduces_losses(tmp_path):
+    from mofo.models.vit import build_classifier
+    from mofo.training.finetune import finetune_task
+
+    model_cfg = {**TINY, "input_size": 16, "num_frames": 4}
+    ft = dict(load_config()["finetune"], epochs=2, warmup_epochs=0.5, batch_size=4,
+              base_lr=1e-2, log_interval=1, mixup=0.8, cutmix=1.0)
+    heads = {"label": 4}
+    ctx = DistContext(RankInfo(0, 0, 1, "single"), torch.device("cpu"), None, "torch")
+
+    def go(out, max_steps=None):
+        torch.manual_seed(0)
+        model = build_classifier(model_cfg, 4, head="mca", depth=1)
+        loader = DataLoader(SyntheticClipDataset(16, model_cfg, global_rng_jitter=0.1),
+                            batch_size=4, shuffle=True, drop_last=True,
+                            generator=torch.Generator())
+        mixer = VideoMixup(ft, heads, (2, 2, 2), 8)
+        assert mixer.enabled
+        return engine.train(model, loader, finetune_task(heads, mixer, 0.1), stage_cfg=ft,
+                            engine_cfg={}, ctx=ctx, out_dir=out, hash_config={"ft": ft},
+                            max_steps=max_steps)
+
+    full = go(tmp_path / "a")
+    go(tmp_path / "b", max_steps=3)
+    resumed = go(tmp_path / "b")
+    assert resumed.losses == pytest.approx(full.losses[3:], abs=1e-6)
+
+
+def test_epic_verb_noun_heads_end_to_end(results, tmp_path):
+    from mofo.evaluation import evaluate
+    from mofo.training import finetune
+
+    manifest, root = results
+    cfg = tiny_config(dataset={"name": "epic100"}, augment={"test_clips": 1, "test_crops": 1})
+    ft = finetune.run(cfg, manifest, root, None, "mean", tmp_path / "ft")
+    meta = torch.load(ft, weights_only=True)["meta"]
+    assert meta["heads"] == {"verb": 97, "noun": 300} and meta["pretrain_masking"] == "none"
+    metrics = evaluate.run(cfg, manifest, root, ft, "mean", tmp_path / "ev")
+    for key in ("verb_top1", "noun_top5", "action_top1", "action_top5"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert metrics["top1"] == metrics["action_top1"]
+    pred = pd.read_csv(tmp_path / "ev" / "predictions.csv")
+    assert {"verb_pred", "noun_pred", "action_correct"} <= set(pred.columns)
+    assert pred["verb_label"].tolist() == [4] and pred["noun_label"].tolist() == [14]
+    assert (tmp_path / "ev" / "confusion_noun.png").exists()
