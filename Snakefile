@@ -12,6 +12,21 @@ configfile: "config/config.yaml"
 validate(config, schema="config/config.schema.yaml")
 
 
+from mofo.tracking import finish_workflow_run, start_workflow_run
+
+
+onstart:
+    start_workflow_run(config)
+
+
+onsuccess:
+    finish_workflow_run(config, "FINISHED", log)
+
+
+onerror:
+    finish_workflow_run(config, "FAILED", log)
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/motion.smk"

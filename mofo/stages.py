@@ -49,5 +49,12 @@ def run_stage_module(
     sys.stderr.flush()
     sys.stdout.flush()
     code = subprocess.call(cmd, stdout=sys.stdout, stderr=sys.stderr)
+    from mofo.training.engine import REQUEUE_EXIT_CODE
+
+    if code == REQUEUE_EXIT_CODE:
+        # Stopped by SLURM's warning signal after writing checkpoint-last.pt: exit with the
+        # same code so the job (and its MLflow run) reads as preempted; a rerun resumes.
+        print(f"{module} checkpointed and stopped for requeue (exit {code}); rerun to resume", file=sys.stderr)
+        raise SystemExit(code)
     if code != 0:
         raise StageFailed(f"{module} exited with code {code} (output dir {out_dir}); see the log above")

@@ -11,8 +11,9 @@ rule pretrain:
         boxes=expand(f"{RESULTS}/boxes/{{shard}}.csv", shard=SHARDS),
     output:
         checkpoint=f"{RESULTS}/pretrain/{{masking}}/checkpoint.pt",
-        metrics=f"{RESULTS}/pretrain/{{masking}}/metrics.jsonl",
     params:
+        # metrics.jsonl and checkpoint-last.pt are not declared outputs on purpose: Snakemake
+        # deletes a failed (preempted) job's outputs, and a resumed run appends to them.
         out_dir=lambda wildcards: f"{RESULTS}/pretrain/{wildcards.masking}",
         nproc=lambda wildcards, resources: processes_per_job(resources),
         config_hash=section_hash("model", "masking", "augment", "engine", "pretrain"),
@@ -20,7 +21,7 @@ rule pretrain:
         f"{LOGS}/pretrain/{{masking}}.log",
     benchmark:
         f"{BENCH}/pretrain/{{masking}}.tsv"
-    threads: workflow.cores
+    threads: 1024  # all of --cores locally (Snakemake caps it); the SLURM profile sets its own
     resources:
         mem_mb=16000,
         runtime=2880,
@@ -39,7 +40,6 @@ rule finetune:
         pretrained=f"{RESULTS}/pretrain/{{masking}}/checkpoint.pt",
     output:
         checkpoint=f"{RESULTS}/finetune/{{masking}}-{{head}}/checkpoint.pt",
-        metrics=f"{RESULTS}/finetune/{{masking}}-{{head}}/metrics.jsonl",
     params:
         out_dir=lambda wildcards: f"{RESULTS}/finetune/{wildcards.masking}-{wildcards.head}",
         nproc=lambda wildcards, resources: processes_per_job(resources),
@@ -48,7 +48,7 @@ rule finetune:
         f"{LOGS}/finetune/{{masking}}-{{head}}.log",
     benchmark:
         f"{BENCH}/finetune/{{masking}}-{{head}}.tsv"
-    threads: workflow.cores
+    threads: 1024  # all of --cores locally (Snakemake caps it); the SLURM profile sets its own
     resources:
         mem_mb=16000,
         runtime=1440,
@@ -75,7 +75,7 @@ rule evaluate:
         f"{LOGS}/evaluate/{{masking}}-{{head}}.log",
     benchmark:
         f"{BENCH}/evaluate/{{masking}}-{{head}}.tsv"
-    threads: workflow.cores
+    threads: 1024  # all of --cores locally (Snakemake caps it); the SLURM profile sets its own
     resources:
         mem_mb=8000,
         runtime=240,

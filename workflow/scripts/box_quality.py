@@ -1,10 +1,11 @@
 """Snakemake adapter: motion/box_quality.json (mofo.motion.quality.write_box_quality)."""
 
 from mofo.logs import job_log
+from mofo.tracking import stage_run_from_snakemake
 from mofo.motion.quality import write_box_quality
 
 sm = snakemake  # noqa: F821
-with job_log(sm.log[0]) as log:
+with stage_run_from_snakemake(sm, sections=("motion_boxes", "model")) as tracker, job_log(sm.log[0]) as log:
     gt_boxes, clips = (sm.input.gt[0], sm.input.gt[1]) if sm.input.gt else (None, None)
     prefixes = [p[: -len(".status.csv")] for p in sm.input.status]
     result = write_box_quality(
@@ -18,3 +19,5 @@ with job_log(sm.log[0]) as log:
         reports=sm.input.reports,
     )
     log.info("box quality: %s", {k: v for k, v in result.items() if not isinstance(v, dict)})
+    tracker.log_summary(result)
+    tracker.log_artifact(sm.output[0], "results")

@@ -2,7 +2,9 @@
 
 from mofo.data.demo import generate
 from mofo.logs import job_log
+from mofo.tracking import stage_run_from_snakemake
 
-with job_log(snakemake.log[0]) as log:  # noqa: F821 (snakemake is injected)
+sm = snakemake  # noqa: F821
+with stage_run_from_snakemake(sm, sections=("dataset",)) as tracker, job_log(snakemake.log[0]) as log:
     clips = generate(snakemake.params.demo)  # noqa: F821
     log.info("generated %d demo clips", len(clips))

@@ -1,10 +1,11 @@
 """Snakemake adapter: multi-view evaluation of one variant (python -m mofo.evaluation.evaluate)."""
 
 from mofo.logs import job_log
+from mofo.tracking import stage_run_from_snakemake
 from mofo.stages import run_stage_module
 
 sm = snakemake  # noqa: F821
-with job_log(sm.log[0]):
+with stage_run_from_snakemake(sm, sections=("model", "augment", "evaluate")) as tracker, job_log(sm.log[0]):
     run_stage_module(
         "mofo.evaluation.evaluate",
         ["--head", sm.wildcards.head, "--checkpoint", sm.input.checkpoint, "--manifest", sm.input.manifest,
@@ -13,3 +14,6 @@ with job_log(sm.log[0]):
         sm.config,
         sm.params.out_dir,
     )
+    tracker.log_summary(sm.output.metrics)
+    tracker.log_artifact(sm.output.metrics, "results")
+    tracker.log_artifact(sm.output.predictions, "results")

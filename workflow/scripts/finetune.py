@@ -1,10 +1,11 @@
 """Snakemake adapter: fine-tuning with a mean or MCA head (python -m mofo.training.finetune)."""
 
 from mofo.logs import job_log
+from mofo.tracking import stage_run_from_snakemake
 from mofo.stages import run_stage_module
 
 sm = snakemake  # noqa: F821
-with job_log(sm.log[0]):
+with stage_run_from_snakemake(sm, sections=("model", "augment", "engine", "finetune")) as tracker, job_log(sm.log[0]):
     run_stage_module(
         "mofo.training.finetune",
         ["--head", sm.wildcards.head, "--pretrained", sm.input.pretrained, "--manifest", sm.input.manifest,
@@ -14,3 +15,5 @@ with job_log(sm.log[0]):
         sm.params.out_dir,
         nproc=sm.params.nproc,
     )
+    tracker.log_jsonl(sm.params.out_dir + "/metrics.jsonl")
+    tracker.log_artifact(sm.output.checkpoint, "models")

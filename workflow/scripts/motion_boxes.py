@@ -1,10 +1,11 @@
 """Snakemake adapter: motion boxes for one shard (mofo.motion.boxes.boxes_shard)."""
 
 from mofo.logs import job_log
+from mofo.tracking import stage_run_from_snakemake
 from mofo.motion.boxes import boxes_shard
 
 sm = snakemake  # noqa: F821
-with job_log(sm.log[0]) as log:
+with stage_run_from_snakemake(sm, sections=("motion_boxes",)) as tracker, job_log(sm.log[0]) as log:
     report = boxes_shard(
         sm.input.motion_map,
         sm.params.prefix,
@@ -13,3 +14,4 @@ with job_log(sm.log[0]) as log:
         raw_map_path=sm.input.raw_flow_map,
     )
     log.info("boxes %s: %s", sm.wildcards.shard, report)
+    tracker.log_summary(report)

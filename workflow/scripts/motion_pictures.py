@@ -3,10 +3,11 @@
 from pathlib import Path
 
 from mofo.logs import job_log
+from mofo.tracking import stage_run_from_snakemake
 from mofo.motion.viz import write_shard_pictures
 
 sm = snakemake  # noqa: F821
-with job_log(sm.log[0]) as log:
+with stage_run_from_snakemake(sm, sections=("motion_boxes",)) as tracker, job_log(sm.log[0]) as log:
     Path(sm.output[0]).mkdir(parents=True, exist_ok=True)
     written = write_shard_pictures(
         sm.params.prefix,
@@ -19,3 +20,4 @@ with job_log(sm.log[0]) as log:
         raw_boxes_csv=sm.input.raw_flow_boxes,
     )
     log.info("wrote %d pictures to %s", len(written), sm.output[0])
+    tracker.log_artifact(sm.output[0], "figures")

@@ -1,8 +1,9 @@
 """Snakemake adapter: optical flow for one shard (mofo.motion.flow.flow_shard)."""
 
 from mofo.logs import job_log
+from mofo.tracking import stage_run_from_snakemake
 from mofo.motion.flow import flow_shard
 
 sm = snakemake  # noqa: F821
-with job_log(sm.log[0]):
+with stage_run_from_snakemake(sm, sections=("optical_flow",)) as tracker, job_log(sm.log[0]):
     flow_shard(sm.params.prefix, sm.output.flow, sm.config["optical_flow"])

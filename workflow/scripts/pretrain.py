@@ -1,10 +1,11 @@
 """Snakemake adapter: MOFO / VideoMAE pretraining (python -m mofo.training.pretrain)."""
 
 from mofo.logs import job_log
+from mofo.tracking import stage_run_from_snakemake
 from mofo.stages import run_stage_module
 
 sm = snakemake  # noqa: F821
-with job_log(sm.log[0]):
+with stage_run_from_snakemake(sm, sections=("model", "masking", "augment", "engine", "pretrain")) as tracker, job_log(sm.log[0]):
     run_stage_module(
         "mofo.training.pretrain",
         ["--masking", sm.wildcards.masking, "--manifest", sm.input.manifest,
@@ -14,3 +15,6 @@ with job_log(sm.log[0]):
         sm.params.out_dir,
         nproc=sm.params.nproc,
     )
+    tracker.log_jsonl(sm.params.out_dir + "/metrics.jsonl")
+    tracker.log_artifact(sm.output.checkpoint, "models")
+    tracker.log_artifact(sm.params.out_dir + "/reconstructions", "figures")

@@ -1,0 +1,296 @@
+"""MLflow tracking through Snakemake against a real ``mlflow server`` (marker ``mlflow``).
+
+The server (tests/cluster/mlflow_server.py, fixture ``mlflow_tracking_server``) runs on
+127.0.0.1 with a SQLite backend and proxied artifacts. A small Snakefile wired exactly like the
+pipeline's (``onstart``/``onsuccess``/``onerror`` hooks, ``stage_run_from_snakemake`` in the
+scripts) runs as separate processes; the checks go through ``MlflowClient``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.mlflow
+
+SNAKEFILE = """
+from mofo.tracking import finish_workflow_run, start_workflow_run
+
+configfile: "config.yaml"
+
+RESULTS = config["results_dir"] + "/" + config["dataset"]["name"]
+SHARDS = ["shard-0000", "shard-0001"]
+
+onstart:
+    start_workflow_run(config)
+
+onsuccess:
+    finish_workflow_run(config, "FINISHED", log)
+
+onerror:
+    finish_workflow_run(config, "FAILED", log)
+
+rule all:
+    input: RESULTS + "/pretrain/model.txt"
+
+rule decode:
+    output: RESULTS + "/decode/{shard}.txt"
+    log: RESULTS + "/logs/decode/{shard}.log"
+    benchmark: RESULTS + "/benchmarks/decode/{shard}.tsv"
+    script: "stage.py"
+
+rule pretrain:
+    input: expand(RESULTS + "/decode/{shard}.txt", shard=SHARDS)
+    output: RESULTS + "/pretrain/model.txt"
+    log: RESULTS + "/logs/pretrain.log"
+    benchmark: RESULTS + "/benchmarks/pretrain.tsv"
+    script: "stage.py"
+"""
+
+STAGE = """
+from pathlib import Path
+from mofo.logs import job_log
+from mofo.tracking import stage_run_from_snakemake
+
+sm = snakemake
+# stage_run outside job_log: the log (with a failure's traceback) is complete when uploaded.
+with stage_run_from_snakemake(sm, sections=(sm.rule,)) as tracker, job_log(sm.log[0]):
+    print(f"running {sm.rule} {dict(sm.wildcards.items())}")
+    for step in range(3):
+        tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    Path(sm.output[0]).parent.mkdir(parents=True, exist_ok=True)
+    Path(sm.output[0]).write_text(f"{sm.rule} output\\n")
+    tracker.log_artifact(sm.output[0], "outputs")
+"""
+
+CONFIG = {
+    "results_dir": "results",
+    "dataset": {"name": "demo"},
+    "tracking": {
+        "mlflow": {
+            "enabled": True,
+            "experiment": "mofo-test",
+            "tracking_uri": "",
+            "log_artifacts": True,
+            "max_artifact_mb": 10,
+            "request_timeout": 5,
+            "request_retries": 0,
+        }
+    },
+    "decode": {"short_side": 96, "jpeg_quality": 90},
+    "pretrain": {"epochs": 2, "lr": 0.001},
+}
+
+
+def write_workflow(folder: Path, experiment: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "Snakefile").write_text(SNAKEFILE)
+    (folder / "stage.py").write_text(STAGE)
+    config = json.loads(json.dumps(CONFIG))
+    config["tracking"]["mlflow"]["experiment"] = experiment
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def run_snakemake(
+    folder: Path, uri: str, extra: list[str] = (), timeout: int = 400
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
+    for var in ("MOFO_MLFLOW_PARENT_RUN_ID", "MOFO_INVOCATION_ID"):
+        env.pop(var, None)
+    cmd = [
+        "timeout",
+        "-s",
+        "INT",
+        str(timeout),
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--cores",
+        "2",
+        "-d",
+        str(folder),
+        "-s",
+        str(folder / "Snakefile"),
+        *extra,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+
+
+def runs_of(client, experiment: str) -> dict:
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} was not created"
+    return {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+
+
+def check_tracked_workflow(client, folder: Path, experiment: str) -> dict:
+    """The checks shared by the local and the SLURM run; returns the runs by name."""
+    record = json.loads((folder / "results/demo/tracking/workflow_run.json").read_text())
+    runs = runs_of(client, experiment)
+    parent = runs[f"workflow-{record['invocation_id']}"]
+    assert parent.info.run_id == record["run_id"]
+    assert parent.info.status == "FINISHED" and record["status"] == "FINISHED"
+    children = {name: r for name, r in runs.items() if name != parent.info.run_name}
+    assert set(children) == {"decode-shard-0000", "decode-shard-0001", "pretrain"}
+    for name, child in children.items():
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["mofo.invocation_id"] == record["invocation_id"]
+        assert child.info.status == "FINISHED"
+        history = client.get_metric_history(child.info.run_id, "loss")
+        assert [m.step for m in history] == [0, 1, 2]
+        assert child.data.metrics["benchmark.s"] >= 0  # from the benchmark file, at the end
+        files = {a.path for a in client.list_artifacts(child.info.run_id, "logs")}
+        assert (
+            len(files) == 1
+            and "running"
+            in Path(
+                client.download_artifacts(child.info.run_id, files.pop(), str(folder / "dl" / name))
+            ).read_text()
+        )
+        assert client.list_artifacts(child.info.run_id, "outputs")
+    decode = children["decode-shard-0001"]
+    assert decode.data.tags["mofo.rule"] == "decode"
+    assert decode.data.tags["mofo.shard"] == "shard-0001"
+    assert decode.data.params["decode.short_side"] == "96"
+    assert children["pretrain"].data.params["pretrain.epochs"] == "2"
+    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "logs", "benchmarks"} <= parent_files
+    bench = {a.path for a in client.list_artifacts(parent.info.run_id, "benchmarks/decode")}
+    assert bench == {"benchmarks/decode/shard-0000.tsv", "benchmarks/decode/shard-0001.tsv"}
+    return runs
+
+
+def test_workflow_runs_nest_under_one_parent_on_a_server(mlflow_tracking_server, tmp_path):
+    folder = write_workflow(tmp_path / "wf", "nesting")
+    proc = run_snakemake(folder, mlflow_tracking_server.uri)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    client = mlflow_tracking_server.client()
+    runs = check_tracked_workflow(client, folder, "nesting")
+    # Proxied artifacts: the files are on the server's side, not in the client's folder.
+    assert list((mlflow_tracking_server.workdir / "artifacts").rglob("shard-0000.txt"))
+    assert not (folder / "results" / "mlflow.db").exists()
+
+    # A second invocation (here: forced rerun of one shard) gets its own parent run.
+    proc = run_snakemake(
+        folder,
+        mlflow_tracking_server.uri,
+        [
+            "--forcerun",
+            "decode",
+            "--allowed-rules",
+            "decode",
+            "--",
+            "results/demo/decode/shard-0000.txt",
+        ],
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    exp = client.get_experiment_by_name("nesting").experiment_id
+    old_ids = {r.info.run_id for r in runs.values()}
+    new = [r for r in client.search_runs([exp]) if r.info.run_id not in old_ids]
+    assert sorted(r.info.run_name.split("-")[0] for r in new) == ["decode", "workflow"]
+    parent = next(r for r in new if r.info.run_name.startswith("workflow-"))
+    child = next(r for r in new if r.info.run_name == "decode-shard-0000")
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert (
+        child.data.tags["mofo.invocation_id"]
+        != runs["decode-shard-0000"].data.tags["mofo.invocation_id"]
+    )
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_dead_server_does_not_stop_the_workflow(tmp_path):
+    """Tracking server down: every output is written, each job warns once, naming the URI."""
+    folder = write_workflow(tmp_path / "wf", "dead")
+    uri = f"http://127.0.0.1:{closed_port()}"
+    proc = run_snakemake(folder, uri)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = folder / "results" / "demo"
+    assert (results / "pretrain/model.txt").read_text() == "pretrain output\n"
+    for shard in ("shard-0000", "shard-0001"):
+        assert (results / f"decode/{shard}.txt").read_text() == "decode output\n"
+        assert "running decode" in (results / f"logs/decode/{shard}.log").read_text()
+    # One warning per process: the onstart hook's and one per job (3 jobs), none per metric.
+    assert proc.stderr.count("MLflow tracking at " + uri) == 4, proc.stderr[-5000:]
+    assert not (folder / "results" / "mlflow.db").exists()
+
+
+def test_local_store_is_the_default(tmp_path):
+    """No URI anywhere: runs go to <results_dir>/mlflow.db, artifacts next to it."""
+    from mlflow.tracking import MlflowClient
+
+    folder = write_workflow(tmp_path / "wf", "local")
+    env_uri = ""  # an empty MLFLOW_TRACKING_URI counts as unset
+    proc = run_snakemake(folder, env_uri)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    db = folder / "results" / "mlflow.db"
+    assert db.exists()
+    client = MlflowClient(f"sqlite:///{db}")
+    check_tracked_workflow(client, folder, "local")
+    assert list((folder / "results" / "mlflow-artifacts").rglob("pretrain.log"))
+
+
+def test_tiny_pipeline_tracked_on_a_server(mlflow_tracking_server, tiny_local_pipeline):
+    """The real pipeline (tiny config, local executor, 2 cores) against the server: one parent,
+    one child per job with its rule tag, training losses by step, evaluation accuracies, the
+    results table and the final models as artifacts."""
+    from collections import Counter
+
+    work = tiny_local_pipeline
+    client = mlflow_tracking_server.client()
+    record = json.loads((work / "results/demo/tracking/workflow_run.json").read_text())
+    parent = client.get_run(record["run_id"])
+    assert parent.info.status == "FINISHED"
+    exp = parent.info.experiment_id
+    children = client.search_runs(
+        [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=1000
+    )
+    per_rule = Counter(r.data.tags.get("mofo.rule") for r in children)
+    results = work / "results" / "demo"
+    shards = len(list((results / "frames").glob("*.jpgpack")))
+    variants = len(list((results / "eval").glob("*/metrics.json")))
+    assert shards >= 2 and variants >= 2
+    expected = {
+        "demo_data": 1,
+        "manifest": 1,
+        "decode": shards,
+        "optical_flow": shards,
+        "motion_map": shards,
+        "motion_boxes": shards,
+        "motion_pictures": shards,
+        "box_quality": 1,
+        "pretrain": len(list((results / "pretrain").glob("*/checkpoint.pt"))),
+        "finetune": variants,
+        "evaluate": variants,
+        "table": 1,
+    }
+    assert dict(per_rule) == expected
+    for run in children:
+        rule = run.data.tags["mofo.rule"]
+        assert run.info.status == "FINISHED", rule
+        assert run.data.tags["mofo.config_hash"] == parent.data.tags["mofo.config_hash"]
+        assert client.list_artifacts(run.info.run_id, "logs"), f"{rule}: no log uploaded"
+        if rule in ("pretrain", "finetune"):
+            assert len(client.get_metric_history(run.info.run_id, "loss")) > 1, rule
+            assert client.list_artifacts(run.info.run_id, "models"), f"{rule}: no model"
+        if rule == "evaluate":
+            assert any("top1" in key for key in run.data.metrics), run.data.metrics
+        if rule == "decode":
+            assert run.data.tags["mofo.shard"].startswith("shard-")
+            assert "decode.short_side" in run.data.params
+    table = next(r for r in children if r.data.tags["mofo.rule"] == "table")
+    assert {"table.csv", "table.md"} <= {
+        Path(a.path).name for a in client.list_artifacts(table.info.run_id, "results")
+    }
+    assert client.list_artifacts(parent.info.run_id, "benchmarks")
