@@ -21,9 +21,24 @@ class StageFailed(RuntimeError):
     """A stage process exited non-zero; the message names the stage and its log."""
 
 
-def stage_command(module: str, args: Sequence[str], nproc: int) -> list[str]:
-    """``python -m module args`` or, for nproc > 1, the same under torchrun on this node."""
-    if nproc > 1:
+# Inside an srun task of a several-node job: the first host of the allocation is the
+# rendezvous address (Snakemake's job step strips SLURM's allocation variables from the rule's
+# environment, but srun sets them again in each task), and the port is fixed per job.
+_SRUN_RENDEZVOUS = (
+    'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)" '
+    'MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"; exec "$@"'
+)
+
+
+def stage_command(module: str, args: Sequence[str], nproc: int, nodes: int = 1) -> list[str]:
+    """``python -m module args``; for nproc > 1 the same under torchrun on this node; for
+    nodes > 1 one process per task with srun (nproc tasks per node), ranks from SLURM."""
+    if nodes > 1:
+        launcher = [
+            "srun", f"--nodes={nodes}", f"--ntasks-per-node={max(nproc, 1)}", "--kill-on-bad-exit=1",
+            "bash", "-c", _SRUN_RENDEZVOUS, "mofo-stage", sys.executable,
+        ]
+    elif nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     else:
         launcher = [sys.executable]
@@ -39,12 +54,12 @@ def write_stage_config(config: dict, out_dir: str | Path) -> Path:
 
 
 def run_stage_module(
-    module: str, args: Sequence[str], config: dict, out_dir: str | Path, nproc: int = 1
+    module: str, args: Sequence[str], config: dict, out_dir: str | Path, nproc: int = 1, nodes: int = 1
 ) -> None:
     """Run ``module`` with the effective config; its output goes to this process's stdout/stderr
     (the job log). Raises StageFailed with the exit code on failure."""
     config_path = write_stage_config(config, out_dir)
-    cmd = stage_command(module, ["--config", str(config_path), *args], nproc)
+    cmd = stage_command(module, ["--config", str(config_path), *args], nproc, nodes)
     print("running:", " ".join(cmd), file=sys.stderr, flush=True)
     sys.stderr.flush()
     sys.stdout.flush()

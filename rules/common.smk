@@ -53,7 +53,14 @@ VARIANTS = config["variants"]
 
 
 def processes_per_job(resources):
-    """Training processes in one job: one per GPU the job got (SLURM profile: `gpu`), else
-    engine.nproc_per_node (CPU DDP). More than one means torchrun --standalone inside the job."""
+    """Training processes per node of a job: `tasks_per_node` (several-node jobs, one task per
+    GPU), else one per GPU the job got (SLURM profile: `gpu`), else engine.nproc_per_node (CPU
+    DDP). More than one on one node means torchrun --standalone inside the job."""
+    tasks = int(getattr(resources, "tasks_per_node", 0) or 0)
     gpus = int(getattr(resources, "gpu", 0) or 0)
-    return max(gpus, int(config["engine"]["nproc_per_node"]))
+    return max(tasks, gpus, int(config["engine"]["nproc_per_node"]))
+
+
+def nodes_per_job(resources):
+    """Nodes of a training job (SLURM profile: `nodes`); more than one launches with srun."""
+    return int(getattr(resources, "nodes", 1) or 1)

@@ -16,6 +16,7 @@ rule pretrain:
         # deletes a failed (preempted) job's outputs, and a resumed run appends to them.
         out_dir=lambda wildcards: f"{RESULTS}/pretrain/{wildcards.masking}",
         nproc=lambda wildcards, resources: processes_per_job(resources),
+        nodes=lambda wildcards, resources: nodes_per_job(resources),
         config_hash=section_hash("model", "masking", "augment", "engine", "pretrain"),
     log:
         f"{LOGS}/pretrain/{{masking}}.log",
@@ -43,6 +44,7 @@ rule finetune:
     params:
         out_dir=lambda wildcards: f"{RESULTS}/finetune/{wildcards.masking}-{wildcards.head}",
         nproc=lambda wildcards, resources: processes_per_job(resources),
+        nodes=lambda wildcards, resources: nodes_per_job(resources),
         config_hash=section_hash("model", "augment", "engine", "finetune"),
     log:
         f"{LOGS}/finetune/{{masking}}-{{head}}.log",

@@ -14,6 +14,7 @@ with stage_run_from_snakemake(sm, sections=("model", "masking", "augment", "engi
         sm.config,
         sm.params.out_dir,
         nproc=sm.params.nproc,
+        nodes=sm.params.nodes,
     )
     tracker.log_jsonl(sm.params.out_dir + "/metrics.jsonl")
     tracker.log_artifact(sm.output.checkpoint, "models")
