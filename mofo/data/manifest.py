@@ -21,18 +21,8 @@ import pandas as pd
 from mofo.data import adapters
 from mofo.data import demo as demo_data
 
-MANIFEST_COLUMNS = [
-    "clip_id",
-    "video_path",
-    "label",
-    "verb_class",
-    "noun_class",
-    "split",
-    "start_frame",
-    "stop_frame",
-    "fps",
-    "shard",
-]
+# The adapters' columns plus the shard each clip is assigned to.
+MANIFEST_COLUMNS = [*adapters.ROW_COLUMNS, "shard"]
 MANIFEST_DTYPES = {
     "clip_id": str,
     "video_path": str,
