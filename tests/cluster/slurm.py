@@ -10,7 +10,8 @@ What makes SLURM 22.05 (Debian 12, ``apt-get install slurm-wlm munge``) work on 
 ``proctrack/linuxproc`` and ``task/none`` (no cgroups in containers), ``select/cons_tres``
 with ``CR_Core_Memory`` plus ``DefMemPerCPU`` (without a default memory every job takes the
 whole node and jobs run one at a time), no accounting storage (so ``sacct`` does not work and
-Snakemake must query ``squeue``), ``MinJobAge=600`` (finished jobs stay visible to squeue),
+Snakemake must query ``squeue``), ``MinJobAge=3600`` (finished jobs stay visible to squeue
+for an hour: the tests read every job of a pipeline run back from it),
 and fake GPUs: ``Gres=gpu:N`` on the node with ``gres.conf`` entries whose ``File=`` are
 character devices (a GPU without a device file is dropped and the node drains).
 
@@ -149,7 +150,7 @@ def write_confs(
     gpus: int = 2,
     cpus: int | None = None,
     memory_mb: int | None = None,
-    min_job_age: int = 600,
+    min_job_age: int = 3600,
 ) -> tuple[Path, dict[str, str]]:
     """Write slurm.conf + gres.conf (and the fake GPU devices) into ``workdir``.
 
@@ -344,7 +345,7 @@ def local_slurm(
     gpus: int = 2,
     cpus: int | None = None,
     memory_mb: int | None = None,
-    min_job_age: int = 600,
+    min_job_age: int = 3600,
     start_timeout: float = 60,
 ) -> Iterator[LocalSlurm]:
     """Start a one-node cluster whose files all live in ``workdir``; stop it on exit."""
