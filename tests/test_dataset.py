@@ -151,7 +151,10 @@ def test_finetune_boxes_follow_crops_and_flips(results):
 
 def test_finetune_with_full_augmentation(results):
     manifest, root = results
-    ds = D.VideoClipDataset(manifest, root, "train", "finetune", make_config(), seed=0)
+    # The VideoMAE recipe, whatever the demo defaults turn down.
+    config = make_config(rand_augment="rand-m7-n4-mstd0.5-inc1", random_erasing=0.25,
+                         random_resized_crop={"scale": [0.08, 1.0], "ratio": [0.75, 1.3333]})
+    ds = D.VideoClipDataset(manifest, root, "train", "finetune", config, seed=0)
     assert not ds.flip and ds.rand_augment is not None  # demo: left/right is the label
     for item in range(len(ds)):
         s = ds[item]

@@ -109,11 +109,13 @@ def test_seeded_generator_is_reproducible():
 def test_registry_and_config():
     cfg = load_config()
     assert set(MASKING_STRATEGIES) >= {"tube", "mofo"}
-    grid = token_grid(cfg["model"])
-    assert grid == (8, 8, 8)
+    model = cfg["model"]
+    grid = token_grid(model)
+    side = model["input_size"] // model["patch_size"]
+    assert grid == (model["num_frames"] // model["tubelet_size"], side, side)
     inbox = np.zeros(math.prod(grid), bool)
     mask = mask_from_config(cfg["masking"], grid, inbox, np.random.default_rng(0))
-    assert mask.sum() == num_masked(64, cfg["masking"]["ratio"]) * 8
+    assert mask.sum() == num_masked(side * side, cfg["masking"]["ratio"]) * grid[0]
     with pytest.raises(ValueError, match="unknown masking strategy"):
         make_mask("random", grid, 0.9)
     with pytest.raises(ValueError, match="in-box"):
