@@ -348,7 +348,11 @@ def test_pipeline_jobs_went_through_slurm(slurm_cluster, slurm_pipeline):
     work, _, _ = slurm_pipeline
     logs = work / ".snakemake" / "slurm_logs"
     assert {p.name.removeprefix("rule_") for p in logs.glob("rule_*")} == PIPELINE_RULES
-    by_rule = {rule: rule_jobs(slurm_cluster, rule) for rule in PIPELINE_RULES}
+    # This run's jobs: its SLURM logs are named by job id (other tests' jobs share the cluster).
+    ours = {p.stem for p in logs.rglob("*.log")}
+    by_rule = {
+        rule: [j for j in rule_jobs(slurm_cluster, rule) if j["id"] in ours] for rule in PIPELINE_RULES
+    }
     for rule, jobs in by_rule.items():
         assert jobs, f"no SLURM job for {rule}"
         assert all(j["state"] == "COMPLETED" for j in jobs), (rule, jobs)
