@@ -149,3 +149,20 @@ def test_box_quality_names_a_missing_file(tmp_path, shard):
             {"input_size": 64, "patch_size": 8},
             frames_prefixes=[prefix],
         )
+
+
+def test_without_ground_truth_only_counts(tmp_path):
+    """Real datasets have no ground-truth boxes: the report still counts clips and fallbacks."""
+    import json as _json
+
+    from mofo.motion.quality import box_quality
+
+    boxes = tmp_path / "shard-0000.csv"
+    boxes.write_text(
+        "clip_id,frame,x1,y1,x2,y2,detected,source\n"
+        "a,0,1,1,5,5,True,detected\na,1,1,1,5,5,False,previous\nb,0,0,0,4,4,True,detected\n"
+    )
+    (tmp_path / "shard-0000.report.json").write_text(_json.dumps({"clips": 2, "frames": 3, "previous": 1}))
+    result = box_quality([boxes], None, None, {"input_size": 32, "patch_size": 8})
+    assert result["n_clips"] == 2 and result["n_frames"] == 3 and result["ground_truth"] is None
+    assert result["fallbacks"]["previous"] == 1

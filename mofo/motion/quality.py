@@ -245,8 +245,8 @@ def _sum_reports(paths: Iterable[str | Path]) -> dict:
 
 def box_quality(
     boxes_csvs: Sequence[str | Path],
-    clips_csv: str | Path,
-    gt_boxes_csv: str | Path,
+    clips_csv: str | Path | None,
+    gt_boxes_csv: str | Path | None,
     model_cfg: dict,
     raw_flow_boxes: Sequence[str | Path] | None = None,
     frames_prefixes: Sequence[str | Path] | None = None,
@@ -260,8 +260,19 @@ def box_quality(
     ``raw_flow_boxes``: the ``boxes/shard-XXXX.rawflow.csv`` files (optional);
     ``frames_prefixes``: the frame stores, used for each clip's original frame size;
     ``reports``: shard reports (default: next to each boxes CSV).
-    Only clips with ground truth count. Returns the dict written by ``write_box_quality``.
+    Only clips with ground truth count. Without ground truth (real datasets: ``clips_csv`` and
+    ``gt_boxes_csv`` None) the result has the clip/frame counts and the summed fallbacks only.
+    Returns the dict written by ``write_box_quality``.
     """
+    report_files = reports if reports is not None else [report_path(p) for p in boxes_csvs]
+    if gt_boxes_csv is None or clips_csv is None:
+        pred = _read_boxes(boxes_csvs, "motion boxes")
+        return _clean({
+            "n_clips": int(pred["clip_id"].nunique()),
+            "n_frames": int(len(pred)),
+            "ground_truth": None,
+            "fallbacks": _sum_reports(report_files),
+        })
     clips_csv = Path(clips_csv)
     clips = pd.read_csv(clips_csv, dtype={"clip_id": str})
     for col in ("clip_id", "camera_motion"):
@@ -297,7 +308,6 @@ def box_quality(
         "patch_size": int(model_cfg["patch_size"]),
         "view": "resize short side to input_size, centre crop input_size x input_size",
     }
-    report_files = reports if reports is not None else [report_path(p) for p in boxes_csvs]
     result["fallbacks"] = _sum_reports(report_files)
     return _clean(result)
 
