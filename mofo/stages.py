@@ -5,14 +5,21 @@ stage always runs as ``python -m <module>`` in a child process so that one proce
 ``torchrun --standalone --nproc-per-node=N`` (several GPUs of one SLURM job, or CPU DDP) take
 exactly the same path. The effective configuration is written beside the stage's outputs
 (``<out_dir>/config.yaml``): it is what the stage read, kept for provenance.
+
+Stopping for a requeue: SIGUSR1 / SIGTERM received by this process are passed on to the stage
+as SIGTERM (torchrun hands SIGTERM to its workers), which checkpoint and exit with
+``REQUEUE_EXIT_CODE``. torchrun reports every failed worker as exit code 1, so a stage that
+leaves ``<out_dir>/requeue.json`` behind is also read as a requeue.
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
@@ -58,14 +65,27 @@ def run_stage_module(
 ) -> None:
     """Run ``module`` with the effective config; its output goes to this process's stdout/stderr
     (the job log). Raises StageFailed with the exit code on failure."""
+    from mofo.training.engine import REQUEUE_EXIT_CODE, REQUEUE_MARKER
+
     config_path = write_stage_config(config, out_dir)
     cmd = stage_command(module, ["--config", str(config_path), *args], nproc, nodes)
     print("running:", " ".join(cmd), file=sys.stderr, flush=True)
-    sys.stderr.flush()
     sys.stdout.flush()
-    code = subprocess.call(cmd, stdout=sys.stdout, stderr=sys.stderr)
-    from mofo.training.engine import REQUEUE_EXIT_CODE
+    started = time.time()
+    proc = subprocess.Popen(cmd, stdout=sys.stdout, stderr=sys.stderr)
 
+    def forward(_signum, _frame) -> None:
+        proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    marker = Path(out_dir) / REQUEUE_MARKER
+    if code != 0 and marker.exists() and marker.stat().st_mtime >= started:
+        code = REQUEUE_EXIT_CODE  # torchrun's exit 1 for a worker that stopped for a requeue
     if code == REQUEUE_EXIT_CODE:
         # Stopped by SLURM's warning signal after writing checkpoint-last.pt: exit with the
         # same code so the job (and its MLflow run) reads as preempted; a rerun resumes.

@@ -15,8 +15,6 @@ import sys
 import pytest
 import torch
 
-from mofo.training.launch import stage_args, torchrun_command
-
 pytestmark = pytest.mark.distributed
 
 
@@ -66,17 +64,3 @@ def test_deepspeed_engine_takes_optimizer_steps_on_cpu(tmp_path):
     assert s["checksum"] != pytest.approx(initial_checksum(), rel=1e-9)
     final = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert final["global_step"] == 8
-
-
-def test_launch_builds_the_torchrun_command(tmp_path):
-    from mofo.config import load_config
-
-    cfg = load_config(overrides={"engine": {"nproc_per_node": 4}})
-    args = stage_args("finetune", "m.csv", "res", tmp_path, tmp_path / "c.yaml",
-                      pretrained_ckpt="p.pt", head="mca")
-    cmd = torchrun_command(cfg, "finetune", args)
-    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
-    assert cmd[5:7] == ["-m", "mofo.training.finetune"]
-    assert cmd[cmd.index("--head") + 1] == "mca" and "--pretrained" in cmd
-    with pytest.raises(ValueError, match="unknown stage"):
-        stage_args("evaluate", "m", "r", tmp_path, "c")

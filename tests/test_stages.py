@@ -34,3 +34,55 @@ def test_a_failing_stage_names_itself(tmp_path):
         # json.tool exits non-zero on a missing input file: a real failing module
         run_stage_module("json.tool", [str(tmp_path / "missing.json")], {"a": 1}, tmp_path)
     assert (tmp_path / "config.yaml").read_text().strip() == "a: 1"
+
+
+FAKE_STAGE = '''
+import json, pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
+if "--marker" in sys.argv:  # what a torchrun worker leaves when it stops for a requeue
+    (out / "requeue.json").write_text(json.dumps({"step": 3}))
+    sys.exit(1)  # torchrun reports any failed worker as 1
+def stop(signum, frame):
+    (out / "signal.txt").write_text(signal.Signals(signum).name)
+    sys.exit(75)
+signal.signal(signal.SIGTERM, stop)
+(out / "ready").touch()
+time.sleep(60)
+sys.exit(0)
+'''
+
+
+@pytest.fixture
+def fake_stage(tmp_path, monkeypatch):
+    (tmp_path / "fake_stage.py").write_text(FAKE_STAGE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    return out
+
+
+def test_a_requeue_marker_turns_torchruns_exit_1_into_the_requeue_code(fake_stage):
+    with pytest.raises(SystemExit) as stopped:
+        run_stage_module("fake_stage", ["--out", str(fake_stage), "--marker"], {}, fake_stage)
+    assert stopped.value.code == 75
+
+
+def test_slurms_warning_signal_is_passed_on_to_the_stage(fake_stage):
+    import os
+    import signal
+    import threading
+    import time
+
+    def signal_when_ready():
+        for _ in range(300):
+            if (fake_stage / "ready").exists():
+                os.kill(os.getpid(), signal.SIGUSR1)  # what --signal=USR1@<s> sends
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=signal_when_ready, daemon=True).start()
+    with pytest.raises(SystemExit) as stopped:
+        run_stage_module("fake_stage", ["--out", str(fake_stage)], {}, fake_stage)
+    assert stopped.value.code == 75
+    assert (fake_stage / "signal.txt").read_text() == "SIGTERM"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handler restored

@@ -431,12 +431,21 @@ def make_loader(
     )
 
 
-def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
-    """Tell the sampler (shuffle order) and the dataset (augmentation seeds) the epoch."""
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
-    if hasattr(loader.dataset, "set_epoch"):
-        loader.dataset.set_epoch(epoch)
+def set_loader_epoch(loader: DataLoader, epoch: int, seed: int = 0) -> None:
+    """Tell the sampler and the dataset which epoch starts, and reseed the loader's
+    generator, so the epoch's order and worker seeds depend only on ``(seed, epoch)``."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if hasattr(getattr(batch_sampler, "sampler", None), "set_epoch"):
+        batch_sampler.sampler.set_epoch(epoch)
+    dataset = getattr(loader, "dataset", None)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    generator = getattr(loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(seed * 100_003 + epoch)
 
 
 def steps_per_epoch(dataset_len: int, batch_size: int, drop_last: bool, world_size: int = 1) -> int:

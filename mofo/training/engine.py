@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from mofo.data.dataset import set_loader_epoch
 from mofo.training import checkpointing as ckpt_io
 from mofo.training.distributed import (
     DistContext,
@@ -57,7 +58,7 @@ LAST_CHECKPOINT = "checkpoint-last.pt"
 FINAL_CHECKPOINT = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 # Written next to the checkpoint when a run stops for a requeue, so a parent process that
-# only sees torchrun's generic exit code 1 can tell (``mofo.training.launch``).
+# only sees torchrun's generic exit code 1 can tell (``mofo.stages``).
 REQUEUE_MARKER = "requeue.json"
 
 Task = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
@@ -146,23 +147,6 @@ def autocast_context(engine_cfg: dict, device: torch.device) -> contextlib.Abstr
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def set_loader_epoch(loader: Any, epoch: int, seed: int) -> None:
-    """Tell the sampler and the dataset which epoch starts, and reseed the loader's
-    generator, so the epoch's order and worker seeds depend only on ``(seed, epoch)``."""
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    if hasattr(getattr(batch_sampler, "sampler", None), "set_epoch"):
-        batch_sampler.sampler.set_epoch(epoch)
-    dataset = getattr(loader, "dataset", None)
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
-    generator = getattr(loader, "generator", None)
-    if isinstance(generator, torch.Generator):
-        generator.manual_seed(seed * 100_003 + epoch)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
