@@ -60,11 +60,24 @@ def write_stage_config(config: dict, out_dir: str | Path) -> Path:
     return path
 
 
+def with_job_threads(config: dict, threads: int | None, nproc: int = 1) -> dict:
+    """The config with ``engine.cpu_threads`` = the job's threads split over its processes,
+    when the config leaves it at 0 (torch would otherwise start one thread per core of the
+    machine in every job, however many jobs Snakemake runs side by side)."""
+    engine = config.get("engine", {})
+    if not threads or int(engine.get("cpu_threads", 0)) > 0:
+        return config
+    return {**config, "engine": {**engine, "cpu_threads": max(1, int(threads) // max(nproc, 1))}}
+
+
 def run_stage_module(
-    module: str, args: Sequence[str], config: dict, out_dir: str | Path, nproc: int = 1, nodes: int = 1
+    module: str, args: Sequence[str], config: dict, out_dir: str | Path, nproc: int = 1, nodes: int = 1,
+    threads: int | None = None,
 ) -> None:
     """Run ``module`` with the effective config; its output goes to this process's stdout/stderr
-    (the job log). Raises StageFailed with the exit code on failure."""
+    (the job log). ``threads``: the job's CPU threads (see :func:`with_job_threads`). Raises
+    StageFailed with the exit code on failure."""
+    config = with_job_threads(config, threads, nproc)
     from mofo.training.engine import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 
     config_path = write_stage_config(config, out_dir)

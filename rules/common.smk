@@ -61,6 +61,12 @@ def processes_per_job(resources):
     return max(tasks, gpus, int(config["engine"]["nproc_per_node"]))
 
 
+def training_threads():
+    """Threads of a pretrain / finetune / evaluate job run locally: engine.threads_per_job,
+    0 = all of --cores (Snakemake caps the 1024). The SLURM profile's set-threads wins."""
+    return int(config["engine"]["threads_per_job"]) or 1024
+
+
 def nodes_per_job(resources):
     """Nodes of a training job (SLURM profile: `nodes`); more than one launches with srun."""
     return int(getattr(resources, "nodes", 1) or 1)

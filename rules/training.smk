@@ -22,7 +22,7 @@ rule pretrain:
         f"{LOGS}/pretrain/{{masking}}.log",
     benchmark:
         f"{BENCH}/pretrain/{{masking}}.tsv"
-    threads: 1024  # all of --cores locally (Snakemake caps it); the SLURM profile sets its own
+    threads: training_threads()
     resources:
         mem_mb=16000,
         runtime=2880,
@@ -50,7 +50,7 @@ rule finetune:
         f"{LOGS}/finetune/{{masking}}-{{head}}.log",
     benchmark:
         f"{BENCH}/finetune/{{masking}}-{{head}}.tsv"
-    threads: 1024  # all of --cores locally (Snakemake caps it); the SLURM profile sets its own
+    threads: training_threads()
     resources:
         mem_mb=16000,
         runtime=1440,
@@ -77,7 +77,7 @@ rule evaluate:
         f"{LOGS}/evaluate/{{masking}}-{{head}}.log",
     benchmark:
         f"{BENCH}/evaluate/{{masking}}-{{head}}.tsv"
-    threads: 1024  # all of --cores locally (Snakemake caps it); the SLURM profile sets its own
+    threads: training_threads()
     resources:
         mem_mb=8000,
         runtime=240,

@@ -86,3 +86,15 @@ def test_slurms_warning_signal_is_passed_on_to_the_stage(fake_stage):
     assert stopped.value.code == 75
     assert (fake_stage / "signal.txt").read_text() == "SIGTERM"
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handler restored
+
+
+def test_a_job_trains_on_its_own_threads_unless_the_config_says_otherwise():
+    from mofo.stages import with_job_threads
+
+    cfg = {"engine": {"cpu_threads": 0}}
+    assert with_job_threads(cfg, 4)["engine"]["cpu_threads"] == 4
+    assert with_job_threads(cfg, 4, nproc=2)["engine"]["cpu_threads"] == 2
+    assert with_job_threads(cfg, 1, nproc=2)["engine"]["cpu_threads"] == 1
+    assert with_job_threads(cfg, None) is cfg
+    assert with_job_threads({"engine": {"cpu_threads": 3}}, 8)["engine"]["cpu_threads"] == 3
+    assert cfg["engine"]["cpu_threads"] == 0  # not changed in place

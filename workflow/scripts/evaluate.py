@@ -13,6 +13,7 @@ with stage_run_from_snakemake(sm, sections=("model", "augment", "evaluate")) as 
          "--out", sm.params.out_dir],
         sm.config,
         sm.params.out_dir,
+        threads=sm.threads,
     )
     tracker.log_summary(sm.output.metrics)
     tracker.log_artifact(sm.output.metrics, "results")

@@ -15,6 +15,7 @@ with stage_run_from_snakemake(sm, sections=("model", "augment", "engine", "finet
         sm.params.out_dir,
         nproc=sm.params.nproc,
         nodes=sm.params.nodes,
+        threads=sm.threads,
     )
     tracker.log_jsonl(sm.params.out_dir + "/metrics.jsonl")
     tracker.log_artifact(sm.output.checkpoint, "models")
