@@ -26,6 +26,16 @@ from mofo.training.losses import (
 )
 
 
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``; return the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
 def reconstruct_clip(
     frames: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor, patch_size: int,
     tubelet_size: int, normalized_target: bool = True,
@@ -87,12 +97,7 @@ def reconstruction_figure(
                                        edgecolor="lime", linewidth=1.2))
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def confusion_figure(
@@ -124,9 +129,4 @@ def confusion_figure(
                         ax.text(j, i, int(confusion[i, j]), ha="center", va="center",
                                 color="w" if norm[i, j] < 0.6 else "k", fontsize=7)
     ax.set_title(title or "confusion matrix", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
