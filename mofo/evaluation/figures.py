@@ -26,7 +26,6 @@ from mofo.training.losses import (
 )
 
 
-
 def save_figure(fig, path: str | Path) -> Path:
     """Lay out, write (creating the folder) and close ``fig``; return the path."""
     fig.tight_layout()
@@ -35,6 +34,7 @@ def save_figure(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
 
 def reconstruct_clip(
     frames: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor, patch_size: int,
