@@ -57,3 +57,13 @@ def build_loader(dataset: Any, batch_size: int, num_workers: int, shuffle: bool,
 
     return make_loader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
                        seed=seed, drop_last=drop_last, distributed=distributed)
+
+
+def build_train_loader(config: dict, manifest_path: str | Path, results_dir: str | Path,
+                       mode: str, stage_cfg: dict, world_size: int):
+    """The shuffled train-split loader of a training stage (``mode`` pretrain / finetune),
+    seeded and sized by the stage's section (``seed``, ``batch_size``, ``num_workers``)."""
+    seed = int(stage_cfg["seed"])
+    dataset = build_dataset(config, manifest_path, results_dir, "train", mode, seed=seed)
+    return build_loader(dataset, int(stage_cfg["batch_size"]), int(stage_cfg["num_workers"]),
+                        shuffle=True, seed=seed, drop_last=True, distributed=world_size > 1)

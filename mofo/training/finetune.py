@@ -95,11 +95,8 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path,
     ctx = init_distributed(engine_cfg)
     try:
         heads = data_io.output_heads(config, data_io.read_manifest(manifest_path))
-        dataset = data_io.build_dataset(config, manifest_path, results_dir, "train", "finetune",
-                                        seed=int(ft["seed"]))
-        loader = data_io.build_loader(
-            dataset, int(ft["batch_size"]), int(ft["num_workers"]), shuffle=True,
-            seed=int(ft["seed"]), drop_last=True, distributed=ctx.world_size > 1)
+        loader = data_io.build_train_loader(config, manifest_path, results_dir, "finetune", ft,
+                                            ctx.world_size)
         seed_everything(int(ft["seed"]))  # same head init on every rank and run
         model = build_model(config, heads, head)
         report = None

@@ -66,11 +66,8 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path, maskin
     out_dir = Path(out_dir)
     ctx = init_distributed(engine_cfg)
     try:
-        dataset = data_io.build_dataset(config, manifest_path, results_dir, "train", "pretrain",
-                                        seed=int(pre_cfg["seed"]))
-        loader = data_io.build_loader(
-            dataset, int(pre_cfg["batch_size"]), int(pre_cfg["num_workers"]), shuffle=True,
-            seed=int(pre_cfg["seed"]), drop_last=True, distributed=ctx.world_size > 1)
+        loader = data_io.build_train_loader(config, manifest_path, results_dir, "pretrain", pre_cfg,
+                                            ctx.world_size)
         from mofo.models.vit import build_pretrain_model
 
         seed_everything(int(pre_cfg["seed"]))  # same initial weights on every rank and run
@@ -83,7 +80,7 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path, maskin
                        metrics_callback=metrics_callback, max_steps=max_steps,
                        stage=f"pretrain-{masking}")
         if ctx.is_main and result.status == "finished":
-            save_reconstructions(unwrap(model), dataset, config, out_dir / "reconstructions",
+            save_reconstructions(unwrap(model), loader.dataset, config, out_dir / "reconstructions",
                                  int(pre_cfg["n_reconstruction_clips"]), ctx.device)
         return _final_path(result)
     finally:
