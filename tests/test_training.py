@@ -135,8 +135,8 @@ def test_layer_decay_scales_blocks_geometrically():
 def test_rank_info_prefers_torchrun_over_slurm():
     env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "SLURM_PROCID": "0",
            "SLURM_NTASKS": "2"}
-    assert rank_info(env) == rank_info({**env}) and rank_info(env).rank == 3
-    assert rank_info(env).source == "torchrun"
+    # Expected values written out: torchrun's RANK/LOCAL_RANK/WORLD_SIZE, not SLURM's.
+    assert rank_info(env) == RankInfo(rank=3, local_rank=1, world_size=4, source="torchrun")
     slurm = rank_info({"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NTASKS": "2"})
     assert (slurm.rank, slurm.local_rank, slurm.world_size, slurm.source) == (1, 1, 2, "slurm")
     assert rank_info({}).world_size == 1
@@ -183,7 +183,7 @@ def test_changed_config_starts_afresh(tmp_path, capsys):
     run_train(tmp_path, stage_cfg(), max_steps=3)
     other = run_train(tmp_path, stage_cfg(base_lr=2e-2), max_steps=2)
     assert other.global_step == 2
-    assert "another configuration" in capsys.readouterr().err
+    assert "belongs to another run" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_with_the_step(tmp_path):
@@ -199,6 +199,23 @@ def test_nan_loss_stops_with_the_step(tmp_path):
         run_train(tmp_path, stage_cfg(), task=task)
 
 
+def test_infinite_loss_stops_with_the_step(tmp_path):
+    """+inf is not NaN: the run must stop on it too, naming the step (README claim)."""
+    calls = {"n": 0}
+    base = pretrain_task()
+
+    def task(model, batch):
+        calls["n"] += 1
+        loss, extras = base(model, batch)
+        return (loss + float("inf") if calls["n"] == 6 else loss), extras
+
+    with pytest.raises(engine.NonFiniteLossError, match=r"loss is inf at global step 6 \(epoch"):
+        run_train(tmp_path, stage_cfg(), task=task)
+    assert calls["n"] == 6  # stopped at once, no further step
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r["type"] == "step"] == [1, 2, 3, 4, 5]
+
+
 def test_signal_writes_checkpoint_and_exits_for_requeue(tmp_path):
     calls = {"n": 0}
     base = pretrain_task()
@@ -209,12 +226,20 @@ def test_signal_writes_checkpoint_and_exits_for_requeue(tmp_path):
             os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM --signal=USR1@... sends
         return base(model, batch)
 
-    with pytest.raises(SystemExit) as info:
-        run_train(tmp_path, stage_cfg(), task=task)
+    def before_handler(signum, frame):  # a handler of our own, to see it come back
+        raise AssertionError("the test's SIGUSR1 handler must not be called during training")
+
+    previous = signal.signal(signal.SIGUSR1, before_handler)
+    try:
+        with pytest.raises(SystemExit) as info:
+            run_train(tmp_path, stage_cfg(), task=task)
+        after = signal.getsignal(signal.SIGUSR1)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
     assert info.value.code == engine.REQUEUE_EXIT_CODE
     ckpt = torch.load(tmp_path / "checkpoint-last.pt", weights_only=False)
     assert ckpt["global_step"] == 3 and ckpt["step_in_epoch"] == 3
-    assert signal.getsignal(signal.SIGUSR1) is not None  # handler restored
+    assert after is before_handler  # the handler in place before training is restored
     resumed = run_train(tmp_path, stage_cfg())
     assert resumed.global_step == 15 and len(resumed.losses) == 12
 
