@@ -36,7 +36,8 @@ def test_tube_mask_counts_and_tubes(grid, ratio, seed):
     assert mask.dtype == bool and mask.shape == (t * h * w,)
     slices = mask.reshape(t, h * w)
     assert (slices == slices[0]).all()  # the same spatial mask in every temporal slice
-    assert slices[0].sum() == num_masked(h * w, ratio)
+    # Independent of num_masked: round half up, never more than the tubes there are.
+    assert slices[0].sum() == min(h * w, math.floor(ratio * h * w + 0.5))
 
 
 @settings(max_examples=300, deadline=None)
@@ -55,7 +56,7 @@ def test_mofo_mask_counts_and_inbox_share(grid, ratio, inbox_ratio, p_in, seed):
     slices = mask.reshape(t, h * w)
     assert (slices == slices[0]).all()
     tubes = slices[0]
-    n_mask = num_masked(h * w, ratio)
+    n_mask = min(h * w, math.floor(ratio * h * w + 0.5))  # not from num_masked itself
     assert tubes.sum() == n_mask  # exactly, whatever the box
     tubes_in = inbox.reshape(t, h * w).any(0)
     quota = min(n_mask, math.floor(inbox_ratio * tubes_in.sum() + 1e-9))
@@ -83,7 +84,27 @@ def test_mofo_fills_from_box_when_outside_is_too_small():
     inbox = np.ones(16, bool)
     inbox[:2] = False
     mask = make_mask("mofo", grid, 0.9, inbox, 0.75, np.random.default_rng(1))
-    assert mask.sum() == num_masked(16, 0.9) == 14
+    assert mask.sum() == 14  # round(0.9 * 16) = round(14.4), the in-box tubes fill the rest
+
+
+@pytest.mark.parametrize(
+    "n, ratio, expected",
+    [(16, 0.9, 14), (196, 0.9, 176), (64, 0.75, 48), (10, 0.25, 3), (10, 0.35, 4), (4, 0.5, 2),
+     (5, 0.5, 3), (5, 0.0, 0), (5, 1.0, 5), (1, 0.49, 0), (1, 0.5, 1)],
+)
+def test_num_masked_pinned_values(n, ratio, expected):
+    """Written out by hand: round(ratio * n) with halves up (2.5 -> 3, not banker's 2)."""
+    assert num_masked(n, ratio) == expected
+
+
+@pytest.mark.parametrize("strategy", ["tube", "mofo"])
+def test_pinned_mask_counts_on_a_4x4x4_grid(strategy):
+    """4 slices of 4x4 tubes at ratio 0.9: 14 of 16 tubes masked, 14 x 4 = 56 tokens."""
+    inbox = np.arange(64) % 5 == 0
+    for seed in range(20):
+        mask = make_mask(strategy, (4, 4, 4), 0.9, inbox, 0.75, np.random.default_rng(seed))
+        assert mask.shape == (64,) and mask.sum() == 56
+        assert (mask.reshape(4, 16).sum(1) == 14).all()
 
 
 def test_same_count_for_every_clip_in_a_batch():
@@ -115,7 +136,10 @@ def test_registry_and_config():
     assert grid == (model["num_frames"] // model["tubelet_size"], side, side)
     inbox = np.zeros(math.prod(grid), bool)
     mask = mask_from_config(cfg["masking"], grid, inbox, np.random.default_rng(0))
-    assert mask.sum() == num_masked(side * side, cfg["masking"]["ratio"]) * grid[0]
+    # Default (demo) model: 8 frames / tubelet 2 = 4 slices of (32 / 8)^2 = 16 tubes, ratio
+    # 0.9: round(14.4) = 14 tubes per slice, 4 x 14 = 56 tokens.
+    assert (grid, cfg["masking"]["ratio"]) == ((4, 4, 4), 0.9)
+    assert mask.sum() == 56
     with pytest.raises(ValueError, match="unknown masking strategy"):
         make_mask("random", grid, 0.9)
     with pytest.raises(ValueError, match="in-box"):
