@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mofo.models import CheckpointError, build_classifier, build_pretrain_model, load_pretrained
-from mofo.models.vit import sincos_position_table
+from mofo.models.layers import sincos_position_table
 
 BASE_CFG = {
     "size": "base",

@@ -76,7 +76,7 @@ def test_figures_are_written(tmp_path):
 
 def test_reconstruction_keeps_visible_patches():
     from mofo.evaluation.figures import reconstruct_clip
-    from mofo.training.losses import denormalize
+    from mofo.models.patches import denormalize
 
     frames = torch.rand(3, 2, 8, 8)
     mask = torch.tensor([True, False, False, False])

@@ -19,7 +19,7 @@ from mofo.models import (
     pixel_targets,
     sincos_position_table,
 )
-from mofo.models.vit import Attention
+from mofo.models.layers import Attention
 
 
 @pytest.fixture(autouse=True)

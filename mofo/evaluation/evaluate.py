@@ -28,6 +28,9 @@ from mofo.config import load_config
 from mofo.evaluation.figures import confusion_figure
 from mofo.evaluation.metrics import action_metrics, aggregate_views, classification_metrics
 from mofo.evaluation.table import variant_name
+from mofo.models.build import build_model
+from mofo.models.checkpoint import load_pretrained
+from mofo.stage_args import resolve_paths, stage_arg_parser
 from mofo.training import data as data_io
 from mofo.training.distributed import apply_cpu_threads, rank_info, select_device
 from mofo.training.engine import autocast_context, to_device
@@ -44,8 +47,6 @@ def load_finetuned(config: dict, ckpt_path: str | Path, head: str,
     Our checkpoints load strictly. Official fine-tuned files (no ``meta``) go through
     ``load_pretrained``, and must not leave any head weight at its initialisation.
     """
-    from mofo.training.finetune import build_model
-
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.exists():
         raise FileNotFoundError(f"fine-tuned checkpoint not found: {ckpt_path}")
@@ -66,8 +67,6 @@ def load_finetuned(config: dict, ckpt_path: str | Path, head: str,
             raise EvaluationError(f"{ckpt_path}: weights do not fit the {head} classifier: "
                                   f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     else:
-        from mofo.models.checkpoint import load_pretrained
-
         report = load_pretrained(model, obj)
         if report.initialised or report.reinitialised_head or report.missing:
             raise EvaluationError(
@@ -181,8 +180,6 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mofo.training.pretrain import resolve_paths, stage_arg_parser
-
     parser = stage_arg_parser("multi-view evaluation of a fine-tuned checkpoint")
     parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint.pt")
     parser.add_argument("--head", required=True, choices=["mean", "mca"])

@@ -3,6 +3,9 @@
 - ``reconstruction_figure``: for one clip, rows original / masked input / reconstruction
   for a few frames, with the motion box drawn;
 - ``confusion_figure``: the row-normalised confusion matrix.
+
+Drawing only: it imports ``mofo.models.patches`` and nothing from training or evaluation, so
+that pretraining can draw its reconstructions with it (docs/ARCHITECTURE.md, package map).
 """
 
 from __future__ import annotations
@@ -18,12 +21,7 @@ import numpy as np
 import torch
 from matplotlib.patches import Rectangle
 
-from mofo.training.losses import (
-    PATCH_NORM_EPS,
-    denormalize,
-    patchify,
-    unpatchify,
-)
+from mofo.models.patches import PATCH_NORM_EPS, denormalize, patchify, unpatchify
 
 
 def save_figure(fig, path: str | Path) -> Path:
@@ -50,7 +48,8 @@ def reconstruct_clip(
     x = frames.detach().float().cpu()[None]
     _, _, t, h, w = x.shape
     grid = (t // tubelet_size, h // patch_size, w // patch_size)
-    patches = patchify(denormalize(x), patch_size, tubelet_size)[0]  # (N, P, C)
+    patches = patchify(denormalize(x), patch_size, tubelet_size)[0]
+    patches = patches.reshape(patches.shape[0], -1, x.shape[1])  # (N, P, C)
     mask = mask.detach().cpu().bool()
     pred = pred.detach().float().cpu().reshape(int(mask.sum()), patches.shape[1], patches.shape[2])
     if normalized_target:

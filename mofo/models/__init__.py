@@ -1,21 +1,28 @@
-"""VideoMAE models (encoder, pretraining autoencoder, classifiers), heads and checkpoints."""
+"""VideoMAE models (encoder, pretraining autoencoder, classifiers), heads and checkpoints.
 
+Inside the package: ``layers`` (blocks, position table, inits) and ``patches`` (clips <->
+pixel tokens) are the bottom; ``heads`` and ``vit`` build on ``layers``; ``build`` makes the
+models from the config; ``checkpoint`` loads VideoMAE / MOFO files into them.
+"""
+
+from mofo.models.build import (
+    build_classifier,
+    build_encoder,
+    build_model,
+    build_pretrain_model,
+)
 from mofo.models.checkpoint import CheckpointError, LoadReport, load_pretrained
 from mofo.models.heads import MeanPoolHead, MotionCrossAttentionHead
+from mofo.models.layers import sincos_position_table
+from mofo.models.patches import denormalize, patchify, pixel_targets, unpatchify
 from mofo.models.vit import (
     MODEL_SIZES,
     PretrainVideoMAE,
     VideoClassifier,
     VideoEncoder,
     ViTSpec,
-    build_classifier,
-    build_encoder,
-    build_pretrain_model,
     layer_id_for_lr_decay,
     model_spec,
-    patchify,
-    pixel_targets,
-    sincos_position_table,
 )
 
 __all__ = [
@@ -30,11 +37,14 @@ __all__ = [
     "VideoEncoder",
     "build_classifier",
     "build_encoder",
+    "build_model",
     "build_pretrain_model",
+    "denormalize",
     "layer_id_for_lr_decay",
     "load_pretrained",
     "model_spec",
     "patchify",
     "pixel_targets",
     "sincos_position_table",
+    "unpatchify",
 ]

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mofo.models.vit import PretrainVideoMAE, VideoEncoder, sincos_position_table
+from mofo.models.layers import sincos_position_table
+from mofo.models.vit import PretrainVideoMAE, VideoEncoder
 
 POS_EMBED_ATOL = 1e-4  # released tables were computed in float64 numpy and stored as float32
 DECODER_PREFIXES = ("decoder.", "encoder_to_decoder.", "mask_token")

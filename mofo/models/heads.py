@@ -14,7 +14,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from mofo.models.vit import LAYER_NORM_EPS, Block, init_trunc_normal
+from mofo.models.layers import LAYER_NORM_EPS, Block, init_trunc_normal
 
 
 def make_output_layers(dim: int, outputs: int | Mapping[str, int], init_scale: float) -> nn.Module:

@@ -1,7 +1,8 @@
-"""The VideoMAE vision transformer: tubelet embedding, encoder, pretraining decoder, classifier.
+"""The VideoMAE vision transformer: model sizes, encoder, pretraining autoencoder, classifier.
 
-Built on timm's layers (``Mlp``, ``DropPath``, ``trunc_normal_``) and PyTorch's fused
-``scaled_dot_product_attention``. Parameter names follow the official VideoMAE / MOFO
+Built from the blocks of :mod:`mofo.models.layers`; the classifier takes a ready pooling head
+(:mod:`mofo.models.heads`) and :mod:`mofo.models.build` makes the models from the config.
+Parameter names follow the official VideoMAE / MOFO
 checkpoints (``patch_embed.proj.weight``, ``blocks.0.attn.q_bias``, ``fc_norm.weight``,
 ``encoder.blocks...``, ``encoder_to_decoder.weight``, ``mask_token``, ``decoder.head.weight``)
 so that those files load without renaming (see :mod:`mofo.models.checkpoint`).
@@ -13,18 +14,24 @@ Token order is VideoMAE's: the Conv3d output flattened over (t, h, w), i.e. toke
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from mofo.masking.grid import token_grid
-
-LAYER_NORM_EPS = 1e-6  # VideoMAE uses LayerNorm(eps=1e-6) everywhere
+from mofo.models.layers import (
+    LAYER_NORM_EPS,
+    Block,
+    PatchEmbed3D,
+    drop_path_rates,
+    init_trunc_normal,
+    init_xavier,
+    sincos_position_table,
+)
+from mofo.models.patches import patchify  # noqa: F401 - old import path (tests/test_training.py)
 
 
 @dataclass(frozen=True)
@@ -63,71 +70,6 @@ def model_spec(size: str, **overrides: Any) -> ViTSpec:
     return replace(MODEL_SIZES[size], **overrides)
 
 
-def sincos_position_table(num_positions: int, dim: int) -> Tensor:
-    """VideoMAE's fixed 1-D sine-cosine table over all tokens, shape ``(1, num_positions, dim)``.
-
-    Entry ``[p, j] = sin/cos(p / 10000 ** (2 * (j // 2) / dim))`` with sin on even and cos on
-    odd ``j``; computed in float64 so that it matches the numpy table in released checkpoints.
-    """
-    pos = torch.arange(num_positions, dtype=torch.float64)[:, None]
-    j = torch.arange(dim, dtype=torch.float64)[None, :]
-    angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / dim)
-    table = torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
-    return table.float().unsqueeze(0)
-
-
-def patchify(videos: Tensor, patch_size: int, tubelet_size: int) -> Tensor:
-    """Cut ``(B, C, T, H, W)`` clips into tokens ``(B, N, tubelet * patch * patch * C)``.
-
-    Token order matches the encoder; within a token the values are ordered (frame, row,
-    column, channel) as in VideoMAE's pixel targets, which is what the decoder ``head`` predicts.
-    """
-    b, c, t, h, w = videos.shape
-    x = videos.reshape(
-        b,
-        c,
-        t // tubelet_size,
-        tubelet_size,
-        h // patch_size,
-        patch_size,
-        w // patch_size,
-        patch_size,
-    )
-    # (b, c, t', p0, h', p1, w', p2) -> (b, t', h', w', p0, p1, p2, c)
-    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)
-    return x.reshape(b, -1, tubelet_size * patch_size * patch_size * c)
-
-
-def pixel_targets(
-    videos: Tensor,
-    patch_size: int,
-    tubelet_size: int,
-    mean: tuple[float, ...] | None = None,
-    std: tuple[float, ...] | None = None,
-    normalize: bool = True,
-    eps: float = 1e-6,
-) -> Tensor:
-    """VideoMAE's reconstruction targets ``(B, N, tubelet*patch*patch*C)`` in float32.
-
-    ``mean``/``std`` (per channel) undo the input normalisation first. With ``normalize`` each
-    token is standardised per channel over its tubelet*patch*patch pixels (unbiased std + eps),
-    as VideoMAE's default loss does. Select the masked rows with ``targets[mask]``.
-    """
-    x = videos.float()
-    if mean is not None and std is not None:
-        shape = (1, -1, 1, 1, 1)
-        x = x * torch.tensor(std, device=x.device).view(shape)
-        x = x + torch.tensor(mean, device=x.device).view(shape)
-    tokens = patchify(x, patch_size, tubelet_size)
-    if not normalize:
-        return tokens
-    b, n, _ = tokens.shape
-    per_channel = tokens.reshape(b, n, -1, videos.shape[1])  # (B, N, pixels, C)
-    mu = per_channel.mean(dim=-2, keepdim=True)
-    sigma = per_channel.var(dim=-2, unbiased=True, keepdim=True).sqrt()
-    return ((per_channel - mu) / (sigma + eps)).reshape(b, n, -1)
-
-
 def layer_id_for_lr_decay(name: str, num_layers: int) -> int:
     """Layer index of a parameter for layer-wise lr decay (VideoMAE/BEiT rule).
 
@@ -140,114 +82,6 @@ def layer_id_for_lr_decay(name: str, num_layers: int) -> int:
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
     return num_layers + 1
-
-
-class PatchEmbed3D(nn.Module):
-    """Tubelet embedding: one Conv3d with kernel = stride = (tubelet, patch, patch)."""
-
-    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, tubelet_size: int):
-        super().__init__()
-        self.patch_size = patch_size
-        self.tubelet_size = tubelet_size
-        k = (tubelet_size, patch_size, patch_size)
-        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=k, stride=k)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, t, h, w) -> (B, t*h*w, D)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with q and v biases but no k bias (VideoMAE/BEiT).
-
-    ``attn_mask`` (bool, True = may attend) broadcasts to ``(B, heads, N_query, N_key)``.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-    ):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
-        # Separate q/v biases (no k bias: it cancels in the softmax) keep the checkpoint names.
-        self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
-        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def qkv_bias(self) -> Tensor | None:
-        if self.q_bias is None:
-            return None
-        return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        b, n, d = x.shape
-        qkv = F.linear(x, self.qkv.weight, self.qkv_bias())
-        q, k, v = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
-        )
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-    ):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-def _drop_path_rates(drop_path: float, depth: int) -> list[float]:
-    """Stochastic depth rising linearly from 0 to ``drop_path`` over the blocks (VideoMAE)."""
-    # Plain Python (not torch.linspace(...).item()) so that models also build on the meta device.
-    return [drop_path * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
-
-
-def init_trunc_normal(module: nn.Module) -> None:
-    """Fine-tuning init (VideoMAE): linear weights ~ N(0, .02) truncated, zero biases, unit LN."""
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-def init_xavier(module: nn.Module) -> None:
-    """Pretraining init (VideoMAE/MAE): Xavier-uniform linear weights, zero biases, unit LN."""
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 class VideoEncoder(nn.Module):
@@ -293,7 +127,7 @@ class VideoEncoder(nn.Module):
         )
         self.blocks = nn.ModuleList(
             Block(spec.embed_dim, spec.num_heads, spec.mlp_ratio, True, drop, attn_drop, rate)
-            for rate in _drop_path_rates(drop_path, spec.depth)
+            for rate in drop_path_rates(drop_path, spec.depth)
         )
         self.norm = (
             nn.LayerNorm(spec.embed_dim, eps=LAYER_NORM_EPS) if final_norm else nn.Identity()
@@ -350,7 +184,7 @@ class PretrainDecoder(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(
             Block(dim, num_heads, mlp_ratio, True, 0.0, 0.0, rate)
-            for rate in _drop_path_rates(drop_path, depth)
+            for rate in drop_path_rates(drop_path, depth)
         )
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(dim, out_dim)
@@ -479,96 +313,15 @@ class VideoClassifier(VideoEncoder):
         return self.pool_head(self.forward_features(x), inbox)
 
 
-def _spec_from_cfg(model_cfg: Mapping[str, Any], overrides: dict[str, Any]) -> ViTSpec:
-    spec_keys = set(ViTSpec.__dataclass_fields__)
-    return model_spec(
-        model_cfg["size"], **{k: overrides.pop(k) for k in list(overrides) if k in spec_keys}
-    )
+_MOVED_TO_BUILD = ("build_classifier", "build_encoder", "build_pretrain_model")
 
 
-def build_encoder(
-    model_cfg: Mapping[str, Any], drop_path: float = 0.0, final_norm: bool = True, **overrides: Any
-) -> VideoEncoder:
-    """A bare encoder (features only) from the ``model`` config section."""
-    overrides = dict(overrides)
-    spec = _spec_from_cfg(model_cfg, overrides)
-    encoder = VideoEncoder(
-        spec,
-        model_cfg["input_size"],
-        model_cfg["num_frames"],
-        model_cfg["patch_size"],
-        model_cfg["tubelet_size"],
-        drop_path=drop_path,
-        final_norm=final_norm,
-        **overrides,
-    )
-    encoder.apply(init_trunc_normal)
-    return encoder
+def __getattr__(name: str) -> Any:
+    # Old import path: the builders moved to mofo.models.build (which imports this module and
+    # the heads). Remove once nothing imports them from here (tests/test_imports.py lists the
+    # importers in ALLOWED_EDGES).
+    if name in _MOVED_TO_BUILD:
+        from mofo.models import build
 
-
-def build_pretrain_model(model_cfg: Mapping[str, Any], **overrides: Any) -> PretrainVideoMAE:
-    """VideoMAE pretraining model from the ``model`` config section.
-
-    ``overrides``: any :class:`ViTSpec` field (``decoder_depth=...``), ``drop_path``, ``in_chans``.
-    """
-    overrides = dict(overrides)
-    spec = _spec_from_cfg(model_cfg, overrides)
-    return PretrainVideoMAE(
-        spec,
-        model_cfg["input_size"],
-        model_cfg["num_frames"],
-        model_cfg["patch_size"],
-        model_cfg["tubelet_size"],
-        **overrides,
-    )
-
-
-def build_classifier(
-    model_cfg: Mapping[str, Any],
-    num_classes: int | None,
-    head: str = "mean",
-    drop_path: float = 0.1,
-    head_init_scale: float = 0.001,
-    num_heads_out: Mapping[str, int] | None = None,
-    fc_dropout: float = 0.0,
-    mca_num_heads: int | None = None,
-    **overrides: Any,
-) -> VideoClassifier:
-    """Fine-tuning classifier from the ``model`` config section.
-
-    ``head``: ``"mean"`` (VideoMAE mean pooling) or ``"mca"`` (MOFO motion cross-attention).
-    ``num_heads_out``: several linear outputs on the same pooled feature, e.g.
-    ``{"verb": 97, "noun": 300}`` for EPIC-KITCHENS (``num_classes`` is then ignored).
-    ``mca_num_heads``: attention heads of the MCA block (default 3 as in MOFO, or the encoder's
-    head count when the width is not divisible by 3). ``overrides``: :class:`ViTSpec` fields.
-    """
-    from mofo.models.heads import MeanPoolHead, MotionCrossAttentionHead
-
-    overrides = dict(overrides)
-    spec = _spec_from_cfg(model_cfg, overrides)
-    outputs: int | dict[str, int]
-    if num_heads_out:
-        outputs = dict(num_heads_out)
-    elif num_classes is not None and num_classes > 0:
-        outputs = int(num_classes)
-    else:
-        raise ValueError(f"build_classifier: num_classes must be > 0, got {num_classes!r}")
-    if head == "mean":
-        pool: nn.Module = MeanPoolHead(spec.embed_dim, outputs, fc_dropout, head_init_scale)
-    elif head == "mca":
-        heads = mca_num_heads or (3 if spec.embed_dim % 3 == 0 else spec.num_heads)
-        pool = MotionCrossAttentionHead(
-            spec.embed_dim, outputs, heads, spec.mlp_ratio, drop_path, fc_dropout, head_init_scale
-        )
-    else:
-        raise ValueError(f"unknown classifier head {head!r}; choose 'mean' or 'mca'")
-    return VideoClassifier(
-        spec,
-        model_cfg["input_size"],
-        model_cfg["num_frames"],
-        model_cfg["patch_size"],
-        model_cfg["tubelet_size"],
-        pool,
-        drop_path=drop_path,
-        **overrides,
-    )
+        return getattr(build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,129 @@
+"""Models from the config: the encoder, the pretraining autoencoder and the classifiers.
+
+``build_encoder`` / ``build_pretrain_model`` / ``build_classifier`` take the ``model`` config
+section; :func:`build_model` takes the whole config and makes the fine-tuning classifier the
+way fine-tuning and evaluation both need it (``finetune`` section: drop path, head init scale,
+dropout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from mofo.models.heads import MeanPoolHead, MotionCrossAttentionHead
+from mofo.models.layers import init_trunc_normal
+from mofo.models.vit import PretrainVideoMAE, VideoClassifier, VideoEncoder, ViTSpec, model_spec
+
+
+def _spec_from_cfg(model_cfg: Mapping[str, Any], overrides: dict[str, Any]) -> ViTSpec:
+    spec_keys = set(ViTSpec.__dataclass_fields__)
+    return model_spec(
+        model_cfg["size"], **{k: overrides.pop(k) for k in list(overrides) if k in spec_keys}
+    )
+
+
+def build_encoder(
+    model_cfg: Mapping[str, Any], drop_path: float = 0.0, final_norm: bool = True, **overrides: Any
+) -> VideoEncoder:
+    """A bare encoder (features only) from the ``model`` config section."""
+    overrides = dict(overrides)
+    spec = _spec_from_cfg(model_cfg, overrides)
+    encoder = VideoEncoder(
+        spec,
+        model_cfg["input_size"],
+        model_cfg["num_frames"],
+        model_cfg["patch_size"],
+        model_cfg["tubelet_size"],
+        drop_path=drop_path,
+        final_norm=final_norm,
+        **overrides,
+    )
+    encoder.apply(init_trunc_normal)
+    return encoder
+
+
+def build_pretrain_model(model_cfg: Mapping[str, Any], **overrides: Any) -> PretrainVideoMAE:
+    """VideoMAE pretraining model from the ``model`` config section.
+
+    ``overrides``: any :class:`ViTSpec` field (``decoder_depth=...``), ``drop_path``, ``in_chans``.
+    """
+    overrides = dict(overrides)
+    spec = _spec_from_cfg(model_cfg, overrides)
+    return PretrainVideoMAE(
+        spec,
+        model_cfg["input_size"],
+        model_cfg["num_frames"],
+        model_cfg["patch_size"],
+        model_cfg["tubelet_size"],
+        **overrides,
+    )
+
+
+def build_classifier(
+    model_cfg: Mapping[str, Any],
+    num_classes: int | None,
+    head: str = "mean",
+    drop_path: float = 0.1,
+    head_init_scale: float = 0.001,
+    num_heads_out: Mapping[str, int] | None = None,
+    fc_dropout: float = 0.0,
+    mca_num_heads: int | None = None,
+    **overrides: Any,
+) -> VideoClassifier:
+    """Fine-tuning classifier from the ``model`` config section.
+
+    ``head``: ``"mean"`` (VideoMAE mean pooling) or ``"mca"`` (MOFO motion cross-attention).
+    ``num_heads_out``: several linear outputs on the same pooled feature, e.g.
+    ``{"verb": 97, "noun": 300}`` for EPIC-KITCHENS (``num_classes`` is then ignored).
+    ``mca_num_heads``: attention heads of the MCA block (default 3 as in MOFO, or the encoder's
+    head count when the width is not divisible by 3). ``overrides``: :class:`ViTSpec` fields.
+    """
+    overrides = dict(overrides)
+    spec = _spec_from_cfg(model_cfg, overrides)
+    outputs: int | dict[str, int]
+    if num_heads_out:
+        outputs = dict(num_heads_out)
+    elif num_classes is not None and num_classes > 0:
+        outputs = int(num_classes)
+    else:
+        raise ValueError(f"build_classifier: num_classes must be > 0, got {num_classes!r}")
+    if head == "mean":
+        pool: nn.Module = MeanPoolHead(spec.embed_dim, outputs, fc_dropout, head_init_scale)
+    elif head == "mca":
+        heads = mca_num_heads or (3 if spec.embed_dim % 3 == 0 else spec.num_heads)
+        pool = MotionCrossAttentionHead(
+            spec.embed_dim, outputs, heads, spec.mlp_ratio, drop_path, fc_dropout, head_init_scale
+        )
+    else:
+        raise ValueError(f"unknown classifier head {head!r}; choose 'mean' or 'mca'")
+    return VideoClassifier(
+        spec,
+        model_cfg["input_size"],
+        model_cfg["num_frames"],
+        model_cfg["patch_size"],
+        model_cfg["tubelet_size"],
+        pool,
+        drop_path=drop_path,
+        **overrides,
+    )
+
+
+def build_model(config: Mapping[str, Any], heads: Mapping[str, int], head: str) -> VideoClassifier:
+    """The classifier for ``heads`` (``{"label": C}`` or verb/noun) with the chosen head.
+
+    Drop path, head init scale and dropout come from the ``finetune`` section.
+    """
+    ft = config["finetune"]
+    multi = None if list(heads) == ["label"] else dict(heads)
+    return build_classifier(
+        config["model"],
+        heads.get("label"),
+        head=head,
+        drop_path=float(ft["drop_path"]),
+        head_init_scale=float(ft["head_init_scale"]),
+        num_heads_out=multi,
+        fc_dropout=float(ft["fc_dropout"]),
+    )

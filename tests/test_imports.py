@@ -1,0 +1,245 @@
+"""The import graph of ``mofo/``: no module cycles, and packages import only lower layers.
+
+Static: every ``.py`` under ``mofo/`` is parsed (nothing is imported), and every ``import
+mofo...`` / ``from mofo... import ...`` (relative ones included) counts, also the lazy ones
+inside functions, because a lazy import hides a cycle rather than removing it. ``from a.b
+import c`` is an edge to the module ``a.b.c`` when that module exists, else to ``a.b``. A
+package's ``__init__`` is a module of its own: importing ``a.b.c`` is not counted as importing
+``a.b`` (every re-exporting ``__init__`` would otherwise be a cycle with its own modules).
+
+The layers are the map in docs/ARCHITECTURE.md ("The package map").
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "mofo"
+
+# A module may import modules of its own group and of lower layers only. The group of a module
+# is the longest key below that is a prefix of its dotted name.
+LAYERS: dict[str, int] = {
+    "mofo": 0,  # the package root (version, docstring)
+    "mofo.config": 0,
+    "mofo.logs": 0,
+    "mofo.masking": 1,
+    "mofo.tracking": 1,
+    "mofo.stage_args": 1,
+    "mofo.models": 2,
+    "mofo.data": 2,
+    "mofo.motion": 3,
+    # Drawing only (matplotlib + mofo.models.patches): training draws its reconstructions
+    # with it, so it sits below training although it lives beside the evaluation stage.
+    "mofo.evaluation.figures": 3,
+    "mofo.training": 4,
+    "mofo.evaluation": 5,
+    "mofo.stages": 6,
+    "mofo.cli": 7,
+}
+
+# Edges that break a rule above on purpose, each with why and when it goes away. The test
+# fails when one of them no longer exists, so that this list cannot go stale.
+ALLOWED_EDGES: dict[tuple[str, str], str] = {
+    ("mofo.models.vit", "mofo.models.build"): (
+        "module __getattr__ shim: build_encoder / build_pretrain_model / build_classifier "
+        "moved to mofo.models.build; delete the shim once nothing imports them from "
+        "mofo.models.vit (mofo/training/{pretrain,finetune,selfcheck,bench}.py, "
+        "tests/test_training.py, test_distributed.py, test_training_stages.py)"
+    ),
+}
+
+
+def module_files() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the package (``__init__`` = package)."""
+    modules = {}
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    return modules
+
+
+def _absolute(module: str, node: ast.ImportFrom, is_package: bool) -> str | None:
+    if not node.level:
+        return node.module
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def import_graph() -> dict[str, dict[str, int]]:
+    """``{importer: {imported: line}}`` over the modules of ``mofo`` (lazy imports included)."""
+    modules = module_files()
+    graph: dict[str, dict[str, int]] = defaultdict(dict)
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(tree):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                source = _absolute(name, node, is_package)
+                if source is None:
+                    continue
+                for alias in node.names:
+                    sub = f"{source}.{alias.name}"
+                    targets.append(sub if sub in modules else source)
+            for target in targets:
+                if target.split(".")[0] != "mofo":
+                    continue
+                while target not in modules:  # ``import mofo.a.b.name``-style spellings
+                    target = target.rsplit(".", 1)[0]
+                if target != name:
+                    graph[name].setdefault(target, node.lineno)
+    return graph
+
+
+def find_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """One concrete cycle ``[a, b, ..., a]`` per strongly connected component (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def strongconnect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                strongconnect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            strongconnect(v)
+
+    cycles = []
+    for component in components:
+        members = set(component)
+        start = component[0]
+        # Shortest path from start back to start inside the component (breadth first).
+        parents: dict[str, str] = {}
+        frontier = [start]
+        found = None
+        while frontier and found is None:
+            nxt = []
+            for v in frontier:
+                for w in sorted(graph.get(v, {})):
+                    if w not in members:
+                        continue
+                    if w == start:
+                        found = v
+                        break
+                    if w not in parents:
+                        parents[w] = v
+                        nxt.append(w)
+                if found is not None:
+                    break
+            frontier = nxt
+        path = [start]
+        v = found
+        while v != start:
+            path.append(v)
+            v = parents[v]
+        cycles.append([start] + path[1:][::-1] + [start])
+    return cycles
+
+
+def layer_of(module: str) -> tuple[str, int]:
+    keys = [k for k in LAYERS if module == k or module.startswith(k + ".")]
+    if not keys:
+        raise KeyError(module)
+    key = max(keys, key=len)
+    return key, LAYERS[key]
+
+
+def _describe(graph: dict[str, dict[str, int]], cycle: list[str]) -> str:
+    modules = module_files()
+    steps = []
+    for a, b in itertools.pairwise(cycle):
+        rel = modules[a].relative_to(PACKAGE_DIR.parent)
+        steps.append(f"{a} -> {b} ({rel}:{graph[a][b]})")
+    return " ; ".join(steps)
+
+
+def without_allowed(graph: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    return {
+        a: {b: line for b, line in bs.items() if (a, b) not in ALLOWED_EDGES}
+        for a, bs in graph.items()
+    }
+
+
+def test_graph_sees_lazy_and_relative_imports():
+    graph = import_graph()
+    # mofo.training.finetune imports load_pretrained inside run(): a lazy import.
+    assert "mofo.models.checkpoint" in graph["mofo.training.finetune"]
+    assert "mofo.masking.grid" in graph["mofo.masking"]  # a package __init__ re-exporting
+
+
+def test_find_cycles_names_the_cycle():
+    graph = {"a": {"b": 1}, "b": {"c": 2}, "c": {"a": 3, "d": 4}, "d": {}}
+    assert find_cycles(graph) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b": 1}, "b": {}}) == []
+
+
+def test_no_import_cycles_inside_mofo():
+    graph = import_graph()
+    cycles = find_cycles(without_allowed(graph))
+    assert not cycles, "import cycles in mofo/:\n" + "\n".join(
+        _describe(graph, cycle) for cycle in cycles
+    )
+
+
+def test_every_module_has_a_layer():
+    unplaced = [
+        m for m in module_files() if not any(m == k or m.startswith(k + ".") for k in LAYERS)
+    ]
+    assert not unplaced, f"give these modules a layer in LAYERS (and docs): {unplaced}"
+
+
+def test_packages_import_only_lower_layers():
+    graph = import_graph()
+    modules = module_files()
+    bad = []
+    for a, targets in sorted(graph.items()):
+        group_a, layer_a = layer_of(a)
+        for b, line in sorted(targets.items()):
+            group_b, layer_b = layer_of(b)
+            if group_a == group_b or (a, b) in ALLOWED_EDGES:
+                continue
+            if layer_b >= layer_a:
+                rel = modules[a].relative_to(PACKAGE_DIR.parent)
+                bad.append(
+                    f"{a} (layer {layer_a}) imports {b} ({group_b}, layer {layer_b}) "
+                    f"at {rel}:{line}"
+                )
+    assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("edge", sorted(ALLOWED_EDGES))
+def test_allowed_exceptions_are_still_needed(edge):
+    a, b = edge
+    assert b in import_graph().get(a, {}), (
+        f"{a} no longer imports {b}: remove {edge} from ALLOWED_EDGES"
+    )
