@@ -5,20 +5,20 @@ from __future__ import annotations
 import json
 import os
 
+# Required packages, imported directly: a broken install must fail here, not skip.
+import av  # noqa: F401  (before decord: see mofo.data.video)
+import cv2  # noqa: F401
+import decord  # noqa: F401
 import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("av")  # before decord: see mofo.data.video
-pytest.importorskip("cv2")
-pytest.importorskip("decord")
-
-from mofo.config import load_config  # noqa: E402
-from mofo.data import demo  # noqa: E402
-from mofo.data.adapters import EPIC_COLUMNS, AnnotationError, safe_id, ssv2_template_key  # noqa: E402
-from mofo.data.decode import decode_shard  # noqa: E402
-from mofo.data.framestore import FrameStore  # noqa: E402
-from mofo.data.manifest import (  # noqa: E402
+from mofo.config import load_config
+from mofo.data import demo
+from mofo.data.adapters import EPIC_COLUMNS, AnnotationError, safe_id, ssv2_template_key
+from mofo.data.decode import decode_shard
+from mofo.data.framestore import FrameStore
+from mofo.data.manifest import (
     MANIFEST_COLUMNS,
     ManifestError,
     build_manifest,
@@ -29,7 +29,7 @@ from mofo.data.manifest import (  # noqa: E402
     shard_names,
     write_manifest,
 )
-from tests.videofixtures import write_video  # noqa: E402
+from tests.videofixtures import write_video
 
 
 def config(dataset: dict, clips_per_shard: int = 2) -> dict:

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import warnings
 
+# Required packages, imported directly: a broken install must fail here, not skip.
+import av  # noqa: F401  (before decord: see mofo.data.video)
+import cv2
+import decord  # noqa: F401
 import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("av")  # before decord: see mofo.data.video
-cv2 = pytest.importorskip("cv2")
-pytest.importorskip("decord")
-
-from mofo.data.decode import STATUS_COLUMNS, decode_shard, read_status, status_path  # noqa: E402
-from mofo.data.framestore import FrameStore, index_path, pack_path  # noqa: E402
-from mofo.data.video import VideoReadError, frame_indices, iter_frames, probe, resized_size  # noqa: E402
-from tests.videofixtures import (  # noqa: E402
+from mofo.data.decode import STATUS_COLUMNS, decode_shard, read_status, status_path
+from mofo.data.framestore import FrameStore, index_path, pack_path
+from mofo.data.video import VideoReadError, frame_indices, iter_frames, probe, resized_size
+from tests.videofixtures import (
     make_frames,
     psnr,
     truncate_copy,

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+# Required packages, imported directly: a broken install must fail here, not skip.
+import av  # noqa: F401  (before decord: see mofo.data.video)
+import cv2
+import decord
 import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("av")  # before decord: see mofo.data.video
-cv2 = pytest.importorskip("cv2")
-decord = pytest.importorskip("decord")
-
-from mofo.config import load_config  # noqa: E402
-from mofo.data import demo  # noqa: E402
-from tests.videofixtures import psnr  # noqa: E402
+from mofo.config import load_config
+from mofo.data import demo
+from tests.videofixtures import psnr
 
 
 def small_cfg(root, **over) -> dict:

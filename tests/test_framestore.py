@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pickle
 
+# Required packages, imported directly: a broken install must fail here, not skip.
+import cv2  # noqa: F401
 import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("cv2")
-
-from mofo.data.framestore import (  # noqa: E402
+from mofo.data.framestore import (
     INDEX_COLUMNS,
     FrameStore,
     FrameStoreError,
@@ -18,7 +18,7 @@ from mofo.data.framestore import (  # noqa: E402
     index_path,
     pack_path,
 )
-from tests.videofixtures import make_frames, psnr  # noqa: E402
+from tests.videofixtures import make_frames, psnr
 
 
 def _write(prefix, clips: dict[str, np.ndarray], quality: int = 90) -> None:

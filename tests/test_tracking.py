@@ -8,6 +8,8 @@ import os
 import socket
 from pathlib import Path
 
+# Required packages, imported directly: a broken install must fail here, not skip.
+import mlflow  # noqa: F401
 import pytest
 
 from mofo.config import load_config
@@ -26,8 +28,6 @@ from mofo.tracking import (
     workflow_record_path,
 )
 from mofo.tracking import client as tracking_client
-
-mlflow = pytest.importorskip("mlflow")
 
 
 @pytest.fixture(autouse=True)
