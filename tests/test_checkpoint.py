@@ -162,6 +162,69 @@ def test_pos_embed_verified_loaded_or_rejected():
         load_pretrained(clf, {**state, "encoder.pos_embed": torch.randn(1, n + 1, d)})
 
 
+def test_learned_pos_embed_survives_state_dict_and_reload(tmp_path):
+    """A learned table loaded from an outside file is saved with the weights (issue 9)."""
+    torch.manual_seed(0)
+    n, d = 32, 32
+    learned = torch.randn(1, n, d)
+    clf = build_classifier(TINY, 3, **TINY_SPEC)
+    load_pretrained(clf, {**tiny_pretrain_state(), "encoder.pos_embed": learned})
+    saved = clf.state_dict()
+    assert torch.equal(saved["pos_embed"], learned)
+    torch.save({"model": saved}, tmp_path / "ft.pt")
+    fresh = build_classifier(TINY, 3, **TINY_SPEC)
+    fresh.load_state_dict(torch.load(tmp_path / "ft.pt", weights_only=True)["model"])
+    assert torch.equal(fresh.pos_embed, learned)
+    x = torch.randn(2, 3, 4, 16, 16)
+    clf.eval(), fresh.eval()
+    assert torch.equal(fresh(x), clf(x))
+    # ... and goes on into the next save, and through load_pretrained (fine-tuned format).
+    assert torch.equal(fresh.state_dict()["pos_embed"], learned)
+    again = build_classifier(TINY, 3, **TINY_SPEC)
+    report = load_pretrained(again, saved)
+    assert "pos_embed" in report.loaded and not report.initialised
+    assert torch.equal(again.pos_embed, learned)
+    # Without a learned table nothing changes: VideoMAE's layout, no pos_embed key.
+    plain = build_classifier(TINY, 3, **TINY_SPEC).state_dict()
+    assert "pos_embed" not in plain
+    build_classifier(TINY, 3, **TINY_SPEC).load_state_dict(plain)
+
+
+def test_learned_pos_embeds_of_the_pretraining_model_survive_reload():
+    torch.manual_seed(0)
+    model = build_pretrain_model(TINY, **TINY_SPEC)
+    state = {k: v for k, v in model.state_dict().items()}
+    enc, dec = torch.randn(1, 32, 32), torch.randn(1, 32, 16)
+    report = load_pretrained(model, {**state, "encoder.pos_embed": enc, "pos_embed": dec})
+    assert report.pos_embed == {
+        "pos_embed": "loaded (learned table differs from sine-cosine)",
+        "encoder.pos_embed": "loaded (learned table differs from sine-cosine)",
+    }
+    fresh = build_pretrain_model(TINY, **TINY_SPEC)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.encoder.pos_embed, enc)
+    assert torch.equal(fresh.pos_embed, dec)
+
+
+def test_evaluation_uses_the_learned_pos_embed_of_a_finetuned_checkpoint(tmp_path):
+    from mofo.evaluation.evaluate import load_finetuned
+
+    model_cfg = {**TINY, "size": "demo"}
+    config = {
+        "model": model_cfg,
+        "finetune": {"drop_path": 0.0, "head_init_scale": 0.001, "fc_dropout": 0.0},
+    }
+    torch.manual_seed(0)
+    clf = build_classifier(model_cfg, 3, head="mean")
+    learned = torch.randn_like(clf.pos_embed)
+    load_pretrained(clf, {**clf.state_dict(), "pos_embed": learned})
+    path = tmp_path / "checkpoint.pt"
+    meta = {"finetune_head": "mean", "heads": {"label": 3}}
+    torch.save({"model": clf.state_dict(), "meta": meta}, path)
+    model, _ = load_finetuned(config, path, "mean", {"label": 3})
+    assert torch.equal(model.pos_embed, learned)
+
+
 def test_head_reinitialised_when_classes_differ_other_mismatch_is_error():
     torch.manual_seed(0)
     source = build_classifier(TINY, 5, **TINY_SPEC).state_dict()

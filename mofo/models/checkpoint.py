@@ -9,8 +9,9 @@ Rules (each decision is recorded in the returned :class:`LoadReport`):
   decoder ``pos_embed``) is dropped; ``norm.*`` is dropped when the model normalises after
   pooling (VideoMAE's classifiers: ``fc_norm`` is then newly initialised);
 * ``pos_embed``: our tables are fixed sine-cosine buffers. A checkpoint table equal to ours is
-  verified and skipped; a different table of the same shape (a learned embedding) is copied
-  into the buffer; a different shape is an error (nothing is interpolated);
+  verified and skipped; a different table of the same shape (a learned embedding) is loaded
+  into the buffer, which then stays in the model's ``state_dict()`` (saved with the weights,
+  see ``PositionTableModule``); a different shape is an error (nothing is interpolated);
 * any other shape mismatch is an error naming the key and both shapes, except the classifier
   output layers (``head.*``), which keep their fresh initialisation when the class count
   differs;
@@ -137,6 +138,7 @@ def _map_to_pretrain(state: dict[str, Tensor], report: LoadReport) -> dict[str, 
 def _handle_pos_embed(model: nn.Module, state: dict[str, Tensor], report: LoadReport) -> None:
     """Verify or load every ``*pos_embed`` the checkpoint has against our fixed buffers."""
     buffers = dict(model.named_buffers())
+    saved = set(model.state_dict())  # tables already holding a loaded (persistent) table
     for name, buf in buffers.items():
         if not name.endswith("pos_embed"):
             continue
@@ -158,11 +160,15 @@ def _handle_pos_embed(model: nn.Module, state: dict[str, Tensor], report: LoadRe
         expected = sincos_position_table(buf.shape[1], buf.shape[2])
         if torch.allclose(value.float(), expected, atol=POS_EMBED_ATOL):
             report.pos_embed[name] = "verified (fixed sine-cosine)"
+            if name in saved:  # replaces a table loaded earlier
+                state[name] = value
         else:
-            with torch.no_grad():
-                buf.copy_(value)
+            # Loaded with the other weights below; persistent, so state_dict() keeps it.
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(leaf, buf, persistent=True)
+            state[name] = value
             report.pos_embed[name] = "loaded (learned table differs from sine-cosine)"
-    for key in [k for k in state if k.endswith("pos_embed")]:
+    for key in [k for k in state if k.endswith("pos_embed") and k not in buffers]:
         report.dropped[key] = "position table the model does not have"
         del state[key]
 

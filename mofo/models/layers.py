@@ -30,6 +30,26 @@ def sincos_position_table(num_positions: int, dim: int) -> Tensor:
     return table.float().unsqueeze(0)
 
 
+class PositionTableModule(nn.Module):
+    """A module with a ``pos_embed`` position table buffer, fixed or loaded.
+
+    The table starts as the fixed sine-cosine one, a non-persistent buffer: not in
+    ``state_dict()``, as in VideoMAE's checkpoints. A learned table loaded from a checkpoint
+    (:func:`mofo.models.checkpoint.load_pretrained`, or a state dict that has ``pos_embed``)
+    turns it persistent, so that it is saved with the weights and a fresh model loading that
+    state dict gets it back. State dicts without the key load as before.
+    """
+
+    def keep_pos_embed(self) -> None:
+        """Save ``pos_embed`` in ``state_dict()`` from now on (it holds a loaded table)."""
+        self.register_buffer("pos_embed", self.pos_embed, persistent=True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "pos_embed" in state_dict:
+            self.keep_pos_embed()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class PatchEmbed3D(nn.Module):
     """Tubelet embedding: one Conv3d with kernel = stride = (tubelet, patch, patch)."""
 

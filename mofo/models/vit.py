@@ -26,6 +26,7 @@ from mofo.models.layers import (
     LAYER_NORM_EPS,
     Block,
     PatchEmbed3D,
+    PositionTableModule,
     drop_path_rates,
     init_trunc_normal,
     init_xavier,
@@ -84,8 +85,8 @@ def layer_id_for_lr_decay(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-class VideoEncoder(nn.Module):
-    """ViT encoder over tubelet tokens with a fixed sine-cosine position table.
+class VideoEncoder(PositionTableModule):
+    """ViT encoder over tubelet tokens with a fixed sine-cosine position table (or a loaded one).
 
     ``forward_features(x, mask)`` returns the tokens ``(B, N_visible, D)`` after the blocks and
     ``norm``; ``mask`` (bool ``(B, N)``, True = hidden) drops the masked tokens before the
@@ -121,7 +122,8 @@ class VideoEncoder(nn.Module):
         self.patch_size, self.tubelet_size = patch_size, tubelet_size
         self.num_patches = math.prod(self.grid)
         self.patch_embed = PatchEmbed3D(in_chans, spec.embed_dim, patch_size, tubelet_size)
-        # Fixed, not trained, not saved (VideoMAE keeps it out of its checkpoints as well).
+        # Fixed, not trained, not saved (VideoMAE keeps it out of its checkpoints as well)
+        # unless a learned table is loaded into it (PositionTableModule).
         self.register_buffer(
             "pos_embed", sincos_position_table(self.num_patches, spec.embed_dim), persistent=False
         )
@@ -195,7 +197,7 @@ class PretrainDecoder(nn.Module):
         return self.head(self.norm(x[:, x.shape[1] - num_predicted :]))
 
 
-class PretrainVideoMAE(nn.Module):
+class PretrainVideoMAE(PositionTableModule):
     """Masked video autoencoder (VideoMAE): encoder on visible tokens, decoder predicts pixels.
 
     ``forward(x, mask)`` with clips ``(B, 3, T, H, W)`` and ``mask`` bool ``(B, N)`` (True =
