@@ -429,28 +429,3 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     df.to_csv(tmp, index=False)
     os.replace(tmp, path)
-
-
-def contact_sheet(
-    demo_cfg: dict, path: str | os.PathLike, split: str = "train", n_clips: int = 8, n_cols: int = 6
-) -> Path:
-    """PNG of ``n_clips`` clips (rows) x ``n_cols`` evenly spaced frames with the GT box drawn."""
-    rows = []
-    for i in range(n_clips):
-        frames, boxes, info = render_clip(demo_cfg, split, i)
-        picks = np.linspace(0, len(frames) - 1, n_cols).round().astype(int)
-        tiles = []
-        for t in picks:
-            tile = cv2.cvtColor(frames[t], cv2.COLOR_RGB2BGR)
-            x1, y1, x2, y2 = boxes[t]
-            cv2.rectangle(tile, (int(x1), int(y1)), (int(x2) - 1, int(y2) - 1), (0, 255, 0), 1)
-            tiles.append(tile)
-        row = np.concatenate(tiles, axis=1)
-        label = f"{info['class_name']} cam={info['camera_motion']}"
-        cv2.putText(
-            row, label, (2, 10), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA
-        )
-        rows.append(row)
-    path = Path(path)
-    cv2.imwrite(str(path), np.concatenate(rows, axis=0))
-    return path

@@ -14,10 +14,10 @@ here and nowhere else. Both files are written to ``*.tmp`` and renamed into plac
 
 Why JPEG in one pack: a 200k-clip dataset is ~10M frames; one file per frame overwhelms
 cluster file systems, raw uint8 is ~10x larger. A memory-mapped pack lets a DataLoader read
-only the frames it samples. Measured size (``python -m mofo.data.framestore`` prints it;
-JPEG q90, demo "motion shapes" clips rendered at each size; their noise texture makes them
-harder to compress than typical camera footage): 4.7 KiB per frame at 96x128 (raw 36 KiB,
-7.7x smaller) and 21.5 KiB per frame at 224x298 (short side 224; raw 196 KiB, 9.1x smaller).
+only the frames it samples. Measured size (JPEG q90, demo "motion shapes" clips rendered at
+each size; their noise texture makes them harder to compress than typical camera footage):
+4.7 KiB per frame at 96x128 (raw 36 KiB, 7.7x smaller) and 21.5 KiB per frame at 224x298
+(short side 224; raw 196 KiB, 9.1x smaller).
 """
 
 from __future__ import annotations
@@ -322,28 +322,3 @@ class FrameStore:
         state = dict(self.__dict__)
         state["_mm"] = None  # reopened lazily in the worker
         return state
-
-
-def _measure(n_clips: int = 8) -> None:
-    """Print the JPEG bytes per frame of demo clips rendered at the demo size and at 224 px."""
-    from mofo.config import load_config
-    from mofo.data.demo import render_clip
-
-    config = load_config()
-    demo_cfg, quality = config["dataset"]["demo"], config["decode"]["jpeg_quality"]
-    for height, width in ((demo_cfg["height"], demo_cfg["width"]), (224, 298)):
-        cfg = dict(demo_cfg, height=height, width=width)
-        sizes = [
-            len(encode_jpeg(f, quality))
-            for i in range(n_clips)
-            for f in render_clip(cfg, "train", i)[0]
-        ]
-        raw = height * width * 3
-        print(
-            f"{height}x{width}, JPEG q{quality}: {np.mean(sizes) / 1024:.1f} KiB/frame "
-            f"(raw {raw / 1024:.1f} KiB, x{raw / np.mean(sizes):.1f} smaller)"
-        )
-
-
-if __name__ == "__main__":
-    _measure()

@@ -58,7 +58,6 @@ from tqdm import tqdm
 
 Box = tuple[int, int, int, int]
 BOX_COLUMNS = ["clip_id", "frame", "x1", "y1", "x2", "y2", "detected", "source"]
-SOURCES = ("detected", "centre", "previous", "next", "static_clip")
 
 
 def centre_box(height: int, width: int) -> Box:

@@ -2,8 +2,8 @@
 
 Weight decay skips biases, norms, position embeddings and tokens (timm's
 ``create_optimizer_v2`` filters 1-d parameters and the names in ``model.no_weight_decay()``);
-layer-wise lr decay uses timm's ``param_groups_layer_decay``, which needs the model's
-``group_matcher()``. The schedule is a per-iteration cosine with linear warm-up.
+layer-wise lr decay uses timm's ``param_groups_layer_decay`` with VideoMAE's layer ids
+(``VIT_GROUP_MATCHER``). The schedule is a per-iteration cosine with linear warm-up.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def scaled_lr(base_lr: float, total_batch: int) -> float:
     return base_lr * total_batch / 256.0
 
 
-# VideoMAE/BEiT layer ids for timm's layer decay when the model has no group_matcher():
+# VideoMAE/BEiT layer ids for timm's layer decay (our models have no group_matcher()):
 # embeddings are layer 0, blocks.i is layer i+1, everything after (norm, fc_norm, head, the
 # MCA cross_block) is the top layer with lr scale 1.
 VIT_GROUP_MATCHER = {
@@ -47,8 +47,8 @@ def build_optimizer(
     """AdamW with ``stage_cfg``'s betas / weight decay / (optional) layer decay.
 
     ``stage_cfg`` is the ``pretrain`` or ``finetune`` config section; the peak lr is
-    ``base_lr * total_batch / 256``. Layer decay uses the model's ``group_matcher()`` or,
-    without one, ``VIT_GROUP_MATCHER`` (VideoMAE parameter names).
+    ``base_lr * total_batch / 256``. Layer decay groups the parameters by
+    ``VIT_GROUP_MATCHER`` (VideoMAE parameter names).
     """
     lr = scaled_lr(stage_cfg["base_lr"], total_batch)
     betas = tuple(stage_cfg["betas"])
@@ -57,10 +57,6 @@ def build_optimizer(
         return create_optimizer_v2(model, opt="adamw", lr=lr,
                                    weight_decay=stage_cfg["weight_decay"], betas=betas,
                                    foreach=False)
-    if hasattr(model, "group_matcher"):
-        return create_optimizer_v2(model, opt="adamw", lr=lr,
-                                   weight_decay=stage_cfg["weight_decay"], betas=betas,
-                                   layer_decay=layer_decay, foreach=False)
     no_wd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     groups = param_groups_layer_decay(
         _MatcherView(model, VIT_GROUP_MATCHER), weight_decay=stage_cfg["weight_decay"],
