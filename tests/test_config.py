@@ -14,20 +14,26 @@ def test_defaults_validate_and_run_the_demo():
 
 
 @pytest.mark.parametrize(
-    "overrides, key",
+    "overrides, key, bad",
     [
-        ({"optical_flow": {"method": "raft"}}, "optical_flow.method"),
-        ({"shards": {"clips_per_shard": 0}}, "shards.clips_per_shard"),
-        ({"decode": {"jpeg_quality": 101}}, "decode.jpeg_quality"),
-        ({"motion_boxes": {"rel_max_threshold": 1.5}}, "motion_boxes.rel_max_threshold"),
-        ({"dataset": {"name": "kinetics"}}, "dataset.name"),
-        ({"optical_flow": {"tvl1": {"tua": 0.3}}}, "optical_flow.tvl1"),
+        ({"optical_flow": {"method": "raft"}}, "optical_flow.method", "'raft'"),
+        ({"shards": {"clips_per_shard": 0}}, "shards.clips_per_shard", "0"),
+        ({"decode": {"jpeg_quality": 101}}, "decode.jpeg_quality", "101"),
+        ({"motion_boxes": {"rel_max_threshold": 1.5}}, "motion_boxes.rel_max_threshold", "1.5"),
+        ({"dataset": {"name": "kinetics"}}, "dataset.name", "'kinetics'"),
+        # an unknown key: the path of the section it is in, and the key itself
+        ({"optical_flow": {"tvl1": {"tua": 0.3}}}, "optical_flow.tvl1", "'tua'"),
     ],
 )
-def test_bad_value_names_the_key(overrides, key):
+def test_bad_value_names_the_key(overrides, key, bad):
+    """One line per problem, starting with the full dotted key path, naming the bad value
+    (not loose substrings that could come from anywhere in the message)."""
     with pytest.raises(ConfigError) as err:
         load_config(overrides=overrides)
-    assert key in str(err.value)
+    lines = [line.strip() for line in str(err.value).splitlines()]
+    ours = [line for line in lines if line.startswith(f"{key}: ")]
+    assert len(ours) == 1, lines
+    assert bad in ours[0].removeprefix(f"{key}: "), ours[0]
 
 
 def test_missing_overlay_file_is_named(tmp_path):
