@@ -91,6 +91,25 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from mofo.training.bench_gpu import BenchRequestError, run_gpu_benchmark
+
+    config = _config(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    skip = tuple(p.strip() for p in (args.skip or "").split(",") if p.strip())
+    try:
+        report = run_gpu_benchmark(config, device=args.device, size=args.size, out=args.out,
+                                   steps=args.steps, skip=skip, workers=args.workers,
+                                   timeout_s=args.worker_timeout)
+    except BenchRequestError as err:
+        print(f"mofo bench gpu: {err}", file=sys.stderr)
+        return 2
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mofo",
@@ -146,6 +165,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed steps per figure (default: %(default)s)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_train)
+
+    p = bench_sub.add_parser(
+        "gpu",
+        help="the GPU half in one run: ViT-B pretraining (tube, mofo) and fine-tuning (mean, "
+        "mca) steps in bf16 and fp32, a torchrun DDP and a DeepSpeed step, evaluation, the "
+        "loader, the SDPA kernel, and correctness checks; on the CPU the same at tiny size, "
+        "naming the GPU-only parts it skipped. Exit 1 when a check fails or a part errors",
+    )
+    _add_config_args(p)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto: the GPU when one is visible (default: %(default)s)")
+    p.add_argument("--size", choices=["tiny", "base"],
+                   help="model/input preset (default: base on a GPU, tiny on the CPU)")
+    p.add_argument("--out", default="results/bench-gpu",
+                   help="folder for bench-gpu.md / .json and the workers' logs (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="timed steps per row (default: the preset's)")
+    p.add_argument("--skip", help="comma-separated parts to leave out: checks, train, sdpa, "
+                   "eval, loader, ddp, deepspeed (each is named under 'Skipped')")
+    p.add_argument("--workers", type=int,
+                   help="loader workers (default: the config's <stage>.num_workers)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--worker-timeout", type=int, default=600,
+                   help="seconds allowed to each DDP / DeepSpeed worker (default: %(default)s)")
+    p.set_defaults(func=cmd_bench_gpu)
     return parser
 
 

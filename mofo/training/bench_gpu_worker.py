@@ -56,7 +56,8 @@ def timed_steps(step: Callable[[], float], device: torch.device, steps: int,
 
 def max_grad_difference(model: torch.nn.Module, ddp: torch.nn.Module, task, batch: dict) -> float:
     """Largest |gradient| difference between a plain backward of ``model`` and a DDP backward
-    of the same weights and batch (fp32; world size 1 divides the all-reduced sum by 1)."""
+    of the same weights and batch (fp32; world size 1 divides the all-reduced sum by 1),
+    relative to the largest plain |gradient|."""
     loss, _ = task(model, batch)
     loss.backward()
     plain = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -66,7 +67,8 @@ def max_grad_difference(model: torch.nn.Module, ddp: torch.nn.Module, task, batc
     diffs = [float((p.grad - plain[n]).abs().max()) for n, p in model.named_parameters()
              if p.grad is not None]
     model.zero_grad(set_to_none=True)
-    return max(diffs) if diffs else float("inf")
+    scale = max((float(g.abs().max()) for g in plain.values()), default=0.0)
+    return max(diffs) / max(scale, 1e-12) if diffs else float("inf")
 
 
 def run_ddp(spec: dict) -> dict:
