@@ -1,9 +1,7 @@
 # Shared helpers for the rules. Everything computed here is cheap: the shard list comes
 # from the annotation files (or the demo config), never from decoding video.
-import json
-import hashlib
-
 from mofo.data.manifest import shard_names
+from mofo.provenance import stage_hash  # a rule's rerun trigger: what its stage reads
 
 RESULTS = f"{config['results_dir']}/{config['dataset']['name']}"
 LOGS = f"{RESULTS}/logs"
@@ -30,18 +28,12 @@ def manifest_inputs(wildcards):
     if name == "epic100":
         root = ds["epic100"]["annotations_dir"]
         return [f"{root}/EPIC_100_{split}.csv" for split in ds["epic100"]["splits"]]
-    return list(ds["list"]["files"].values())
+    return [f for f in ds["list"]["files"].values() if f]  # a null split is dropped
 
 
 def gt_boxes_input(wildcards):
     """Ground-truth boxes exist for the demo dataset only."""
     return [f"{DEMO_ROOT}/gt_boxes.csv", f"{DEMO_ROOT}/clips.csv"] if config["dataset"]["name"] == "demo" else []
-
-
-def section_hash(*sections):
-    """Short hash of config sections: a stage's params, so a changed setting reruns it."""
-    blob = json.dumps([config.get(s) for s in sections], sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
 def maybe_temp(path):

@@ -9,6 +9,7 @@ rule demo_data:
         videos=directory(f"{DEMO_ROOT}/videos"),
     params:
         demo=config["dataset"]["demo"],
+        config_hash=stage_hash(config, "demo_data"),
     log:
         f"{LOGS}/demo_data.log",
     benchmark:
@@ -30,7 +31,7 @@ rule manifest:
     output:
         f"{RESULTS}/manifest.csv",
     params:
-        config_hash=section_hash("dataset", "shards"),
+        config_hash=stage_hash(config, "manifest"),
     log:
         f"{LOGS}/manifest.log",
     benchmark:
@@ -55,7 +56,7 @@ rule decode:
         status=f"{RESULTS}/frames/{{shard}}.status.csv",
     params:
         prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
-        config_hash=section_hash("decode"),
+        config_hash=stage_hash(config, "decode"),
     log:
         f"{LOGS}/decode/{{shard}}.log",
     benchmark:

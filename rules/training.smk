@@ -17,7 +17,7 @@ rule pretrain:
         out_dir=lambda wildcards: f"{RESULTS}/pretrain/{wildcards.masking}",
         nproc=lambda wildcards, resources: processes_per_job(resources),
         nodes=lambda wildcards, resources: nodes_per_job(resources),
-        config_hash=section_hash("model", "masking", "augment", "engine", "pretrain"),
+        config_hash=stage_hash(config, "pretrain"),
     log:
         f"{LOGS}/pretrain/{{masking}}.log",
     benchmark:
@@ -45,7 +45,7 @@ rule finetune:
         out_dir=lambda wildcards: f"{RESULTS}/finetune/{wildcards.masking}-{wildcards.head}",
         nproc=lambda wildcards, resources: processes_per_job(resources),
         nodes=lambda wildcards, resources: nodes_per_job(resources),
-        config_hash=section_hash("model", "augment", "engine", "finetune"),
+        config_hash=stage_hash(config, "finetune"),
     log:
         f"{LOGS}/finetune/{{masking}}-{{head}}.log",
     benchmark:
@@ -72,7 +72,7 @@ rule evaluate:
         predictions=f"{RESULTS}/eval/{{masking}}-{{head}}/predictions.csv",
     params:
         out_dir=lambda wildcards: f"{RESULTS}/eval/{wildcards.masking}-{wildcards.head}",
-        config_hash=section_hash("model", "augment", "evaluate"),
+        config_hash=stage_hash(config, "evaluate"),
     log:
         f"{LOGS}/evaluate/{{masking}}-{{head}}.log",
     benchmark:

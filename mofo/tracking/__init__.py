@@ -1,7 +1,8 @@
 """MLflow tracking across processes and SLURM jobs (see mofo/tracking/runs.py).
 
 Snakefile: ``start_workflow_run`` in ``onstart``, ``finish_workflow_run`` in ``onsuccess`` /
-``onerror``. Stage scripts: ``with stage_run_from_snakemake(snakemake, sections=(...)) as t``.
+``onerror``. Stage scripts: ``with stage_run_from_snakemake(snakemake) as t`` (params: what the rule's stage reads,
+``mofo.provenance.STAGE_READS``).
 """
 
 from mofo.tracking.client import SafeClient, reset_process_state

@@ -265,11 +265,13 @@ def stage_run(
     sections: Iterable[str] = (),
     log_path: str | Path | None = None,
     parent_run_id: str | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> Iterator[StageTracker]:
     """A child run for one job of ``rule``; yields a :class:`StageTracker`.
 
     Tags: rule, wildcards, shard, git commit, config hash, dataset, host, SLURM job id,
-    invocation id. Params: each config section in ``sections`` flattened (``decode.short_side``).
+    invocation id. Params: each config section in ``sections`` flattened (``decode.short_side``)
+    and ``settings`` (``{dotted key: value}``, e.g. ``mofo.provenance.stage_settings``).
     On exit the queued metrics are sent, ``log_path`` is uploaded (also when the stage failed,
     which marks the run FAILED and re-raises) and the run is closed. The parent is
     ``parent_run_id`` or ``$MOFO_MLFLOW_PARENT_RUN_ID``; without either the run stands alone.
@@ -300,6 +302,8 @@ def stage_run(
     for section in sections:
         if section in config:
             tracker.log_params({section: config[section]})
+    if settings:
+        tracker.log_params(dict(settings))
     error: BaseException | None = None
     previous = os.environ.get(ENV_STAGE_RUN)
     if run_id:
@@ -338,10 +342,17 @@ def attach_stage_run(config: Mapping[str, Any]) -> StageTracker:
 def stage_run_from_snakemake(
     sm: Any, sections: Iterable[str] = ()
 ) -> contextlib.AbstractContextManager[StageTracker]:
-    """:func:`stage_run` for a Snakemake ``script:`` (rule, wildcards, config and log from ``sm``)."""
+    """:func:`stage_run` for a Snakemake ``script:`` (rule, wildcards, config and log from ``sm``).
+
+    The params are what the rule's stage reads, as declared once in
+    ``mofo.provenance.STAGE_READS``; ``sections`` is for rules outside that declaration."""
+    from mofo.provenance import STAGE_READS, stage_settings
+
     wildcards = {k: v for k, v in sm.wildcards.items()} if hasattr(sm.wildcards, "items") else {}
     log = sm.log[0] if len(sm.log) else None
-    return stage_run(sm.config, rule=sm.rule, wildcards=wildcards, sections=sections, log_path=log)
+    settings = stage_settings(sm.config, sm.rule) if sm.rule in STAGE_READS else None
+    return stage_run(sm.config, rule=sm.rule, wildcards=wildcards, sections=sections,
+                     log_path=log, settings=settings)
 
 
 def _never_raise(fn):

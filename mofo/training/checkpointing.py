@@ -4,15 +4,13 @@ A checkpoint is one ``torch.save`` file written atomically (temporary file in th
 folder, then ``os.replace``), so a kill during the write leaves the previous checkpoint
 intact. It holds the model (unwrapped ``state_dict``), optimizer, scheduler, ``epoch`` /
 ``step_in_epoch`` / ``global_step``, the RNG states of every rank (torch, CUDA, numpy,
-python) and the hash of the config that produced it. Weights are saved in VideoMAE's layout
+python) and the run's provenance with its hash (``mofo.provenance``). Weights are saved in VideoMAE's layout
 (``model`` key), so ``mofo.models.checkpoint.load_pretrained`` reads ours and the official
 ones alike.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import tempfile
@@ -23,12 +21,6 @@ import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = 1
-
-
-def config_hash(config: dict) -> str:
-    """Stable short hash of a config dict (key order does not matter)."""
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -87,9 +79,3 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise RuntimeError(f"{path} is not a mofo checkpoint (no 'model' key)")
     return ckpt
-
-
-def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``meta`` dict of a mofo checkpoint (stage, masking, head, ...), {} if none."""
-    ckpt = load_checkpoint(path)
-    return dict(ckpt.get("meta") or {})

@@ -41,6 +41,22 @@ def read_manifest(manifest_path: str | Path) -> pd.DataFrame:
     return _read(manifest_path)
 
 
+def input_files(manifest_path: str | Path, results_dir: str | Path) -> dict[str, Path]:
+    """The files a training stage reads, named relative to the results folder: the manifest,
+    and per shard of the manifest its frame index and motion boxes. Their digests are part of
+    the run's provenance (``mofo.provenance.inputs_digest``): new boxes, frames or clips make a
+    new run. The frame packs are covered by their index (offsets and sizes of every frame)."""
+    from mofo.data.manifest import shard_name
+
+    results_dir = Path(results_dir)
+    files = {"manifest.csv": Path(manifest_path)}
+    for shard in sorted(read_manifest(manifest_path)["shard"].unique()):
+        name = shard_name(int(shard))
+        files[f"frames/{name}.index.csv"] = results_dir / "frames" / f"{name}.index.csv"
+        files[f"boxes/{name}.csv"] = results_dir / "boxes" / f"{name}.csv"
+    return files
+
+
 def build_dataset(config: dict, manifest_path: str | Path, results_dir: str | Path, split: str,
                   mode: str, **kwargs: Any):
     """``mofo.data.dataset.VideoClipDataset`` for one split and mode."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -42,6 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mofo.data.dataset import set_loader_epoch
+from mofo.provenance import digest
 from mofo.training import checkpointing as ckpt_io
 from mofo.training.distributed import (
     DistContext,
@@ -256,7 +256,8 @@ def wrap_model(
 # --------------------------------------------------------------------------- the loop
 def _save_last(
     path: Path, wrapped: Wrapped, scheduler: Any, *, epoch: int, step_in_epoch: int,
-    global_step: int, epoch_start_rng: dict, hash_: str, meta: dict, ctx: DistContext,
+    global_step: int, epoch_start_rng: dict, hash_: str, provenance: dict, meta: dict,
+    ctx: DistContext,
 ) -> None:
     """Gather every rank's RNG state and write ``checkpoint-last.pt`` from rank 0."""
     rng_all = all_gather_objects(ckpt_io.capture_rng_state())
@@ -274,6 +275,7 @@ def _save_last(
             "epoch_start_rng": start_all,
             "world_size": ctx.world_size,
             "config_hash": hash_,
+            "provenance": provenance,
             "meta": meta,
         }
         ckpt_io.atomic_torch_save(state, path)
@@ -291,6 +293,144 @@ def _iterate_epoch(
     if restore_rng is not None:
         ckpt_io.restore_rng_state(restore_rng)
     yield from iterator
+
+
+@dataclass
+class _StartPoint:
+    """Where a run starts: step 0, or the step of a resumable ``checkpoint-last.pt``."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    rng: dict | None = None  # this rank's RNG state at the saved step
+    epoch_start_rng: dict | None = None  # ... and at the start of the saved epoch
+
+
+def _provenance_diff(old: dict | None, new: dict) -> str:
+    """The top-level entries (settings / input files) that differ, for the log line."""
+    if not isinstance(old, dict):
+        return "the checkpoint holds no provenance"
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    parts = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            parts.append(f"{key}: {', '.join(sub[:4])}{' ...' if len(sub) > 4 else ''}")
+        else:
+            parts.append(key)
+    return "; ".join(parts) or "none"
+
+
+def _resume_point(last_path: Path, provenance: dict, hash_: str, wrapped_model: nn.Module,
+                  optimizer: Any, scheduler: Any, ctx: DistContext, engine_cfg: dict,
+                  stage: str) -> _StartPoint:
+    """Load ``checkpoint-last.pt`` into model, optimizer and scheduler when it belongs to this
+    very run (same provenance hash: settings and input digests) -- else start at step 0."""
+    if not bool(engine_cfg.get("resume", True)) or not last_path.exists():
+        return _StartPoint()
+    ckpt = ckpt_io.load_checkpoint(last_path)
+    if ckpt.get("config_hash") != hash_:
+        print(f"[mofo] {stage}: {last_path} belongs to another run (changed: "
+              f"{_provenance_diff(ckpt.get('provenance'), provenance)}); training from step 0",
+              file=sys.stderr)
+        return _StartPoint()
+    if ckpt.get("world_size") != ctx.world_size:
+        raise RuntimeError(
+            f"{last_path} was written by {ckpt.get('world_size')} processes, this run has "
+            f"{ctx.world_size}; resume with the same number or delete the checkpoint"
+        )
+    unwrap(wrapped_model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    start = _StartPoint(int(ckpt["epoch"]), int(ckpt["step_in_epoch"]), int(ckpt["global_step"]),
+                        ckpt["rng"][ctx.info.rank], ckpt["epoch_start_rng"][ctx.info.rank])
+    scheduler.step_update(start.global_step)
+    if ctx.is_main:
+        print(f"[mofo] {stage}: resuming from {last_path} at epoch {start.epoch}, "
+              f"step {start.global_step}", file=sys.stderr)
+    return start
+
+
+@dataclass
+class _Loop:
+    """What one optimisation step needs, gathered once per run."""
+
+    wrapped: Wrapped
+    scheduler: Any
+    task: Task
+    engine_cfg: dict
+    ctx: DistContext
+    stop: StopFlag
+    clip_grad: float
+    stage: str
+
+
+def _step(loop: _Loop, batch: Any, global_step: int, epoch: int, step_in_epoch: int,
+          steps_per_epoch: int) -> tuple[float, float, bool, dict]:
+    """One forward/backward/update on ``batch``; returns (loss sum, clips, stop requested)
+    summed over ranks, and the task's extras (this rank's). Raises NonFiniteLossError (naming the step) on a NaN/inf loss on any rank."""
+    ctx = loop.ctx
+    batch = to_device(batch, ctx.device)
+    with autocast_context(loop.engine_cfg, ctx.device):
+        loss, extras = loop.task(loop.wrapped.model, batch)
+    n = count_batch(batch)
+    local = float(loss.detach().float().item())
+    finite = math.isfinite(local)
+    stats = all_reduce_sum(torch.tensor(
+        [local * n if finite else 0.0, 0.0 if finite else 1.0,
+         1.0 if loop.stop.requested else 0.0, float(n)], dtype=torch.float64,
+    ).to(ctx.device if ctx.backend == "nccl" else "cpu"))
+    loss_sum, bad, stop_votes, clips = (float(v) for v in stats.cpu())
+    if bad > 0:
+        raise NonFiniteLossError(
+            f"{loop.stage}: loss is {local if not finite else 'non-finite on another rank'}"
+            f" at global step {global_step + 1} (epoch {epoch}, step "
+            f"{step_in_epoch + 1} of {steps_per_epoch}); stopping"
+        )
+    wrapped = loop.wrapped
+    if wrapped.ds_engine is not None:
+        wrapped.ds_engine.backward(loss)
+        wrapped.ds_engine.step()
+    else:
+        loss.backward()
+        if loop.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(unwrap(wrapped.model).parameters(), loop.clip_grad)
+        wrapped.optimizer.step()
+        wrapped.optimizer.zero_grad(set_to_none=True)
+    loop.scheduler.step_update(global_step + 1)
+    return loss_sum, clips, stop_votes > 0, extras
+
+
+def _requeue(loop: _Loop, marker: Path, last_path: Path, global_step: int) -> RequeueRequested:
+    """After the checkpoint of a stop signal: leave the marker, say so, return the exit."""
+    if loop.ctx.is_main:
+        marker.write_text(json.dumps({"signal": loop.stop.requested, "step": global_step}))
+    message = (
+        f"{loop.stage}: {loop.stop.requested or 'stop signal on another rank'} received; "
+        f"checkpoint written at step {global_step} to {last_path}; exiting "
+        f"with code {REQUEUE_EXIT_CODE} so the job is requeued"
+    )
+    print(f"[mofo] {message}", file=sys.stderr)
+    return RequeueRequested(message)
+
+
+def _finish(model: nn.Module, final_path: Path, last_path: Path, global_step: int, epochs: int,
+            hash_: str, provenance: dict, meta: dict, log: MetricsLog, ctx: DistContext,
+            stage: str) -> None:
+    """Write ``checkpoint.pt`` and remove ``checkpoint-last.pt``: a finished run is never
+    resumed, so a forced or triggered rerun trains from step 0."""
+    if ctx.is_main:
+        ckpt_io.atomic_torch_save(
+            {"format": ckpt_io.CHECKPOINT_FORMAT, "model": unwrap(model).state_dict(),
+             "global_step": global_step, "epoch": epochs, "config_hash": hash_,
+             "provenance": provenance, "meta": meta},
+            final_path,
+        )
+        log.write({"type": "end", "stage": stage, "step": global_step, "epoch": epochs},
+                  global_step)
+        last_path.unlink(missing_ok=True)
+    barrier()
 
 
 def train(
@@ -312,17 +452,18 @@ def train(
 
     ``stage_cfg`` keys used: epochs, warmup_epochs, batch_size, base_lr, min_lr, warmup_lr,
     weight_decay, betas, clip_grad, layer_decay (optional), checkpoint_every, log_interval,
-    seed. ``hash_config`` is what must be unchanged for a resume (a different hash starts
-    afresh). ``max_steps`` stops after that many global steps with a checkpoint (status
-    "stopped") -- a controlled stand-in for a kill. Returns a ``TrainResult``.
+    seed. ``hash_config`` is the run's provenance (the settings the stage reads and digests
+    of its input files, ``mofo.provenance``): ``checkpoint-last.pt`` is resumed only when its
+    provenance is the same, and it is deleted when the run finishes, so a finished run is
+    never resumed. ``max_steps`` stops after that many global steps with a checkpoint
+    (status "stopped") -- a controlled stand-in for a kill. Returns a ``TrainResult``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = dict(meta or {})
-    last_path = out_dir / LAST_CHECKPOINT
-    final_path = out_dir / FINAL_CHECKPOINT
+    last_path, final_path = out_dir / LAST_CHECKPOINT, out_dir / FINAL_CHECKPOINT
     log = MetricsLog(out_dir / METRICS_FILE, ctx.is_main, metrics_callback)
-    hash_ = ckpt_io.config_hash(hash_config)
+    hash_ = digest(hash_config)
     seed = int(stage_cfg.get("seed", 0))
     epochs = int(stage_cfg["epochs"])
     steps_per_epoch = len(loader)
@@ -337,38 +478,9 @@ def train(
     total_batch = int(stage_cfg["batch_size"]) * ctx.world_size
     optimizer = build_optimizer(model, stage_cfg, total_batch)
     scheduler = build_scheduler(optimizer, stage_cfg, steps_per_epoch)
-
-    # ---- resume
-    start_epoch, start_step_in_epoch, global_step = 0, 0, 0
-    resume_rng: dict | None = None
-    resume_start_rng: dict | None = None
-    resume_enabled = bool(engine_cfg.get("resume", True))
-    if resume_enabled and last_path.exists():
-        ckpt = ckpt_io.load_checkpoint(last_path)
-        if ckpt.get("config_hash") != hash_:
-            print(
-                f"[mofo] {last_path} was written with another configuration "
-                f"(hash {ckpt.get('config_hash')} != {hash_}); starting afresh",
-                file=sys.stderr,
-            )
-        elif ckpt.get("world_size") != ctx.world_size:
-            raise RuntimeError(
-                f"{last_path} was written by {ckpt.get('world_size')} processes, this run has "
-                f"{ctx.world_size}; resume with the same number or delete the checkpoint"
-            )
-        else:
-            unwrap(model).load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            start_epoch = int(ckpt["epoch"])
-            start_step_in_epoch = int(ckpt["step_in_epoch"])
-            global_step = int(ckpt["global_step"])
-            resume_rng = ckpt["rng"][ctx.info.rank]
-            resume_start_rng = ckpt["epoch_start_rng"][ctx.info.rank]
-            scheduler.step_update(global_step)
-            if ctx.is_main:
-                print(f"[mofo] {stage}: resuming from {last_path} at epoch {start_epoch}, "
-                      f"step {global_step}", file=sys.stderr)
+    start = _resume_point(last_path, hash_config, hash_, model, optimizer, scheduler, ctx,
+                          engine_cfg, stage)
+    global_step = start.global_step
     if global_step == 0:
         log.reset()
     else:
@@ -376,13 +488,13 @@ def train(
 
     wrapped = wrap_model(model, optimizer, ctx, stage_cfg, engine_cfg,
                          int(stage_cfg["batch_size"]))
-    clip_grad = float(stage_cfg.get("clip_grad") or 0.0)
     log_interval = max(1, int(stage_cfg.get("log_interval", 10)))
     checkpoint_every = max(1, int(stage_cfg.get("checkpoint_every", 1)))
     marker = out_dir / REQUEUE_MARKER
     if ctx.is_main and marker.exists():
         marker.unlink()
-    stop = StopFlag().install()
+    loop = _Loop(wrapped, scheduler, task, engine_cfg, ctx, StopFlag().install(),
+                 float(stage_cfg.get("clip_grad") or 0.0), stage)
     losses: list[float] = []
     status = "finished"
     wrapped.model.train()
@@ -390,54 +502,30 @@ def train(
     def save(epoch: int, step_in_epoch: int, start_rng: dict) -> None:
         _save_last(last_path, wrapped, scheduler, epoch=epoch, step_in_epoch=step_in_epoch,
                    global_step=global_step, epoch_start_rng=start_rng, hash_=hash_,
-                   meta=meta, ctx=ctx)
+                   provenance=hash_config, meta=meta, ctx=ctx)
 
+    epoch = start.epoch
     try:
-        for epoch in range(start_epoch, epochs):
-            resuming_mid_epoch = epoch == start_epoch and start_step_in_epoch > 0
+        for epoch in range(start.epoch, epochs):
+            resuming_mid_epoch = epoch == start.epoch and start.step_in_epoch > 0
             if resuming_mid_epoch:
-                ckpt_io.restore_rng_state(resume_start_rng)
-            elif epoch == start_epoch and resume_rng is not None:
-                ckpt_io.restore_rng_state(resume_rng)
+                ckpt_io.restore_rng_state(start.epoch_start_rng)
+            elif epoch == start.epoch and start.rng is not None:
+                ckpt_io.restore_rng_state(start.rng)
             epoch_start_rng = ckpt_io.capture_rng_state()
             set_loader_epoch(loader, epoch, seed)
-            skip = start_step_in_epoch if resuming_mid_epoch else 0
-            batches = _iterate_epoch(loader, skip, resume_rng if resuming_mid_epoch else None)
+            skip = start.step_in_epoch if resuming_mid_epoch else 0
+            batches = _iterate_epoch(loader, skip, start.rng if resuming_mid_epoch else None)
             step_in_epoch = skip
             epoch_loss, epoch_clips, t0 = 0.0, 0, time.perf_counter()
             bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"{stage} epoch {epoch}",
                        disable=not ctx.is_main, file=sys.stderr, leave=False)
             for batch in batches:
                 t_step = time.perf_counter()
-                batch = to_device(batch, ctx.device)
-                with autocast_context(engine_cfg, ctx.device):
-                    loss, extras = task(wrapped.model, batch)
-                n = count_batch(batch)
-                local = float(loss.detach().float().item())
-                finite = math.isfinite(local)
-                stats = all_reduce_sum(torch.tensor(
-                    [local * n if finite else 0.0, 0.0 if finite else 1.0,
-                     1.0 if stop.requested else 0.0, float(n)], dtype=torch.float64,
-                ).to(ctx.device if ctx.backend == "nccl" else "cpu"))
-                loss_sum, bad, stop_votes, clips = (float(v) for v in stats.cpu())
-                if bad > 0:
-                    raise NonFiniteLossError(
-                        f"{stage}: loss is {local if not finite else 'non-finite on another rank'}"
-                        f" at global step {global_step + 1} (epoch {epoch}, step "
-                        f"{step_in_epoch + 1} of {steps_per_epoch}); stopping"
-                    )
-                if wrapped.ds_engine is not None:
-                    wrapped.ds_engine.backward(loss)
-                    wrapped.ds_engine.step()
-                else:
-                    loss.backward()
-                    if clip_grad > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                loss_sum, clips, stop_requested, extras = _step(
+                    loop, batch, global_step, epoch, step_in_epoch, steps_per_epoch)
                 global_step += 1
                 step_in_epoch += 1
-                scheduler.step_update(global_step)
                 mean_loss = loss_sum / max(clips, 1.0)
                 losses.append(mean_loss)
                 epoch_loss += loss_sum
@@ -445,24 +533,14 @@ def train(
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 if global_step % log_interval == 0 or step_in_epoch == steps_per_epoch:
-                    record = {"type": "step", "stage": stage, "epoch": epoch,
-                              "step": global_step, "loss": mean_loss,
-                              "lr": current_lr(optimizer),
-                              "clips_per_s": clips / max(time.perf_counter() - t_step, 1e-9)}
-                    record.update({k: float(v) for k, v in extras.items()})
-                    log.write(record, global_step)
-                if stop_votes > 0:
+                    log.write({"type": "step", "stage": stage, "epoch": epoch,
+                               "step": global_step, "loss": mean_loss,
+                               "lr": current_lr(optimizer),
+                               "clips_per_s": clips / max(time.perf_counter() - t_step, 1e-9),
+                               **{k: float(v) for k, v in extras.items()}}, global_step)
+                if stop_requested:
                     save(epoch, step_in_epoch, epoch_start_rng)
-                    if ctx.is_main:
-                        marker.write_text(json.dumps({"signal": stop.requested,
-                                                      "step": global_step}))
-                    message = (
-                        f"{stage}: {stop.requested or 'stop signal on another rank'} received; "
-                        f"checkpoint written at step {global_step} to {last_path}; exiting "
-                        f"with code {REQUEUE_EXIT_CODE} so the job is requeued"
-                    )
-                    print(f"[mofo] {message}", file=sys.stderr)
-                    raise RequeueRequested(message)
+                    raise _requeue(loop, marker, last_path, global_step)
                 if max_steps is not None and global_step >= max_steps:
                     save(epoch, step_in_epoch, epoch_start_rng)
                     status = "stopped"
@@ -477,29 +555,12 @@ def train(
                       global_step)
             if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs:
                 save(epoch + 1, 0, ckpt_io.capture_rng_state())
-            start_step_in_epoch = 0
-            resume_rng = None
+            start = _StartPoint()
     finally:
-        stop.uninstall()
+        loop.stop.uninstall()
 
     if status == "finished":
-        if not last_path.exists():  # resumed after the last epoch finished: nothing to train
-            save(epochs, 0, ckpt_io.capture_rng_state())
-        if ctx.is_main:
-            ckpt_io.atomic_torch_save(
-                {"format": ckpt_io.CHECKPOINT_FORMAT, "model": unwrap(model).state_dict(),
-                 "global_step": global_step, "epoch": epochs, "config_hash": hash_,
-                 "meta": meta},
-                final_path,
-            )
-            log.write({"type": "end", "stage": stage, "step": global_step, "epoch": epochs},
-                      global_step)
-        barrier()
+        _finish(model, final_path, last_path, global_step, epochs, hash_, hash_config, meta,
+                log, ctx, stage)
     return TrainResult(status, final_path if status == "finished" else None, last_path,
                        global_step, epochs if status == "finished" else epoch, losses)
-
-
-def os_environ_snapshot() -> dict[str, str]:
-    """The environment variables that describe the job (recorded in run metadata)."""
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS")
-    return {k: os.environ[k] for k in keys if k in os.environ}

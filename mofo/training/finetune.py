@@ -23,6 +23,7 @@ import torch
 
 from mofo.config import load_config
 from mofo.masking.grid import token_grid
+from mofo.provenance import inputs_digest, stage_settings
 from mofo.training import data as data_io
 from mofo.training.distributed import cleanup_distributed, init_distributed
 from mofo.training.engine import MetricsCallback, seed_everything, train
@@ -30,7 +31,6 @@ from mofo.training.losses import classification_loss
 from mofo.training.mixup import VideoMixup
 from mofo.training.pretrain import resolve_paths, stage_arg_parser
 
-NON_HASHED_KEYS = ("num_workers", "log_interval", "checkpoint_every")
 HEADS = ("mean", "mca")
 
 
@@ -78,10 +78,14 @@ def pretrained_meta(pretrained_ckpt: str | Path | None) -> dict:
     return dict(obj.get("meta") or {}) if isinstance(obj, dict) else {}
 
 
-def hash_config(config: dict, head: str, pretrained_ckpt: str | Path | None) -> dict:
-    stage = {k: v for k, v in config["finetune"].items() if k not in NON_HASHED_KEYS}
-    return {"stage": "finetune", "dataset": config["dataset"]["name"], "model": config["model"],
-            "finetune": stage, "head": head, "pretrained": str(pretrained_ckpt or "")}
+def provenance(config: dict, head: str, manifest_path: str | Path, results_dir: str | Path,
+               pretrained_ckpt: str | Path | None) -> dict:
+    """What makes two fine-tunings the same run: the settings fine-tuning reads (declared in
+    ``mofo.provenance.STAGE_READS``), the head, and digests of the inputs -- the pretrained
+    checkpoint's content included, not only its path."""
+    files = {**data_io.input_files(manifest_path, results_dir), "pretrained": pretrained_ckpt}
+    return {"stage": "finetune", "head": head, "settings": stage_settings(config, "finetune"),
+            "inputs": inputs_digest(files)}
 
 
 def run(config: dict, manifest_path: str | Path, results_dir: str | Path,
@@ -119,7 +123,9 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path,
         task = finetune_task(heads, mixer if mixer.enabled else None,
                              float(ft["label_smoothing"]))
         result = train(model, loader, task, stage_cfg=ft, engine_cfg=engine_cfg, ctx=ctx,
-                       out_dir=out_dir, hash_config=hash_config(config, head, pretrained_ckpt),
+                       out_dir=out_dir,
+                       hash_config=provenance(config, head, manifest_path, results_dir,
+                                              pretrained_ckpt),
                        meta=meta, metrics_callback=metrics_callback, max_steps=max_steps,
                        stage=f"finetune-{head}")
         return result.final_checkpoint or result.last_checkpoint

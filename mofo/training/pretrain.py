@@ -20,13 +20,11 @@ from pathlib import Path
 import torch
 
 from mofo.config import dataset_results_dir, deep_merge, load_config
+from mofo.provenance import inputs_digest, stage_settings
 from mofo.training import data as data_io
 from mofo.training.distributed import cleanup_distributed, init_distributed
 from mofo.training.engine import MetricsCallback, TrainResult, seed_everything, train, unwrap
 from mofo.training.losses import masked_reconstruction_loss
-
-# Keys that do not change what is trained (a resume across them is fine).
-NON_HASHED_KEYS = ("num_workers", "log_interval", "checkpoint_every", "n_reconstruction_clips")
 
 
 def pretrain_task(model_cfg: dict, normalize_target: bool) -> Callable:
@@ -50,11 +48,12 @@ def stage_config(config: dict, masking: str) -> dict:
     return deep_merge(config, {"masking": {"strategy": masking}})
 
 
-def hash_config(config: dict) -> dict:
-    """The settings a resumed pretraining must share with the checkpoint it resumes."""
-    stage = {k: v for k, v in config["pretrain"].items() if k not in NON_HASHED_KEYS}
-    return {"stage": "pretrain", "dataset": config["dataset"]["name"], "model": config["model"],
-            "masking": config["masking"], "pretrain": stage}
+def provenance(config: dict, manifest_path: str | Path, results_dir: str | Path) -> dict:
+    """What makes two pretrainings the same run: the settings pretraining reads (declared in
+    ``mofo.provenance.STAGE_READS``), the masking strategy and digests of the input files."""
+    return {"stage": "pretrain", "masking": config["masking"]["strategy"],
+            "settings": stage_settings(config, "pretrain"),
+            "inputs": inputs_digest(data_io.input_files(manifest_path, results_dir))}
 
 
 def run(config: dict, manifest_path: str | Path, results_dir: str | Path, masking: str,
@@ -76,7 +75,7 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path, maskin
                 "model_size": config["model"]["size"]}
         result = train(model, loader, pretrain_task(config["model"], pre_cfg["normalize_target"]),
                        stage_cfg=pre_cfg, engine_cfg=engine_cfg, ctx=ctx, out_dir=out_dir,
-                       hash_config=hash_config(config), meta=meta,
+                       hash_config=provenance(config, manifest_path, results_dir), meta=meta,
                        metrics_callback=metrics_callback, max_steps=max_steps,
                        stage=f"pretrain-{masking}")
         if ctx.is_main and result.status == "finished":

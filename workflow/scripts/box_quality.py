@@ -5,7 +5,7 @@ from mofo.tracking import stage_run_from_snakemake
 from mofo.motion.quality import write_box_quality
 
 sm = snakemake  # noqa: F821
-with stage_run_from_snakemake(sm, sections=("motion_boxes", "model")) as tracker, job_log(sm.log[0]) as log:
+with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]) as log:
     gt_boxes, clips = (sm.input.gt[0], sm.input.gt[1]) if sm.input.gt else (None, None)
     prefixes = [p[: -len(".status.csv")] for p in sm.input.status]
     result = write_box_quality(

@@ -6,11 +6,11 @@ from mofo.logs import job_log
 from mofo.tracking import stage_run_from_snakemake
 
 sm = snakemake  # noqa: F821
-with stage_run_from_snakemake(sm, sections=("decode",)) as tracker, job_log(sm.log[0]) as log:
+with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]) as log:
     manifest = read_manifest(sm.input.manifest)
     rows = select_shard(manifest, sm.wildcards.shard)
-    model = sm.config["model"]
-    min_frames = model["num_frames"] * model["sampling_rate"]  # the span the loader samples
-    status = decode_shard(rows, sm.params.prefix, sm.config["decode"], min_frames=min_frames)
+    # The model's span is not this stage's business (the loader repeats frames of a clip
+    # shorter than it and says so): `short` here means too few frames for flow.
+    status = decode_shard(rows, sm.params.prefix, sm.config["decode"])
     log.info("decode %s: %s", sm.wildcards.shard, status["status"].value_counts().to_dict())
     tracker.log_metrics({f"clips_{k}": v for k, v in status["status"].value_counts().items()})

@@ -5,6 +5,6 @@ from mofo.logs import job_log
 from mofo.tracking import stage_run_from_snakemake
 
 sm = snakemake  # noqa: F821
-with stage_run_from_snakemake(sm, sections=("dataset",)) as tracker, job_log(snakemake.log[0]) as log:
+with stage_run_from_snakemake(sm) as tracker, job_log(snakemake.log[0]) as log:
     clips = generate(snakemake.params.demo)  # noqa: F821
     log.info("generated %d demo clips", len(clips))

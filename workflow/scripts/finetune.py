@@ -5,7 +5,7 @@ from mofo.tracking import stage_run_from_snakemake
 from mofo.stages import run_stage_module
 
 sm = snakemake  # noqa: F821
-with stage_run_from_snakemake(sm, sections=("model", "augment", "engine", "finetune")) as tracker, job_log(sm.log[0]):
+with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
     run_stage_module(
         "mofo.training.finetune",
         ["--head", sm.wildcards.head, "--pretrained", sm.input.pretrained, "--manifest", sm.input.manifest,

@@ -5,7 +5,7 @@ from mofo.logs import job_log
 from mofo.tracking import stage_run_from_snakemake
 
 sm = snakemake  # noqa: F821
-with stage_run_from_snakemake(sm, sections=("dataset", "shards")) as tracker, job_log(snakemake.log[0]) as log:
+with stage_run_from_snakemake(sm) as tracker, job_log(snakemake.log[0]) as log:
     manifest = build_manifest(snakemake.config)  # noqa: F821
     write_manifest(manifest, snakemake.output[0])  # noqa: F821
     log.info("manifest: %d clips, %d shards", len(manifest), manifest["shard"].nunique())

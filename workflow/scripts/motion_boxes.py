@@ -5,7 +5,7 @@ from mofo.tracking import stage_run_from_snakemake
 from mofo.motion.boxes import boxes_shard
 
 sm = snakemake  # noqa: F821
-with stage_run_from_snakemake(sm, sections=("motion_boxes",)) as tracker, job_log(sm.log[0]) as log:
+with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]) as log:
     report = boxes_shard(
         sm.input.motion_map,
         sm.params.prefix,

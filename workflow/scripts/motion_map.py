@@ -5,7 +5,7 @@ from mofo.tracking import stage_run_from_snakemake
 from mofo.motion.boundaries import motion_map_shard
 
 sm = snakemake  # noqa: F821
-with stage_run_from_snakemake(sm, sections=("motion_map",)) as tracker, job_log(sm.log[0]):
+with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
     motion_map_shard(
         sm.input.flow, sm.output.motion_map, sm.config["motion_map"], raw_flow_out=sm.output.raw_flow_map
     )

@@ -7,15 +7,15 @@ from mofo.tracking import stage_run_from_snakemake
 from mofo.motion.viz import write_shard_pictures
 
 sm = snakemake  # noqa: F821
-with stage_run_from_snakemake(sm, sections=("motion_boxes",)) as tracker, job_log(sm.log[0]) as log:
+with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]) as log:
     Path(sm.output[0]).mkdir(parents=True, exist_ok=True)
     written = write_shard_pictures(
         sm.params.prefix,
         sm.input.motion_map,
         sm.input.boxes,
         sm.output[0],
-        n_clips=sm.config["motion_boxes"]["n_picture_clips"],
-        flow_path=sm.input.flow,
+        n_clips=sm.config["pictures"]["clips_per_shard"],
+        flow_path=sm.input.picture_flow,
         gt_boxes_csv=sm.input.gt[0] if sm.input.gt else None,
         raw_boxes_csv=sm.input.raw_flow_boxes,
     )

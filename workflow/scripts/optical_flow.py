@@ -5,5 +5,7 @@ from mofo.tracking import stage_run_from_snakemake
 from mofo.motion.flow import flow_shard
 
 sm = snakemake  # noqa: F821
-with stage_run_from_snakemake(sm, sections=("optical_flow",)) as tracker, job_log(sm.log[0]):
-    flow_shard(sm.params.prefix, sm.output.flow, sm.config["optical_flow"])
+with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
+    flow_shard(sm.params.prefix, sm.output.flow, sm.config["optical_flow"],
+               picture_out=sm.output.picture_flow,
+               n_picture_clips=sm.config["pictures"]["clips_per_shard"])

@@ -5,7 +5,7 @@ from mofo.tracking import stage_run_from_snakemake
 from mofo.stages import run_stage_module
 
 sm = snakemake  # noqa: F821
-with stage_run_from_snakemake(sm, sections=("model", "masking", "augment", "engine", "pretrain")) as tracker, job_log(sm.log[0]):
+with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
     run_stage_module(
         "mofo.training.pretrain",
         ["--masking", sm.wildcards.masking, "--manifest", sm.input.manifest,

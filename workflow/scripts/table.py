@@ -5,7 +5,7 @@ from mofo.logs import job_log
 from mofo.tracking import stage_run_from_snakemake
 
 sm = snakemake  # noqa: F821
-with stage_run_from_snakemake(sm, sections=("variants",)) as tracker, job_log(sm.log[0]) as log:
+with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]) as log:
     labelled = {v["label"]: path for v, path in zip(sm.params.variants.values(), sm.input.metrics)}
     table = make_table(labelled, sm.output.csv, sm.output.md, sm.config["dataset"]["name"])
     log.info("\n%s", table.to_string(index=False))

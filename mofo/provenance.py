@@ -1,0 +1,147 @@
+"""What each stage reads, declared once, and the digests that say "this is the same run".
+
+``STAGE_READS`` names the config keys every stage of the DAG reads. Three things derive from
+it and nothing else:
+
+* the rule's rerun trigger: ``params: config_hash=stage_hash(config, "<rule>")`` in
+  ``rules/*.smk`` (Snakemake reruns a job whose params changed);
+* the MLflow params of the stage's run (``mofo.tracking.stage_run_from_snakemake``);
+* the resume provenance of the training stages (``mofo.training.pretrain`` / ``finetune``):
+  ``checkpoint-last.pt`` is resumed only when its provenance equals the new run's, which
+  also holds a digest of the stage's input files (:func:`inputs_digest`).
+
+A declaration is a tuple of dotted keys. ``"pretrain"`` is the whole section;
+``"-pretrain.log_interval"`` takes a key back out (settings that do not change what is
+computed: loader workers, logging, checkpoint frequency). A key missing from the config
+reads as ``None``, so an overlay that adds a key changes the hash only where it is read.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# Settings of a training section that change neither the weights nor the metrics.
+_TRAIN_IGNORED = ("num_workers", "log_interval", "checkpoint_every")
+
+STAGE_READS: dict[str, tuple[str, ...]] = {
+    "demo_data": ("dataset.demo",),
+    "manifest": ("dataset", "shards"),
+    "decode": ("decode", "-decode.threads"),
+    # The flow job also keeps the flow of the picture clips (pictures.clips_per_shard), so
+    # that pictures never need the full, temporary flow again.
+    "optical_flow": ("optical_flow", "-optical_flow.keep", "pictures.clips_per_shard"),
+    "motion_map": ("motion_map",),
+    "motion_boxes": ("motion_boxes",),
+    "motion_pictures": ("pictures",),
+    "box_quality": ("model",),
+    "pretrain": (
+        "dataset.name", "model", "masking", "-masking.strategy",  # the rule's wildcard sets it
+        "augment.pretrain_sampling", "augment.multi_scale_crop", "engine.precision",
+        "pretrain", "-pretrain.n_reconstruction_clips",
+        *(f"-pretrain.{k}" for k in _TRAIN_IGNORED),
+    ),
+    "finetune": (
+        "dataset.name", "dataset.demo.classes", "dataset.list.horizontal_flip", "model",
+        "augment", "-augment.pretrain_sampling", "-augment.multi_scale_crop",
+        "-augment.test_clips", "-augment.test_crops", "engine.precision",
+        "finetune", *(f"-finetune.{k}" for k in _TRAIN_IGNORED),
+    ),
+    "evaluate": (
+        "dataset.name", "dataset.demo.classes", "model", "augment.finetune_sampling",
+        "augment.test_clips", "augment.test_crops", "engine.precision",
+        "evaluate", "-evaluate.num_workers",
+    ),
+    "table": ("variants",),
+}
+
+
+class UnknownStageError(KeyError):
+    """A stage name that ``STAGE_READS`` does not declare."""
+
+    def __str__(self) -> str:
+        return f"no declaration of what stage {self.args[0]!r} reads (mofo/provenance.py STAGE_READS: {sorted(STAGE_READS)})"
+
+
+def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _drop(tree: dict, dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    node: Any = tree
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(last, None)
+
+
+def stage_settings(config: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    """The config values ``stage`` reads: ``{dotted key: value}`` in declaration order."""
+    if stage not in STAGE_READS:
+        raise UnknownStageError(stage)
+    keys = [k for k in STAGE_READS[stage] if not k.startswith("-")]
+    settings = {key: copy.deepcopy(_lookup(config, key)) for key in keys}
+    for removed in (k[1:] for k in STAGE_READS[stage] if k.startswith("-")):
+        for key in keys:
+            if removed == key:
+                settings.pop(key, None)
+            elif removed.startswith(key + ".") and isinstance(settings.get(key), dict):
+                _drop(settings[key], removed[len(key) + 1:])
+    return settings
+
+
+def digest(obj: Any) -> str:
+    """Stable 16-hex-digit digest of a JSON-able object (key order does not matter)."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stage_hash(config: Mapping[str, Any], stage: str) -> str:
+    """Digest of :func:`stage_settings`: a rule's rerun trigger."""
+    return digest(stage_settings(config, stage))
+
+
+# Files up to this size are hashed whole; larger ones by size + their first and last MiB.
+WHOLE_FILE_LIMIT = 16 * 2**20
+_EDGE = 2**20
+
+
+def file_digest(path: str | Path) -> str:
+    """Content digest of one input file.
+
+    Files up to 16 MiB (manifests, box tables, frame indexes) are hashed whole. Larger files
+    (checkpoints) are hashed by size plus their first and last MiB: a ``torch.save`` file is
+    a zip whose last bytes are the central directory with a CRC-32 of every tensor, so the
+    tail changes whenever any weight does. mtime is not used: a copy of the same results
+    elsewhere is the same run.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    sha = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        if size <= WHOLE_FILE_LIMIT:
+            for block in iter(lambda: fh.read(2**20), b""):
+                sha.update(block)
+        else:
+            sha.update(fh.read(_EDGE))
+            fh.seek(size - _EDGE)
+            sha.update(fh.read(_EDGE))
+    return sha.hexdigest()[:16]
+
+
+def inputs_digest(files: Mapping[str, str | Path | None]) -> dict[str, str]:
+    """``{name: file_digest}`` of a stage's input files, named by the caller (e.g.
+    ``"boxes/shard-0000.csv"``) so that the digest does not depend on where the results
+    folder lies; a missing file or ``None`` reads as ``"absent"``."""
+    return {name: file_digest(path) if path and Path(path).exists() else "absent"
+            for name, path in sorted(files.items())}
