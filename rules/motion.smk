@@ -8,9 +8,11 @@ rule optical_flow:
         index=f"{RESULTS}/frames/{{shard}}.index.csv",
     output:
         flow=maybe_temp(f"{RESULTS}/flow/{{shard}}.npz"),
+        # Flow of the picture clips only, kept: pictures never recompute the temporary flow.
+        picture_flow=f"{RESULTS}/flow/{{shard}}.pictures.npz",
     params:
         prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
-        config_hash=section_hash("optical_flow"),
+        config_hash=stage_hash(config, "optical_flow"),
     log:
         f"{LOGS}/optical_flow/{{shard}}.log",
     benchmark:
@@ -33,7 +35,7 @@ rule motion_map:
         motion_map=f"{RESULTS}/motion_map/{{shard}}.npz",
         raw_flow_map=f"{RESULTS}/motion_map/{{shard}}.rawflow.npz",
     params:
-        config_hash=section_hash("motion_map"),
+        config_hash=stage_hash(config, "motion_map"),
     log:
         f"{LOGS}/motion_map/{{shard}}.log",
     benchmark:
@@ -60,7 +62,7 @@ rule motion_boxes:
         report=f"{RESULTS}/boxes/{{shard}}.report.json",
     params:
         prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
-        config_hash=section_hash("motion_boxes"),
+        config_hash=stage_hash(config, "motion_boxes"),
     log:
         f"{LOGS}/motion_boxes/{{shard}}.log",
     benchmark:
@@ -78,7 +80,7 @@ rule motion_boxes:
 rule motion_pictures:
     """Frame | flow | motion map | boxes side by side for a few clips of one shard."""
     input:
-        flow=f"{RESULTS}/flow/{{shard}}.npz",
+        picture_flow=f"{RESULTS}/flow/{{shard}}.pictures.npz",
         motion_map=f"{RESULTS}/motion_map/{{shard}}.npz",
         boxes=f"{RESULTS}/boxes/{{shard}}.csv",
         raw_flow_boxes=f"{RESULTS}/boxes/{{shard}}.rawflow.csv",
@@ -88,6 +90,7 @@ rule motion_pictures:
         directory(f"{RESULTS}/motion/pictures/{{shard}}"),
     params:
         prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
+        config_hash=stage_hash(config, "motion_pictures"),
     log:
         f"{LOGS}/motion_pictures/{{shard}}.log",
     benchmark:
@@ -114,7 +117,7 @@ rule box_quality:
     output:
         f"{RESULTS}/motion/box_quality.json",
     params:
-        config_hash=section_hash("model"),
+        config_hash=stage_hash(config, "box_quality"),
     log:
         f"{LOGS}/box_quality.log",
     benchmark:

@@ -201,6 +201,12 @@ class VideoClipDataset(Dataset):
             )
         if self.clips.empty:
             raise DatasetError(f"{self.results_dir}: no decoded clips in split {split!r}")
+        span = int(self.model_cfg["num_frames"]) * int(self.model_cfg["sampling_rate"])
+        n_short = int((self.clips["n_frames"] < span).sum())
+        if n_short:
+            log.info("%s/%s: %d of %d clips have fewer than the model's %d-frame span; their "
+                     "frames are spread over the clip and repeated (mofo/data/sampling.py)",
+                     self.results_dir, split, n_short, len(self.clips), span)
 
         if mode == "test":
             if test_view is None:

@@ -6,7 +6,7 @@
 * ``<out_prefix>.status.csv``: ``clip_id, status, n_frames, message`` per manifest row,
 
 and returns the status table. Statuses: ``ok``; ``short`` (decoded, fewer than ``min_frames``
-frames: kept, the loader repeats frames); ``failed`` (missing / empty / corrupt / truncated
+frames, by default 2: no frame pair for flow, so the clip gets centre boxes; kept); ``failed`` (missing / empty / corrupt / truncated
 file, zero frames, frame range outside the video: left out of the store, the message names
 the file and the problem). One bad clip never stops the shard; a shard where every clip
 failed still gets valid empty outputs plus a loud warning, so the rest of the DAG runs.
@@ -71,7 +71,7 @@ def decode_clip_into(
         )
     n = writer.end_clip()
     if n < min_frames:
-        msg = f"{path}: {n} frames < {min_frames} needed; the loader repeats frames"
+        msg = f"{path}: {n} frames < {min_frames}: no frame pair for flow (centre boxes)"
         return dict(
             clip_id=clip_id,
             status="short",
@@ -87,8 +87,10 @@ def decode_shard(
     """Decode every clip of ``shard_df`` (manifest rows) into the frame store at ``out_prefix``.
 
     ``decode_cfg`` is the ``decode`` config section (``short_side``, ``jpeg_quality``,
-    ``max_frames``, ``threads``); ``min_frames`` is what the model needs per clip
-    (``model.num_frames * model.sampling_rate`` typically). Returns the status table.
+    ``max_frames``, ``threads``); ``min_frames``: fewer frames make a clip ``short`` (2 = one
+    frame pair for flow). The model's span is checked where it is used: the training loader
+    counts the clips shorter than ``model.num_frames * model.sampling_rate`` (and repeats
+    their frames), so changing the model never makes these flags stale. Returns the status table.
     """
     out_prefix = str(out_prefix)
     Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)

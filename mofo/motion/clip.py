@@ -38,10 +38,7 @@ def process_clip(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = clip_row(read_manifest(manifest_path), clip_id, str(manifest_path))
-    model = config["model"]
-    status = decode_shard(
-        rows, out / "frames", config["decode"], min_frames=model["num_frames"] * model["sampling_rate"]
-    )
+    status = decode_shard(rows, out / "frames", config["decode"])
     if (status["status"] == "failed").all():
         raise RuntimeError(f"clip {clip_id}: decoding failed: {status['message'].iloc[0]}")
     flow_shard(out / "frames", out / "flow.npz", config["optical_flow"])

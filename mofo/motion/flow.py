@@ -141,13 +141,16 @@ def save_npz_atomic(out_path: str | Path, arrays: dict[str, np.ndarray]) -> None
         raise
 
 
-def flow_shard(frames_prefix: str | Path, out_path: str | Path, flow_cfg: dict) -> dict:
+def flow_shard(frames_prefix: str | Path, out_path: str | Path, flow_cfg: dict,
+               picture_out: str | Path | None = None, n_picture_clips: int = 0) -> dict:
     """Compute the flow of every clip of a decoded shard and write ``flow/shard-XXXX.npz``.
 
     One float16 array ``(T-1, h, w, 2)`` per clip id. A clip whose frames cannot be read or
     whose flow fails is left out of the file with a message on stderr (later stages count it
     as a clip without flow and fall back to centre boxes); the other clips are kept.
-    Returns ``{"clips": n, "failed": [clip ids]}``.
+    ``picture_out``: a second, small npz with the flow of the shard's first
+    ``n_picture_clips`` clips (the ones ``mofo.motion.viz.write_shard_pictures`` draws), kept
+    when the full flow file is deleted. Returns ``{"clips": n, "failed": [clip ids]}``.
     """
     from mofo.data.framestore import FrameStore  # imported here: array-level code needs none
 
@@ -163,4 +166,7 @@ def flow_shard(frames_prefix: str | Path, out_path: str | Path, flow_cfg: dict) 
             continue
         arrays[str(clip_id)] = flow.astype(np.float16)
     save_npz_atomic(out_path, arrays)
+    if picture_out is not None:
+        chosen = [str(c) for c in store.clip_ids[: max(0, int(n_picture_clips))]]
+        save_npz_atomic(picture_out, {c: arrays[c] for c in chosen if c in arrays})
     return {"clips": len(arrays), "failed": failed}
