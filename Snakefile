@@ -12,6 +12,11 @@ configfile: "config/config.yaml"
 validate(config, schema="config/config.schema.yaml")
 
 
+from mofo.config import check_preset
+
+check_preset(config)  # a real dataset on the demo's 32-px defaults stops here, naming the overlay
+
+
 from mofo.tracking import finish_workflow_run, start_workflow_run
 
 

@@ -70,6 +70,27 @@ def load_config(paths: Iterable[str | Path] = (), overrides: dict | None = None)
     return validate(config)
 
 
+REAL_OVERLAYS = {"ssv2": "config/ssv2.yaml", "epic100": "config/epic100.yaml", "list": "config/list.yaml"}
+
+
+def check_preset(config: dict) -> dict:
+    """Stop a real dataset from running on the demo's defaults (32-px model, DIS flow).
+
+    ``preset`` is ``demo`` in config/config.yaml and ``real`` in the real-data overlays; an
+    own overlay alone keeps ``demo``. Raises ConfigError naming the overlay to add.
+    """
+    name = config["dataset"]["name"]
+    if name != "demo" and config.get("preset", "demo") == "demo":
+        overlay = REAL_OVERLAYS[name]
+        raise ConfigError(
+            f"dataset.name is {name!r} but the demo's defaults are in force (preset: demo: a "
+            f"32-px model and DIS flow, sized for the synthetic demo). Put the real-data "
+            f"defaults first: --configfile {overlay} your-overlay.yaml (or set `preset: real` "
+            f"in your overlay if you really mean to set every training key yourself)"
+        )
+    return config
+
+
 def dataset_results_dir(config: dict) -> Path:
     """``<results_dir>/<dataset name>``: the root of every output of this configuration."""
     return Path(config["results_dir"]) / config["dataset"]["name"]

@@ -367,9 +367,14 @@ def list_rows(dataset_cfg: dict, check_videos: bool = True) -> pd.DataFrame:
     """
     cfg = dataset_cfg["list"]
     root = Path(cfg.get("root", "") or ".")
-    files = cfg.get("files", {}) or {}
+    # A split set to null (or "") in an overlay is dropped: that is how an overlay removes a
+    # split that a file merged before it declared.
+    files = {split: f for split, f in (cfg.get("files") or {}).items() if f}
     if not files:
-        raise AnnotationError("dataset.list.files is empty: give {split: list file}")
+        raise AnnotationError(
+            "dataset.list.files is empty: give {split: list file}, e.g. "
+            "{train: my/train.txt, validation: my/val.txt} (splits: train, validation, test)"
+        )
     rows: list[dict] = []
     seen: dict[str, int] = {}
     for split, list_file in files.items():

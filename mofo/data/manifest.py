@@ -55,7 +55,7 @@ def _adapter(config: dict):
 def build_manifest(config: dict) -> pd.DataFrame:
     """Manifest of ``config["dataset"]`` (missing videos: one warning, rows kept)."""
     rows = _adapter(config)(config["dataset"], check_videos=True)
-    df = assign_shards(rows, int(config["shards"]["clips_per_shard"]))
+    df = assign_shards(rows, clips_per_shard(config, len(rows)))
     validate_manifest(df, source=f"dataset {config['dataset']['name']!r}")
     if config["dataset"]["name"] == "demo":
         expected = demo_data.count_clips(config["dataset"]["demo"])
@@ -99,11 +99,18 @@ def shard_index(name: str | int) -> int:
     return int(text[6:])
 
 
+def clips_per_shard(config: dict, n_clips: int) -> int:
+    """``shards.clips_per_shard``, lowered for a small dataset so that it still makes
+    ``shards.min_shards`` shards (shard jobs are what runs side by side)."""
+    shards = config["shards"]
+    per = int(shards["clips_per_shard"])
+    return max(1, min(per, math.ceil(n_clips / int(shards["min_shards"]))))
+
+
 def shard_names(config: dict) -> list[str]:
-    """``["shard-0000", ...]``, one per ``shards.clips_per_shard`` clips."""
+    """``["shard-0000", ...]``, one per :func:`clips_per_shard` clips."""
     n = count_clips(config)
-    per = int(config["shards"]["clips_per_shard"])
-    return [shard_name(i) for i in range(math.ceil(n / per))]
+    return [shard_name(i) for i in range(math.ceil(n / clips_per_shard(config, n)))]
 
 
 def select_shard(manifest: pd.DataFrame, shard: str | int) -> pd.DataFrame:
