@@ -49,7 +49,7 @@ ALLOWED_EDGES: dict[tuple[str, str], str] = {
     ("mofo.models.vit", "mofo.models.build"): (
         "module __getattr__ shim: build_encoder / build_pretrain_model / build_classifier "
         "moved to mofo.models.build; delete the shim once nothing imports them from "
-        "mofo.models.vit (mofo/training/{pretrain,finetune,selfcheck,bench}.py, "
+        "mofo.models.vit (mofo/training/{pretrain,finetune,selfcheck,bench,bench_gpu_presets}.py, "
         "tests/test_training.py, test_distributed.py, test_training_stages.py)"
     ),
 }
