@@ -410,7 +410,7 @@ def run_gpu_benchmark(config: dict, device: str = "auto", size: str | None = Non
         run_part(report, label, fn, dev)
     report.info["seconds"] = round(time.perf_counter() - t0, 1)
     text = format_report(report)
-    print(text)
+    print(text, end="")
     (out_dir / "bench-gpu.md").write_text(text)
     (out_dir / "bench-gpu.json").write_text(json.dumps(report.to_dict(), indent=1))
     return report
