@@ -112,7 +112,7 @@ def test_mixup_blend_unions_inbox_and_mixes_every_head():
 
 
 def test_finetune_resume_with_mixup_reproduces_losses(tmp_path):
-    from mofo.models.vit import build_classifier
+    from mofo.models.build import build_classifier
     from mofo.training.finetune import finetune_task
 
     model_cfg = {**TINY, "input_size": 16, "num_frames": 4}

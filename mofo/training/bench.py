@@ -22,9 +22,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from mofo.config import dataset_results_dir, load_config
+from mofo.models.build import build_model
 from mofo.training.distributed import rank_info, select_device
 from mofo.training.engine import autocast_context, seed_everything, to_device
-from mofo.training.finetune import build_model, finetune_task
+from mofo.training.finetune import finetune_task
 from mofo.training.mixup import VideoMixup
 from mofo.training.optim import build_optimizer
 from mofo.training.pretrain import pretrain_task
@@ -105,7 +106,7 @@ def run_training_benchmark(config: dict, steps: int = 5, loader_batches: int = 4
     out: dict = {"device": str(device), "model_size": config["model"]["size"],
                  "input": [config["model"]["num_frames"], config["model"]["input_size"]],
                  "threads": torch.get_num_threads()}
-    from mofo.models.vit import build_pretrain_model
+    from mofo.models.build import build_pretrain_model
 
     pre = config["pretrain"]
     seed_everything(0)

@@ -23,13 +23,14 @@ import torch
 
 from mofo.config import load_config
 from mofo.masking.grid import token_grid
+from mofo.models.build import build_model
 from mofo.provenance import inputs_digest, stage_settings
+from mofo.stage_args import resolve_paths, stage_arg_parser
 from mofo.training import data as data_io
 from mofo.training.distributed import cleanup_distributed, init_distributed
 from mofo.training.engine import MetricsCallback, seed_everything, train
 from mofo.training.losses import classification_loss
 from mofo.training.mixup import VideoMixup
-from mofo.training.pretrain import resolve_paths, stage_arg_parser
 
 HEADS = ("mean", "mca")
 
@@ -52,18 +53,6 @@ def finetune_task(heads: dict[str, int], mixer: VideoMixup | None,
         return loss, {}
 
     return task
-
-
-def build_model(config: dict, heads: dict[str, int], head: str) -> torch.nn.Module:
-    """The classifier for ``heads`` (``{"label": C}`` or verb/noun) with the chosen head."""
-    from mofo.models.vit import build_classifier
-
-    ft = config["finetune"]
-    multi = None if list(heads) == ["label"] else dict(heads)
-    return build_classifier(config["model"], heads.get("label"), head=head,
-                            drop_path=float(ft["drop_path"]),
-                            head_init_scale=float(ft["head_init_scale"]), num_heads_out=multi,
-                            fc_dropout=float(ft["fc_dropout"]))
 
 
 def pretrained_meta(pretrained_ckpt: str | Path | None) -> dict:

@@ -12,15 +12,16 @@ one process, ``torchrun`` or DeepSpeed::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from mofo.config import dataset_results_dir, deep_merge, load_config
+from mofo.config import deep_merge, load_config
+from mofo.models.build import build_pretrain_model
 from mofo.provenance import inputs_digest, stage_settings
+from mofo.stage_args import resolve_paths, stage_arg_parser
 from mofo.training import data as data_io
 from mofo.training.distributed import cleanup_distributed, init_distributed
 from mofo.training.engine import MetricsCallback, TrainResult, seed_everything, train, unwrap
@@ -67,8 +68,6 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path, maskin
     try:
         loader = data_io.build_train_loader(config, manifest_path, results_dir, "pretrain", pre_cfg,
                                             ctx.world_size)
-        from mofo.models.vit import build_pretrain_model
-
         seed_everything(int(pre_cfg["seed"]))  # same initial weights on every rank and run
         model = build_pretrain_model(config["model"], drop_path=float(pre_cfg["drop_path"]))
         meta = {"stage": "pretrain", "masking": masking, "dataset": config["dataset"]["name"],
@@ -111,23 +110,6 @@ def save_reconstructions(model: torch.nn.Module, dataset, config: dict, out_dir:
             bool(config["pretrain"]["normalize_target"]),
             title=f"{item['clip_id']} ({config['masking']['strategy']} masking)"))
     return paths
-
-
-def stage_arg_parser(description: str) -> argparse.ArgumentParser:
-    """Arguments shared by the stage modules' command lines."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", action="append", default=[],
-                        help="config overlay file(s) merged over config/config.yaml (repeatable)")
-    parser.add_argument("--manifest", help="manifest.csv (default <results>/<dataset>/manifest.csv)")
-    parser.add_argument("--results-dir", help="dataset results folder (default <results>/<dataset>)")
-    parser.add_argument("--out", required=True, help="output folder of this stage")
-    return parser
-
-
-def resolve_paths(config: dict, args: argparse.Namespace) -> tuple[Path, Path]:
-    root = dataset_results_dir(config)
-    return (Path(args.manifest) if args.manifest else root / "manifest.csv",
-            Path(args.results_dir) if args.results_dir else root)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ def run_selfcheck(out_dir: str | Path, engine_kind: str = "torch", epochs: int =
                   n_clips: int = 16, batch_size: int = 4) -> dict:
     """Train the tiny pretraining model; return (and write) this rank's summary."""
     from mofo.data.dataset import make_loader
-    from mofo.models.vit import build_pretrain_model
+    from mofo.models.build import build_pretrain_model
 
     torch.set_num_threads(1)
     engine_cfg = {"kind": engine_kind, "device": "auto", "precision": "auto", "resume": False}
