@@ -217,3 +217,15 @@ def test_layer_ids():
     assert layer_id_for_lr_decay("encoder.blocks.3.attn.qkv.weight", 12) == 4
     assert layer_id_for_lr_decay("fc_norm.weight", 12) == 13
     assert layer_id_for_lr_decay("cross_block.attn.q_bias", 12) == 13
+
+
+def test_model_dims_override_the_preset_for_checkpoints_of_another_shape():
+    from mofo.config import load_config
+    from mofo.models.build import build_classifier
+
+    cfg = load_config(overrides={"model": {"dims": {"embed_dim": 48, "depth": 2, "num_heads": 4}}})
+    model = build_classifier(cfg["model"], 3)
+    assert len(model.blocks) == 2 and model.blocks[0].attn.qkv.in_features == 48
+    cfg["model"]["dims"] = {"embed_dim": 50, "num_heads": 4}
+    with pytest.raises(ValueError, match="50 is not divisible by 4"):
+        build_classifier(cfg["model"], 3)

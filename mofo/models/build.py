@@ -19,10 +19,16 @@ from mofo.models.vit import PretrainVideoMAE, VideoClassifier, VideoEncoder, ViT
 
 
 def _spec_from_cfg(model_cfg: Mapping[str, Any], overrides: dict[str, Any]) -> ViTSpec:
+    """``model.size``'s preset with ``model.dims`` (explicit widths/depths, e.g. for a checkpoint
+    of another shape) and then the caller's ``overrides`` on top."""
     spec_keys = set(ViTSpec.__dataclass_fields__)
-    return model_spec(
-        model_cfg["size"], **{k: overrides.pop(k) for k in list(overrides) if k in spec_keys}
-    )
+    dims = dict(model_cfg.get("dims") or {})
+    dims.update({k: overrides.pop(k) for k in list(overrides) if k in spec_keys})
+    spec = model_spec(model_cfg["size"], **dims)
+    for dim, heads in ((spec.embed_dim, spec.num_heads), (spec.decoder_dim, spec.decoder_heads)):
+        if dim % heads:
+            raise ValueError(f"model.dims: width {dim} is not divisible by {heads} attention heads")
+    return spec
 
 
 def build_encoder(
