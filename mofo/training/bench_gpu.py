@@ -320,12 +320,12 @@ def run_launched_part(report: Report, kind: str, preset: BenchPreset, config: di
                       device: torch.device, steps: int, out_dir: Path, timeout_s: int) -> None:
     """A DDP (torchrun, world size 1) or DeepSpeed pretraining step in its own process."""
     result = launch_worker(kind, worker_spec(preset, config, device, steps), out_dir, timeout_s)
-    finite = all(math.isfinite(x) for x in result["losses"])
+    bad = sum(not math.isfinite(x) for x in result["losses"])
     label = ("DDP step, torchrun world 1" if kind == "ddp" else "DeepSpeed step, ZeRO 0")
     add_row(report, f"{label} ({result['backend']})", engine_precision(device), result, device,
             "pretrain tube")
-    report.checks.append(CheckResult(f"{label}: losses finite", finite, 0.0 if finite else 1.0,
-                                     0.0, f"losses {[round(x, 4) for x in result['losses']]}"))
+    report.checks.append(CheckResult(f"{label}: losses finite", bad == 0, float(bad), 0.0,
+                                     f"losses {[round(x, 4) for x in result['losses']]}"))
     if kind == "ddp":
         diff = float(result["grad_max_diff"])
         report.checks.append(CheckResult("DDP gradients == plain backward", diff <= DDP_GRAD_RTOL,
