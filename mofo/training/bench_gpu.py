@@ -427,7 +427,8 @@ def format_report(report: Report) -> str:
     m = i["model"]
     header = (f"## mofo bench gpu: size {i['size']} on {where} ({i['device']}), torch "
               f"{i['torch']}, CUDA {i['cuda']}, {i['date']}, {i.get('seconds', '?')} s")
-    model = (f"Model: {m['size']} {i['overrides'] or ''}, {m['num_frames']} x "
+    overrides = f" {i['overrides']}" if i["overrides"] else ""
+    model = (f"Model: {m['size']}{overrides}, {m['num_frames']} x "
              f"{m['input_size']}², patch {m['patch_size']}, tubelet {m['tubelet_size']}; "
              f"{i['threads']} torch threads.")
     lines = [header, "", model, "",
