@@ -156,3 +156,42 @@ def test_epic_verb_noun_heads_end_to_end(results, tmp_path):
     assert {"verb_pred", "noun_pred", "action_correct"} <= set(pred.columns)
     assert pred["verb_label"].tolist() == [4] and pred["noun_label"].tolist() == [14]
     assert (tmp_path / "ev" / "confusion_noun.png").exists()
+
+
+def test_an_unfinished_run_resumes_only_with_the_same_inputs(results, tmp_path, capfd):
+    """A stopped pretraining resumes when nothing changed, and starts from step 0 when a box
+    file changed; a stopped fine-tuning starts from step 0 when the pretrained checkpoint at
+    the same path holds other weights. The log line names what changed."""
+    import shutil
+
+    from mofo.training import finetune, pretrain
+
+    manifest, src = results
+    root = tmp_path / "demo"
+    shutil.copytree(src, root)
+    cfg = tiny_config(pretrain={"epochs": 4}, finetune={"epochs": 4})  # 1 step per epoch
+    pre = tmp_path / "pre"
+    pretrain.run(cfg, manifest, root, "mofo", pre, max_steps=1)
+    capfd.readouterr()
+    pretrain.run(cfg, manifest, root, "mofo", pre, max_steps=2)
+    assert "resuming from" in capfd.readouterr().err
+
+    boxes = sorted((root / "boxes").glob("shard-*.csv"))[0]
+    table = pd.read_csv(boxes)
+    table["x2"] = table["x2"] - 1
+    table.to_csv(boxes, index=False)
+    result = pretrain.run(cfg, manifest, root, "mofo", pre, max_steps=3)
+    err = capfd.readouterr().err
+    assert "resuming from" not in err and f"boxes/{boxes.name}" in err
+    assert result.name == "checkpoint-last.pt"
+    assert torch.load(result, weights_only=False)["global_step"] == 3
+
+    ckpt = pretrain.run(cfg, manifest, root, "mofo", tmp_path / "pre2")
+    finetune.run(cfg, manifest, root, ckpt, "mean", tmp_path / "ft", max_steps=1)
+    other = torch.load(ckpt, weights_only=False)
+    other["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in other["model"].items()}
+    torch.save(other, ckpt)
+    capfd.readouterr()
+    finetune.run(cfg, manifest, root, ckpt, "mean", tmp_path / "ft", max_steps=2)
+    err = capfd.readouterr().err
+    assert "resuming from" not in err and "pretrained" in err
