@@ -5,7 +5,7 @@ synthetic clips held in memory:
 
 - pretraining steps with ``tube`` and ``mofo`` masks and fine-tuning steps with the ``mean``
   and ``mca`` heads, each in bf16 autocast and in fp32 (``mofo.training.bench.time_model_steps``);
-- a few evaluation batches (``mofo.evaluation.evaluate.predict_views``);
+- a few evaluation batches (the evaluation stage's forward: no grad, softmax on the host);
 - the data loader with the configured workers, beside the model's clips/s (the real loader
   when ``<results>/<dataset>/manifest.csv`` exists, else the synthetic clips);
 - a one-process DDP step under ``torchrun`` (NCCL) and a DeepSpeed step, in their own
@@ -195,28 +195,43 @@ def run_sdpa_part(report: Report, preset: BenchPreset, config: dict,
                 lambda tokens=tokens: model.pool_head(tokens, inbox))
 
 
+@torch.no_grad()
+def evaluate_batches(model: torch.nn.Module, batches: list[dict], device: torch.device) -> int:
+    """The evaluation stage's forward on ``batches``: eval mode, no grad, engine precision,
+    softmax probabilities copied to the host. Returns the clip count; raises
+    ``FloatingPointError`` on a non-finite probability."""
+    from mofo.training.engine import autocast_context, to_device
+
+    model.eval().to(device)
+    clips = 0
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast_context({"precision": "auto"}, device):
+            logits = model(batch["frames"], batch["inbox"].bool())
+        probs = logits.float().softmax(-1).cpu()
+        if not bool(torch.isfinite(probs).all()):
+            raise FloatingPointError("evaluation probabilities are not finite")
+        clips += int(probs.shape[0])
+    return clips
+
+
 def run_eval_part(report: Report, preset: BenchPreset, config: dict,
                   device: torch.device) -> None:
-    """Evaluation batches through ``predict_views`` (MCA head, engine precision)."""
-    from mofo.evaluation.evaluate import predict_views
-
+    """A few evaluation batches (MCA head, engine precision), after one warm-up batch."""
     model = build_finetuner(preset, "mca", config["finetune"])
     batches = [finetune_batch(preset, seed=10 + i) for i in range(preset.eval_batches + 1)]
-    engine_cfg = {"precision": "auto"}
-    predict_views(model, batches[:1], device, engine_cfg, ["label"])  # warm-up
+    evaluate_batches(model, batches[:1], device)  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    ids, logits = predict_views(model, batches[1:], device, engine_cfg, ["label"])
+    clips = evaluate_batches(model, batches[1:], device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    if not bool(torch.isfinite(torch.from_numpy(logits["label"])).all()):
-        raise FloatingPointError("evaluation logits are not finite")
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     add_row(report, "evaluate (mca head, no grad)", engine_precision(device),
-            {"clips_per_s": len(ids) / seconds, "step_s": seconds / preset.eval_batches,
+            {"clips_per_s": clips / seconds, "step_s": seconds / preset.eval_batches,
              "batch": preset.finetune_batch, "peak_memory_mb": peak}, device,
             f"{preset.eval_batches} batches")
 
@@ -449,14 +464,3 @@ def format_report(report: Report) -> str:
     lines += ["", "Result: OK" if report.ok else
               f"Result: FAILED ({failed} check(s) failed, {len(report.errors)} part(s) errored)"]
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mofo.training.bench_gpu`` (same options as ``mofo bench gpu``)."""
-    from mofo.cli import main as cli_main
-
-    return cli_main(["bench", "gpu", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -102,7 +102,7 @@ def finetune_heads() -> dict[str, int]:
 
 def build_pretrainer(preset: BenchPreset) -> torch.nn.Module:
     """The preset's VideoMAE pretraining model (fresh weights from torch's global RNG)."""
-    from mofo.models.vit import build_pretrain_model
+    from mofo.models.build import build_pretrain_model
 
     return build_pretrain_model(preset.model, **preset.overrides)
 
@@ -110,7 +110,7 @@ def build_pretrainer(preset: BenchPreset) -> torch.nn.Module:
 def build_finetuner(preset: BenchPreset, head: str, finetune_cfg: dict,
                     head_init_scale: float | None = None) -> torch.nn.Module:
     """The preset's classifier with the ``mean`` or ``mca`` head (config's drop path)."""
-    from mofo.models.vit import build_classifier
+    from mofo.models.build import build_classifier
 
     scale = float(finetune_cfg["head_init_scale"]) if head_init_scale is None else head_init_scale
     return build_classifier(preset.model, NUM_CLASSES, head=head,
