@@ -1,4 +1,4 @@
-"""VideoClipDataset and make_loader on a tiny real frame store with motion boxes."""
+"""VideoClipDataset and mofo.data.loader.make_loader on a tiny real frame store with motion boxes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from mofo.config import load_config
 from mofo.data import dataset as D
+from mofo.data import loader as L
 from mofo.data import sampling
 from mofo.data.framestore import FrameStoreWriter
 from mofo.masking.grid import inbox_tokens
@@ -221,7 +222,7 @@ def test_same_seed_same_samples_other_epoch_other_samples(results):
 def _epochs(loader, epochs):
     out = []
     for epoch in epochs:
-        D.set_loader_epoch(loader, epoch)
+        L.set_loader_epoch(loader, epoch)
         batches = list(loader)
         out.append((torch.cat([b["frames"] for b in batches]), torch.cat([b["mask"] for b in batches]),
                     [c for b in batches for c in b["clip_id"]]))
@@ -232,10 +233,10 @@ def test_loader_with_two_workers_matches_single_process(results):
     manifest, root = results
     config = make_config()
     ds = D.VideoClipDataset(manifest, root, "train", "pretrain", config, seed=2)
-    serial = _epochs(D.make_loader(ds, 2, 0, shuffle=True, seed=2), [0, 1])
+    serial = _epochs(L.make_loader(ds, 2, 0, shuffle=True, seed=2), [0, 1])
     ds2 = D.VideoClipDataset(manifest, root, "train", "pretrain", config, seed=2)
-    loader = D.make_loader(ds2, 2, 2, shuffle=True, seed=2)
-    assert loader.persistent_workers and loader.worker_init_fn is D.worker_init_fn
+    loader = L.make_loader(ds2, 2, 2, shuffle=True, seed=2)
+    assert loader.persistent_workers and loader.worker_init_fn is L.worker_init_fn
     parallel = _epochs(loader, [0, 1])
     for (fa, ma, ia), (fb, mb, ib) in zip(serial, parallel):
         assert ia == ib
@@ -246,7 +247,7 @@ def test_loader_with_two_workers_matches_single_process(results):
 
 
 def test_shuffle_sampler_is_a_permutation_per_epoch():
-    sampler = D.ShuffleSampler(10, seed=3)
+    sampler = L.ShuffleSampler(10, seed=3)
     first = list(sampler)
     assert sorted(first) == list(range(10)) and first == list(sampler)
     sampler.set_epoch(1)

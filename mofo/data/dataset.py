@@ -26,7 +26,8 @@ temporal views x ``test_crops`` spatial crops after resizing the short side to `
 Per-sample randomness: ``numpy.random.default_rng([seed, epoch, item])``, so a run is
 reproducible for any number of workers. The epoch lives in shared memory, so
 :meth:`VideoClipDataset.set_epoch` reaches persistent workers too (call it before iterating
-the loader for that epoch; :func:`set_loader_epoch` does it with the sampler's).
+the loader for that epoch; :func:`mofo.data.loader.set_loader_epoch` does it with the
+sampler's).
 
 Frame stores and box files are opened lazily and cached per worker process, one per shard;
 only the sampled frames are decoded. Clips that are not in their shard's frame store (decode
@@ -36,21 +37,22 @@ failed) are skipped when the dataset is built, counted in ``n_skipped`` and logg
 from __future__ import annotations
 
 import logging
-import math
-import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from mofo.data import sampling, transforms
+from mofo.data.boxfile import BoxFileError, read_boxes
 from mofo.data.framestore import FrameStore
+
+# Re-exported for the importers that still spell it from here (mofo/training/selfcheck.py,
+# mofo/training/bench_gpu_checks.py); its home is mofo.data.loader.
+from mofo.data.loader import make_loader  # noqa: F401
 from mofo.data.manifest import shard_name
 from mofo.masking import mask_from_config
 from mofo.masking.grid import inbox_tokens, token_grid
@@ -58,7 +60,6 @@ from mofo.masking.grid import inbox_tokens, token_grid
 log = logging.getLogger(__name__)
 
 MODES = ("pretrain", "finetune", "test")
-BOX_COLUMNS = ["clip_id", "frame", "x1", "y1", "x2", "y2"]
 
 
 class DatasetError(RuntimeError):
@@ -103,37 +104,6 @@ def build_test_views(dataset_len: int, num_clips: int, num_crops: int) -> np.nda
         np.arange(dataset_len), np.arange(num_clips), np.arange(num_crops), indexing="ij"
     )
     return np.stack([index.ravel(), clip_idx.ravel(), crop_idx.ravel()], axis=1).astype(np.int64)
-
-
-# --------------------------------------------------------------------------- boxes file
-
-
-def read_boxes(path: Path) -> dict[str, np.ndarray]:
-    """``boxes/shard-XXXX.csv`` -> ``{clip_id: float32 (n_frames, 4)}`` in original video
-    pixels, row ``f`` = frame ``f``. Frames missing from the file repeat the previous one."""
-    if not path.exists():
-        raise DatasetError(f"motion boxes not found: {path} (run the motion_boxes stage)")
-    try:
-        df = pd.read_csv(path, dtype={"clip_id": str}, usecols=lambda c: c in BOX_COLUMNS)
-    except pd.errors.EmptyDataError as err:
-        raise DatasetError(f"{path}: empty file") from err
-    missing = [c for c in BOX_COLUMNS if c not in df.columns]
-    if missing:
-        raise DatasetError(f"{path}: missing columns {missing}")
-    if df[BOX_COLUMNS[1:]].isna().any().any():
-        raise DatasetError(f"{path}: empty values in the box columns")
-    out: dict[str, np.ndarray] = {}
-    for clip_id, rows in df.groupby("clip_id", sort=False):
-        frames = rows["frame"].to_numpy(np.int64)
-        if (frames < 0).any():
-            raise DatasetError(f"{path}: clip {clip_id!r} has a negative frame number")
-        order = np.argsort(frames, kind="stable")
-        frames = frames[order]
-        coords = rows[["x1", "y1", "x2", "y2"]].to_numpy(np.float32)[order]
-        # row f <- the last listed frame <= f (complete files map 1:1)
-        slot = np.searchsorted(frames, np.arange(frames[-1] + 1), side="right") - 1
-        out[str(clip_id)] = coords[np.maximum(slot, 0)]
-    return out
 
 
 # --------------------------------------------------------------------------- dataset
@@ -262,7 +232,10 @@ class VideoClipDataset(Dataset):
 
     def _clip_boxes(self, shard: int, clip_id: str) -> np.ndarray:
         if shard not in self._boxes:
-            self._boxes[shard] = read_boxes(self.boxes_path(shard))
+            try:
+                self._boxes[shard] = read_boxes(self.boxes_path(shard))
+            except BoxFileError as err:
+                raise DatasetError(str(err)) from err
         try:
             return self._boxes[shard][clip_id]
         except KeyError:
@@ -370,137 +343,3 @@ class VideoClipDataset(Dataset):
         if self.mode == "test":
             sample["view"] = clip_idx * self.num_crops + crop_idx
         return sample
-
-
-# --------------------------------------------------------------------------- loader
-
-
-class ShuffleSampler(Sampler[int]):
-    """A random order drawn from ``(seed, epoch)``: the same order for the same epoch in any
-    run (``RandomSampler`` continues one stream, so a resumed run would see other orders)."""
-
-    def __init__(self, length: int, seed: int = 0):
-        self.length, self.seed, self.epoch = int(length), int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.length
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """Per worker: one OpenCV thread (the workers are the parallelism) and the global NumPy /
-    Python generators seeded from the worker's torch seed (the transforms do not use them, but
-    any library code that does gets distinct, reproducible streams)."""
-    cv2.setNumThreads(1)
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    num_workers: int,
-    shuffle: bool,
-    seed: int = 0,
-    drop_last: bool = False,
-    distributed: bool = False,
-) -> DataLoader:
-    """A DataLoader over ``dataset``: ``DistributedSampler`` when ``distributed`` (needs an
-    initialised process group), else :class:`ShuffleSampler` / sequential order; persistent
-    workers when ``num_workers > 0``. Call :func:`set_loader_epoch` before every epoch."""
-    if distributed:
-        sampler: Sampler[int] | None = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    elif shuffle:
-        sampler = ShuffleSampler(len(dataset), seed)
-    else:
-        sampler = None
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        drop_last=drop_last,
-        pin_memory=torch.cuda.is_available(),
-        worker_init_fn=worker_init_fn,
-        persistent_workers=num_workers > 0,
-        # Workers start from a fresh forkserver process, not a fork of this one: a fork taken
-        # after OpenCV's thread pool has run (flow, resizes) deadlocks in the child.
-        multiprocessing_context="forkserver" if num_workers > 0 else None,
-        generator=torch.Generator().manual_seed(seed),
-    )
-
-
-def set_loader_epoch(loader: DataLoader, epoch: int, seed: int = 0) -> None:
-    """Tell the sampler and the dataset which epoch starts, and reseed the loader's
-    generator, so the epoch's order and worker seeds depend only on ``(seed, epoch)``."""
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    if hasattr(getattr(batch_sampler, "sampler", None), "set_epoch"):
-        batch_sampler.sampler.set_epoch(epoch)
-    dataset = getattr(loader, "dataset", None)
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
-    generator = getattr(loader, "generator", None)
-    if isinstance(generator, torch.Generator):
-        generator.manual_seed(seed * 100_003 + epoch)
-
-
-def steps_per_epoch(dataset_len: int, batch_size: int, drop_last: bool, world_size: int = 1) -> int:
-    """Batches one rank sees per epoch (for learning-rate schedules)."""
-    # DistributedSampler pads to a multiple of world_size, or drops the tail with drop_last
-    per_rank = dataset_len // world_size if drop_last else math.ceil(dataset_len / world_size)
-    return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
-
-
-def _benchmark(n_clips: int = 4, n_items: int = 12) -> None:
-    """Print seconds per item (one process) at the VideoMAE SSV2 scale: stored frames
-    240x320, 16 frames at stride 2, 224 crops, patch 16 (synthetic noise frames)."""
-    import tempfile
-    import time
-
-    from mofo.config import load_config
-    from mofo.data.framestore import FrameStoreWriter
-
-    config = load_config(overrides={"model": {"input_size": 224, "num_frames": 16, "sampling_rate": 2,
-                                              "patch_size": 16, "tubelet_size": 2}})
-    rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "demo"
-        rows, boxes = [], []
-        with FrameStoreWriter(root / "frames" / "shard-0000") as writer:
-            for k in range(n_clips):
-                clip_id = f"b{k}"
-                writer.begin_clip(clip_id, src_height=240, src_width=320, fps=12.0)
-                # smooth noise compresses like video, pure noise would overstate decode cost
-                small = rng.integers(0, 256, (48, 30, 40, 3), dtype=np.uint8)
-                writer.add_frames(cv2.resize(f, (320, 240), interpolation=cv2.INTER_CUBIC) for f in small)
-                writer.end_clip()
-                rows.append({"clip_id": clip_id, "video_path": "", "label": k, "verb_class": -1,
-                             "noun_class": -1, "split": "train", "start_frame": -1, "stop_frame": -1,
-                             "fps": 12.0, "shard": 0})
-                boxes += [(clip_id, f, 80, 60, 240, 200, True, "") for f in range(48)]
-        (root / "boxes").mkdir()
-        pd.DataFrame(boxes, columns=["clip_id", "frame", "x1", "y1", "x2", "y2", "detected", "source"]).to_csv(
-            root / "boxes" / "shard-0000.csv", index=False)
-        manifest = pd.DataFrame(rows)
-        for mode in MODES:
-            ds = VideoClipDataset(manifest, root, "train", mode, config)
-            ds[0]  # open the store and the boxes once
-            start = time.perf_counter()
-            for item in range(n_items):
-                ds[item % len(ds)]
-            per_item = (time.perf_counter() - start) / n_items
-            print(f"{mode:9s}: {per_item * 1000:.0f} ms per clip (16x224x224, one process)")
-
-
-if __name__ == "__main__":
-    _benchmark()

@@ -56,8 +56,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from mofo.data.boxfile import BOX_COLUMNS  # the columns this stage writes (one home)
+
 Box = tuple[int, int, int, int]
-BOX_COLUMNS = ["clip_id", "frame", "x1", "y1", "x2", "y2", "detected", "source"]
 
 
 def centre_box(height: int, width: int) -> Box:

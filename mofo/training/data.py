@@ -69,7 +69,7 @@ def build_dataset(config: dict, manifest_path: str | Path, results_dir: str | Pa
 def build_loader(dataset: Any, batch_size: int, num_workers: int, shuffle: bool, seed: int,
                  drop_last: bool, distributed: bool):
     """``mofo.data.dataset.make_loader`` (sampler, workers, collate of the data module)."""
-    from mofo.data.dataset import make_loader
+    from mofo.data.loader import make_loader
 
     return make_loader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
                        seed=seed, drop_last=drop_last, distributed=distributed)

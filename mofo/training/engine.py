@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mofo.data.dataset import set_loader_epoch
+from mofo.data.loader import set_loader_epoch
 from mofo.provenance import digest
 from mofo.training import checkpointing as ckpt_io
 from mofo.training.distributed import (
