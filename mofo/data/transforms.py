@@ -138,12 +138,19 @@ def resize(frames: np.ndarray, boxes: np.ndarray, out_w: int, out_h: int) -> tup
     return crop_resize(frames, boxes, 0, 0, width, height, out_w, out_h)
 
 
-def resize_short_side(frames: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize so the shorter side is ``size`` pixels, keeping the aspect ratio."""
-    height, width = frames.shape[1:3]
+def short_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """``(out_w, out_h)`` of :func:`resize_short_side`: the shorter side becomes ``size``, the
+    longer one keeps the aspect ratio (rounded, never below ``size``)."""
     scale = size / min(height, width)
     out_w = size if width <= height else max(size, round(width * scale))
     out_h = size if height < width else max(size, round(height * scale))
+    return out_w, out_h
+
+
+def resize_short_side(frames: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize so the shorter side is ``size`` pixels, keeping the aspect ratio."""
+    height, width = frames.shape[1:3]
+    out_w, out_h = short_side_size(width, height, size)
     return resize(frames, boxes, out_w, out_h)
 
 
@@ -162,18 +169,25 @@ def spatial_crop(
     spread evenly from one end to the other. The shorter side is centred.
     """
     height, width = frames.shape[1:3]
+    x0, y0 = spatial_crop_offset(width, height, size, crop_idx, num_crops)
+    return crop_resize(frames, boxes, x0, y0, size, size)
+
+
+def spatial_crop_offset(
+    width: int, height: int, size: int, crop_idx: int = 0, num_crops: int = 1
+) -> tuple[int, int]:
+    """``(x0, y0)`` of :func:`spatial_crop`'s crop ``crop_idx`` of ``num_crops`` in a
+    ``width x height`` frame (the defaults: :func:`center_crop`'s)."""
     if size > min(height, width):
         raise ValueError(f"crop size {size} is larger than the {width}x{height} frame")
     if not 0 <= crop_idx < num_crops:
         raise ValueError(f"crop_idx must be in [0, {num_crops}), got {crop_idx}")
     free_x, free_y = width - size, height - size
     if num_crops == 1:
-        x0, y0 = free_x // 2, free_y // 2
-    elif width >= height:
-        x0, y0 = round(free_x * crop_idx / (num_crops - 1)), free_y // 2
-    else:
-        x0, y0 = free_x // 2, round(free_y * crop_idx / (num_crops - 1))
-    return crop_resize(frames, boxes, x0, y0, size, size)
+        return free_x // 2, free_y // 2
+    if width >= height:
+        return round(free_x * crop_idx / (num_crops - 1)), free_y // 2
+    return free_x // 2, round(free_y * crop_idx / (num_crops - 1))
 
 
 def multi_scale_crop_params(

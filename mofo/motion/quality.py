@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mofo.data.boxfile import BOX_COORDS, FRAME_BOX_COLUMNS
+from mofo.data.transforms import short_side_size, spatial_crop_offset
 from mofo.masking.grid import inbox_tokens
 from mofo.motion.boxes import report_path
-
-BOX = ["x1", "y1", "x2", "y2"]
 
 
 def box_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
@@ -51,13 +51,12 @@ def box_iou_many(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def evaluation_view(frame_size: tuple[int, int], input_size: int) -> tuple[float, float, int, int]:
-    """(scale_x, scale_y, x0, y0): frame pixels -> the evaluation crop, as
-    ``resize_short_side`` + ``center_crop`` of ``mofo.data.transforms`` compute them."""
+    """(scale_x, scale_y, x0, y0): frame pixels -> the evaluation crop, from the geometry of
+    ``resize_short_side`` + ``center_crop`` (``mofo.data.transforms``, its one home)."""
     height, width = int(frame_size[0]), int(frame_size[1])
-    scale = input_size / min(height, width)
-    out_w = input_size if width <= height else max(input_size, round(width * scale))
-    out_h = input_size if height < width else max(input_size, round(height * scale))
-    return out_w / width, out_h / height, (out_w - input_size) // 2, (out_h - input_size) // 2
+    out_w, out_h = short_side_size(width, height, input_size)
+    x0, y0 = spatial_crop_offset(out_w, out_h, input_size)
+    return out_w / width, out_h / height, x0, y0
 
 
 def token_cells(
@@ -114,12 +113,12 @@ def _read_boxes(paths: Iterable[str | Path], what: str) -> pd.DataFrame:
         if not path.exists():
             raise FileNotFoundError(f"{what} file not found: {path}")
         df = pd.read_csv(path, dtype={"clip_id": str})
-        missing = [c for c in ["clip_id", "frame", *BOX] if c not in df.columns]
+        missing = [c for c in FRAME_BOX_COLUMNS if c not in df.columns]
         if missing:
             raise ValueError(f"{path}: missing columns {missing}")
         frames.append(df)
     if not frames:
-        return pd.DataFrame(columns=["clip_id", "frame", *BOX])
+        return pd.DataFrame(columns=FRAME_BOX_COLUMNS)
     return pd.concat(frames, ignore_index=True)
 
 
@@ -178,8 +177,8 @@ def _per_clip_scores(
     merged = gt.merge(pred, on=["clip_id", "frame"], suffixes=("_gt", ""), how="inner")
     rows = []
     for clip_id, g in merged.groupby("clip_id", sort=False):
-        a = g[BOX].to_numpy(float)
-        b = g[[c + "_gt" for c in BOX]].to_numpy(float)
+        a = g[BOX_COORDS].to_numpy(float)
+        b = g[[c + "_gt" for c in BOX_COORDS]].to_numpy(float)
         if clip_id not in sizes:
             raise ValueError(f"no frame size known for clip {clip_id}")
         tok = token_grid_iou_many(
