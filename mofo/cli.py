@@ -103,7 +103,8 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     try:
         report = run_gpu_benchmark(config, device=args.device, size=args.size, out=args.out,
                                    steps=args.steps, skip=skip, workers=args.workers,
-                                   timeout_s=args.worker_timeout)
+                                   timeout_s=args.worker_timeout,
+                                   time_limit_s=args.time_limit)
     except BenchRequestError as err:
         print(f"mofo bench gpu: {err}", file=sys.stderr)
         return 2
@@ -188,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--worker-timeout", type=int, default=600,
                    help="seconds allowed to each DDP / DeepSpeed worker (default: %(default)s)")
+    p.add_argument("--time-limit", type=float, default=450,
+                   help="seconds after which parts not yet started are reported as not run, "
+                   "so the table prints before a `timeout 480` (default: %(default)s)")
     p.set_defaults(func=cmd_bench_gpu)
     return parser
 

@@ -131,3 +131,11 @@ def test_bad_requests_exit_2(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert cli.main(["bench", "gpu", "--device", "cuda", "--out", str(tmp_path)]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_parts_past_the_time_limit_are_reported_as_not_run(tmp_path, capsys):
+    assert run_cli(tmp_path, "--time-limit", "0", "--skip",
+                   "checks,train,sdpa,loader,ddp,deepspeed") == 1
+    out = capsys.readouterr().out
+    assert "- ERROR evaluation: not run, the time limit of 0 s was reached" in out
+    assert "Result: FAILED" in out and (tmp_path / "bench-gpu.md").read_text() == out

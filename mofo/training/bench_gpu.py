@@ -64,6 +64,9 @@ GPU_ONLY = {
             "the CPU kernel is listed for reference",
 }
 SUBPROCESS_TIMEOUT_S = 600  # DeepSpeed on CPU compiles a comm op on first use (minutes)
+# Parts not started by then are reported as not run, so that the table is printed before a
+# session's `timeout 480` (8 minutes) ends the command.
+TIME_LIMIT_S = 450
 
 
 class BenchRequestError(ValueError):
@@ -332,8 +335,11 @@ DDP_GRAD_RTOL = 1e-4  # world size 1: DDP's all-reduced gradient is the local on
 
 
 def run_launched_part(report: Report, kind: str, preset: BenchPreset, config: dict,
-                      device: torch.device, steps: int, out_dir: Path, timeout_s: int) -> None:
-    """A DDP (torchrun, world size 1) or DeepSpeed pretraining step in its own process."""
+                      device: torch.device, steps: int, out_dir: Path, timeout_s: int,
+                      deadline: float) -> None:
+    """A DDP (torchrun, world size 1) or DeepSpeed pretraining step in its own process,
+    given at most ``timeout_s`` and never past ``deadline`` (``time.perf_counter``)."""
+    timeout_s = max(1, min(timeout_s, int(deadline - time.perf_counter())))
     result = launch_worker(kind, worker_spec(preset, config, device, steps), out_dir, timeout_s)
     bad = sum(not math.isfinite(x) for x in result["losses"])
     label = ("DDP step, torchrun world 1" if kind == "ddp" else "DeepSpeed step, ZeRO 0")
@@ -371,7 +377,8 @@ def run_part(report: Report, label: str, fn, device: torch.device) -> None:
 
 
 def plan_parts(report: Report, preset: BenchPreset, config: dict, device: torch.device,
-               steps: int, out_dir: Path, workers: int | None, timeout_s: int) -> list:
+               steps: int, out_dir: Path, workers: int | None, timeout_s: int,
+               deadline: float) -> list:
     """``(part, label, fn)`` in the order they run: the checks first (they matter most)."""
     p, c, d = preset, config, device
     return [
@@ -384,20 +391,23 @@ def plan_parts(report: Report, preset: BenchPreset, config: dict, device: torch.
         ("sdpa", "SDPA kernels", lambda: run_sdpa_part(report, p, c, d)),
         ("eval", "evaluation", lambda: run_eval_part(report, p, c, d)),
         ("loader", "loader", lambda: run_loader_part(report, p, c, d, workers)),
-        ("ddp", "DDP (torchrun)", lambda: run_launched_part(report, "ddp", p, c, d, steps,
-                                                            out_dir, timeout_s)),
-        ("deepspeed", "DeepSpeed", lambda: run_launched_part(report, "deepspeed", p, c, d,
-                                                             steps, out_dir, timeout_s)),
+        ("ddp", "DDP (torchrun)", lambda: run_launched_part(
+            report, "ddp", p, c, d, steps, out_dir, timeout_s, deadline)),
+        ("deepspeed", "DeepSpeed", lambda: run_launched_part(
+            report, "deepspeed", p, c, d, steps, out_dir, timeout_s, deadline)),
     ]
 
 
 def run_gpu_benchmark(config: dict, device: str = "auto", size: str | None = None,
                       out: str | Path = "results/bench-gpu", steps: int | None = None,
                       skip: tuple[str, ...] = (), workers: int | None = None,
-                      timeout_s: int = SUBPROCESS_TIMEOUT_S) -> Report:
-    """Run every part not in ``skip``; print the table; write ``<out>/bench-gpu.{json,md}``.
+                      timeout_s: int = SUBPROCESS_TIMEOUT_S,
+                      time_limit_s: float = TIME_LIMIT_S) -> Report:
+    """Run every part not in ``skip``; print the table; write ``<out>/bench-gpu.{json,md}``
+    (also after every part, so a killed run leaves what it measured).
 
-    ``size`` defaults to ``base`` on a GPU and ``tiny`` on the CPU. Raises
+    ``size`` defaults to ``base`` on a GPU and ``tiny`` on the CPU. A part not started within
+    ``time_limit_s`` is reported as an error (not run); workers never run past it. Raises
     :class:`BenchRequestError` for a request that cannot run; part failures are not raised
     but recorded in ``Report.errors`` (``Report.ok`` is False then).
     """
@@ -415,20 +425,31 @@ def run_gpu_benchmark(config: dict, device: str = "auto", size: str | None = Non
     if dev.type != "cuda":
         report.skipped.extend(GPU_ONLY.values())
     t0 = time.perf_counter()
+    deadline = t0 + time_limit_s
     for part, label, fn in plan_parts(report, preset, config, dev, steps or preset.steps,
-                                      out_dir, workers, timeout_s):
+                                      out_dir, workers, timeout_s, deadline):
         if part in skip:
             line = f"{part}: skipped by --skip"
             if line not in report.skipped:
                 report.skipped.append(line)
-            continue
-        run_part(report, label, fn, dev)
-    report.info["seconds"] = round(time.perf_counter() - t0, 1)
-    text = format_report(report)
+        elif time.perf_counter() >= deadline:
+            report.errors.append(f"{label}: not run, the time limit of {time_limit_s:g} s "
+                                 "was reached")
+        else:
+            run_part(report, label, fn, dev)
+        report.info["seconds"] = round(time.perf_counter() - t0, 1)
+        write_outputs(report, out_dir)
+    text = write_outputs(report, out_dir)
     print(text, end="")
+    return report
+
+
+def write_outputs(report: Report, out_dir: Path) -> str:
+    """Write ``bench-gpu.md`` (returned) and ``bench-gpu.json`` into ``out_dir``."""
+    text = format_report(report)
     (out_dir / "bench-gpu.md").write_text(text)
     (out_dir / "bench-gpu.json").write_text(json.dumps(report.to_dict(), indent=1))
-    return report
+    return text
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
