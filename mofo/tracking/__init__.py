@@ -1,4 +1,6 @@
-"""MLflow tracking across processes and SLURM jobs (see mofo/tracking/runs.py).
+"""MLflow tracking across processes and SLURM jobs, by lifetime: ``tracker`` (what a run
+logs: StageTracker), ``stage`` (one run per job), ``workflow`` (one parent run per invocation);
+``settings`` and ``client`` below them.
 
 Snakefile: ``start_workflow_run`` in ``onstart``, ``finish_workflow_run`` in ``onsuccess`` /
 ``onerror``. Stage scripts: ``with stage_run_from_snakemake(snakemake) as t`` (params: what the rule's stage reads,
@@ -6,15 +8,6 @@ Snakefile: ``start_workflow_run`` in ``onstart``, ``finish_workflow_run`` in ``o
 """
 
 from mofo.tracking.client import SafeClient, reset_process_state
-from mofo.tracking.runs import (
-    StageTracker,
-    attach_stage_run,
-    finish_workflow_run,
-    stage_run,
-    stage_run_from_snakemake,
-    start_workflow_run,
-    workflow_record_path,
-)
 from mofo.tracking.settings import (
     ENV_INVOCATION,
     ENV_PARENT_RUN,
@@ -25,6 +18,9 @@ from mofo.tracking.settings import (
     git_commit,
     resolve_settings,
 )
+from mofo.tracking.stage import attach_stage_run, stage_run, stage_run_from_snakemake
+from mofo.tracking.tracker import StageTracker
+from mofo.tracking.workflow import finish_workflow_run, start_workflow_run, workflow_record_path
 
 __all__ = [
     "ENV_INVOCATION",
