@@ -55,11 +55,11 @@ def stage_run(
     which marks the run FAILED and re-raises) and the run is closed. The parent is
     ``parent_run_id`` or ``$MOFO_MLFLOW_PARENT_RUN_ID``; without either the run stands alone.
     """
-    settings = resolve_settings(config)
-    if not settings.enabled:
+    tracking = resolve_settings(config)  # not ``settings``: that is the stage's params
+    if not tracking.enabled:
         yield StageTracker(None, None)
         return
-    client = SafeClient(settings)
+    client = SafeClient(tracking)
     wildcards = {str(k): str(v) for k, v in (wildcards or {}).items()}
     parent = parent_run_id or os.environ.get(ENV_PARENT_RUN) or None
     tags = {
