@@ -1,5 +1,6 @@
 # Shared helpers for the rules. Everything computed here is cheap: the shard list comes
 # from the annotation files (or the demo config), never from decoding video.
+from mofo.data.adapters import annotation_files
 from mofo.data.manifest import shard_names
 from mofo.provenance import stage_hash  # a rule's rerun trigger: what its stage reads
 
@@ -17,18 +18,9 @@ wildcard_constraints:
 
 
 def manifest_inputs(wildcards):
-    """The annotation files the manifest is built from, so a changed file rebuilds it."""
-    ds = config["dataset"]
-    name = ds["name"]
-    if name == "demo":
-        return [f"{DEMO_ROOT}/clips.csv"]
-    if name == "ssv2":
-        root = ds["ssv2"]["root"]
-        return [f"{root}/labels.json"] + [f"{root}/{split}.json" for split in ds["ssv2"]["splits"]]
-    if name == "epic100":
-        root = ds["epic100"]["annotations_dir"]
-        return [f"{root}/EPIC_100_{split}.csv" for split in ds["epic100"]["splits"]]
-    return [f for f in ds["list"]["files"].values() if f]  # a null split is dropped
+    """The annotation files the manifest is built from, so a changed file rebuilds it (the
+    adapters own the file names; a null list split is dropped there)."""
+    return annotation_files(config["dataset"])
 
 
 def gt_boxes_input(wildcards):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 # Required packages, imported directly: a broken install must fail here, not skip.
 import av  # noqa: F401  (before decord: see mofo.data.video)
@@ -13,9 +14,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mofo.config import load_config
+from mofo.config import ConfigError, load_config
 from mofo.data import demo
-from mofo.data.adapters import EPIC_COLUMNS, AnnotationError, safe_id, ssv2_template_key
+from mofo.data.adapters import (
+    EPIC_COLUMNS,
+    AnnotationError,
+    annotation_files,
+    safe_id,
+    ssv2_template_key,
+)
 from mofo.data.decode import decode_shard
 from mofo.data.framestore import FrameStore
 from mofo.data.manifest import (
@@ -228,7 +235,8 @@ def test_epic_manifest_frames_paths_and_bad_rows(epic, tmp_path):
     assert df.loc["P01_01_0", "fps"] == 50.0 and np.isnan(df.loc["P03_01_0", "fps"])
     assert df["split"].tolist() == ["train", "train", "validation", "validation"]
     with pytest.warns(RuntimeWarning):
-        assert count_clips(cfg) == 4 and shard_names(cfg) == ["shard-0000"]
+        # 8 per shard, lowered to 2 so that 4 clips still make shards.min_shards (2) shards
+        assert count_clips(cfg) == 4 and shard_names(cfg) == ["shard-0000", "shard-0001"]
     # the decoded segment holds exactly EPIC frames 11..20 (0-based 10..19)
     status = decode_shard(df.reset_index().iloc[:1], tmp_path / "s", {"short_side": 0})
     assert status["n_frames"].tolist() == [10]
@@ -303,14 +311,35 @@ def test_list_malformed_line_names_file_and_line(tmp_path, line, problem):
     assert problem in str(err.value)
 
 
+def test_annotation_files_are_the_files_the_adapters_read(ssv2, epic, tmp_path):
+    """The manifest rule's inputs (rules/common.smk) come from here: each listed file is one
+    the adapter reads, so removing it fails the manifest naming that file."""
+    for dataset in (ssv2, epic):
+        cfg = config(dataset)
+        files = annotation_files(cfg["dataset"])
+        assert files and all(Path(f).exists() for f in files)
+        for f in files:
+            moved = Path(f).rename(f + ".away")
+            with pytest.raises(AnnotationError, match=Path(f).name):
+                build_manifest(cfg)
+            moved.rename(f)
+    ssv2_root = ssv2["ssv2"]["root"]
+    assert annotation_files(config(ssv2)["dataset"]) == [
+        f"{ssv2_root}/{name}.json" for name in ("labels", "train", "validation", "test")
+    ]
+    listed = config(dict(name="list", list=dict(files={"train": "t.txt", "validation": None})))
+    assert annotation_files(listed["dataset"]) == ["t.txt"]  # a null split is dropped
+    demo_cfg = config(dict(name="demo"))["dataset"]
+    assert annotation_files(demo_cfg) == [f"{demo_cfg['demo']['root']}/clips.csv"]
+
+
 def test_list_split_must_be_known(tmp_path):
     write_video(tmp_path / "a.mp4", n_frames=3)
     (tmp_path / "l.txt").write_text("a.mp4 0\n")
-    cfg = config(
-        dict(name="list", list=dict(root=str(tmp_path), files={"holdout": str(tmp_path / "l.txt")}))
-    )
-    with pytest.raises(ManifestError, match="split 'holdout'"):
-        build_manifest(cfg)
+    with pytest.raises(ConfigError, match="'holdout' is not one of"):  # the schema says so
+        config(
+            dict(name="list", list=dict(root=str(tmp_path), files={"holdout": str(tmp_path / "l.txt")}))
+        )
 
 
 # ---------------------------------------------------------------------------------- demo
@@ -330,7 +359,8 @@ def test_demo_manifest_from_the_generator(tmp_path):
         build_manifest(cfg)
     demo.generate(cfg["dataset"]["demo"])
     df = build_manifest(cfg)
-    assert len(df) == 6 and df["shard"].tolist() == [0, 0, 0, 0, 1, 1]
+    # 4 per shard, lowered to 3 so that 6 clips make shards.min_shards (2) shards
+    assert len(df) == 6 and df["shard"].tolist() == [0, 0, 0, 1, 1, 1]
     assert all(os.path.exists(p) for p in df["video_path"])
     assert df["label"].tolist() == [0, 1, 2, 0, 1, 2]
     assert (df["fps"] == 12.0).all()

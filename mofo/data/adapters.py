@@ -31,17 +31,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROW_COLUMNS = [
-    "clip_id",
-    "video_path",
-    "label",
-    "verb_class",
-    "noun_class",
-    "split",
-    "start_frame",
-    "stop_frame",
-    "fps",
-]
+#: The columns every adapter returns and their dtypes (the manifest adds ``shard``:
+#: mofo.data.manifest.MANIFEST_DTYPES).
+ROW_DTYPES = {
+    "clip_id": str,
+    "video_path": str,
+    "label": "int64",
+    "verb_class": "int64",
+    "noun_class": "int64",
+    "split": str,
+    "start_frame": "int64",
+    "stop_frame": "int64",
+    "fps": "float64",
+}
+ROW_COLUMNS = list(ROW_DTYPES)
 
 EPIC_COLUMNS = [
     "narration_id",
@@ -69,7 +72,14 @@ EPIC_REQUIRED = [
     "verb_class",
     "noun_class",
 ]
+# The annotation file names (annotation_files lists them for the manifest rule).
+DEMO_CLIPS_FILE = "clips.csv"
+SSV2_LABELS_FILE = "labels.json"
 EPIC_SPLIT_FILES = {"train": "EPIC_100_train.csv", "validation": "EPIC_100_validation.csv"}
+
+
+def ssv2_split_file(split: str) -> str:
+    return f"{split}.json"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -88,19 +98,7 @@ def safe_id(text: str) -> str:
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=ROW_COLUMNS)
-    return df.astype(
-        {
-            "clip_id": str,
-            "video_path": str,
-            "label": "int64",
-            "verb_class": "int64",
-            "noun_class": "int64",
-            "split": str,
-            "start_frame": "int64",
-            "stop_frame": "int64",
-            "fps": "float64",
-        }
-    )
+    return df.astype(ROW_DTYPES)
 
 
 def _warn_skipped(path: Path | str, what: str, bad: list[str]) -> None:
@@ -161,7 +159,7 @@ def _read_json(path: Path):
 def demo_rows(dataset_cfg: dict, check_videos: bool = True) -> pd.DataFrame:
     """Rows from the generator's ``<root>/clips.csv`` (video paths are relative to root)."""
     root = Path(dataset_cfg["demo"]["root"])
-    path = root / "clips.csv"
+    path = root / DEMO_CLIPS_FILE
     if not path.exists():
         raise AnnotationError(
             f"{path} not found: generate the demo data first (mofo.data.demo.generate)"
@@ -210,7 +208,7 @@ def ssv2_rows(dataset_cfg: dict, check_videos: bool = True) -> pd.DataFrame:
     """Rows from ``labels.json`` + ``<split>.json``; videos ``<video_dir>/<id>.webm``."""
     cfg = dataset_cfg["ssv2"]
     root, video_dir = Path(cfg["root"]), Path(cfg["video_dir"])
-    labels_path = root / "labels.json"
+    labels_path = root / SSV2_LABELS_FILE
     labels_raw = _read_json(labels_path)
     if not isinstance(labels_raw, dict):
         raise AnnotationError(f"{labels_path}: expected an object template -> class index")
@@ -219,8 +217,8 @@ def ssv2_rows(dataset_cfg: dict, check_videos: bool = True) -> pd.DataFrame:
     except (TypeError, ValueError) as err:
         raise AnnotationError(f"{labels_path}: class indices must be integers ({err})") from err
     rows: list[dict] = []
-    for split in cfg.get("splits", ["train", "validation"]):
-        path = root / f"{split}.json"
+    for split in cfg["splits"]:
+        path = root / ssv2_split_file(split)
         entries = _read_json(path)
         if not isinstance(entries, list):
             raise AnnotationError(f"{path}: expected a list of objects")
@@ -309,7 +307,7 @@ def epic100_rows(dataset_cfg: dict, check_videos: bool = True) -> pd.DataFrame:
     fps_by_video = _epic_fps(ann_dir)
     rows: list[dict] = []
     resolved: dict[tuple[str, str], str] = {}
-    for split in cfg.get("splits", ["train", "validation"]):
+    for split in cfg["splits"]:
         path = ann_dir / EPIC_SPLIT_FILES[split]
         if not path.exists():
             raise AnnotationError(f"annotation file not found: {path}")
@@ -366,10 +364,10 @@ def list_rows(dataset_cfg: dict, check_videos: bool = True) -> pd.DataFrame:
     gets ``__2``, ``__3``... appended.
     """
     cfg = dataset_cfg["list"]
-    root = Path(cfg.get("root", "") or ".")
+    root = Path(cfg["root"] or ".")
     # A split set to null (or "") in an overlay is dropped: that is how an overlay removes a
     # split that a file merged before it declared.
-    files = {split: f for split, f in (cfg.get("files") or {}).items() if f}
+    files = {split: f for split, f in cfg["files"].items() if f}
     if not files:
         raise AnnotationError(
             "dataset.list.files is empty: give {split: list file}, e.g. "
@@ -420,3 +418,24 @@ def list_rows(dataset_cfg: dict, check_videos: bool = True) -> pd.DataFrame:
 
 
 ADAPTERS = {"demo": demo_rows, "ssv2": ssv2_rows, "epic100": epic100_rows, "list": list_rows}
+
+
+def annotation_files(dataset_cfg: dict) -> list[str]:
+    """The annotation files the adapter of ``dataset.name`` reads (the manifest rule's inputs,
+    so a changed file rebuilds the manifest). A list split set to null is left out. EPIC's
+    optional ``EPIC_100_video_info.csv`` (fps) is not listed: an input must exist."""
+    name = dataset_cfg["name"]
+    if name == "demo":
+        return [f"{dataset_cfg['demo']['root']}/{DEMO_CLIPS_FILE}"]
+    if name == "ssv2":
+        cfg = dataset_cfg["ssv2"]
+        root = cfg["root"]
+        return [f"{root}/{SSV2_LABELS_FILE}"] + [
+            f"{root}/{ssv2_split_file(split)}" for split in cfg["splits"]
+        ]
+    if name == "epic100":
+        cfg = dataset_cfg["epic100"]
+        return [f"{cfg['annotations_dir']}/{EPIC_SPLIT_FILES[split]}" for split in cfg["splits"]]
+    if name == "list":
+        return [f for f in dataset_cfg["list"]["files"].values() if f]
+    raise AnnotationError(f"dataset.name {name!r}: no adapter (known: {sorted(ADAPTERS)})")

@@ -21,20 +21,9 @@ import pandas as pd
 from mofo.data import adapters
 from mofo.data import demo as demo_data
 
-# The adapters' columns plus the shard each clip is assigned to.
-MANIFEST_COLUMNS = [*adapters.ROW_COLUMNS, "shard"]
-MANIFEST_DTYPES = {
-    "clip_id": str,
-    "video_path": str,
-    "label": "int64",
-    "verb_class": "int64",
-    "noun_class": "int64",
-    "split": str,
-    "start_frame": "int64",
-    "stop_frame": "int64",
-    "fps": "float64",
-    "shard": "int64",
-}
+# The adapters' columns and dtypes plus the shard each clip is assigned to.
+MANIFEST_DTYPES = {**adapters.ROW_DTYPES, "shard": "int64"}
+MANIFEST_COLUMNS = list(MANIFEST_DTYPES)
 SPLITS = ("train", "validation", "test")
 
 
