@@ -76,7 +76,7 @@ def flip_allowed(config: dict) -> bool:
     if name in ("demo", "ssv2"):
         return False
     if name == "list":
-        return bool(config["dataset"].get("list", {}).get("horizontal_flip", True))
+        return bool(config["dataset"]["list"]["horizontal_flip"])
     if name == "epic100":
         return True
     raise ValueError(f"unknown dataset.name {name!r}")
@@ -149,7 +149,7 @@ class VideoClipDataset(Dataset):
         self.scheme = sampling_scheme(config, mode)
         self.flip = mode == "finetune" and flip_allowed(config)
         self.grid = token_grid(self.model_cfg)
-        rand_augment = self.augment_cfg.get("rand_augment", "")
+        rand_augment = self.augment_cfg["rand_augment"]
         self.rand_augment = (
             transforms.VideoRandAugment(rand_augment, int(self.model_cfg["input_size"]))
             if mode == "finetune" and rand_augment

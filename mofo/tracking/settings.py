@@ -65,22 +65,22 @@ def resolve_settings(
     ``<results_dir>/mlflow.db`` with artifacts in ``<results_dir>/mlflow-artifacts``.
     """
     env = os.environ if env is None else env
-    section = dict((config.get("tracking") or {}).get("mlflow") or {})
-    uri = env.get(ENV_TRACKING_URI, "").strip() or str(section.get("tracking_uri", "")).strip()
+    section = config["tracking"]["mlflow"]  # validated: config/config.yaml has every key
+    uri = env.get(ENV_TRACKING_URI, "").strip() or str(section["tracking_uri"]).strip()
     artifact_location = None
     if not uri:
-        results = Path(config.get("results_dir", "results"))
+        results = Path(config["results_dir"])
         uri = local_store_uri(results)
         artifact_location = (results / "mlflow-artifacts").resolve().as_uri()
     return TrackingSettings(
-        enabled=bool(section.get("enabled", True)),
+        enabled=bool(section["enabled"]),
         uri=uri,
-        experiment=str(section.get("experiment", "mofo")),
+        experiment=str(section["experiment"]),
         artifact_location=artifact_location,
-        log_artifacts=bool(section.get("log_artifacts", True)),
-        max_artifact_bytes=int(float(section.get("max_artifact_mb", 2048)) * 1024 * 1024),
-        request_timeout=float(section.get("request_timeout", 10)),
-        request_retries=int(section.get("request_retries", 1)),
+        log_artifacts=bool(section["log_artifacts"]),
+        max_artifact_bytes=int(float(section["max_artifact_mb"]) * 1024 * 1024),
+        request_timeout=float(section["request_timeout"]),
+        request_retries=int(section["request_retries"]),
     )
 
 

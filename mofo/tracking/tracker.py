@@ -204,7 +204,7 @@ def base_tags(config: Mapping[str, Any]) -> dict[str, str]:
     tags = {
         "mofo.git_commit": git_commit(),
         "mofo.config_hash": config_hash(config),
-        "mofo.dataset": str((config.get("dataset") or {}).get("name", "")),
+        "mofo.dataset": str(config["dataset"]["name"]),
         "mofo.host": socket.gethostname(),
     }
     if os.environ.get(ENV_INVOCATION):
