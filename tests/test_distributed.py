@@ -33,7 +33,7 @@ def summaries(out, world: int) -> list[dict]:
 
 
 def initial_checksum() -> float:
-    from mofo.models.vit import build_pretrain_model
+    from mofo.models.build import build_pretrain_model
     from mofo.training.engine import seed_everything
     from mofo.training.selfcheck import TINY_MODEL, weights_checksum
 

@@ -17,8 +17,6 @@ import itertools
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
-
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "mofo"
 
 # A module may import modules of its own group and of lower layers only. The group of a module
@@ -45,25 +43,7 @@ LAYERS: dict[str, int] = {
 
 # Edges that break a rule above on purpose, each with why and when it goes away. The test
 # fails when one of them no longer exists, so that this list cannot go stale.
-ALLOWED_EDGES: dict[tuple[str, str], str] = {
-    ("mofo.models.vit", "mofo.models.build"): (
-        "module __getattr__ shim: build_encoder / build_pretrain_model / build_classifier "
-        "moved to mofo.models.build; delete the shim once nothing imports them from "
-        "mofo.models.vit (mofo/training/{pretrain,finetune,selfcheck,bench,bench_gpu_presets}.py, "
-        "tests/test_training.py, test_distributed.py, test_training_stages.py)"
-    ),
-    # PENDING, not by design (mofo/training/bench_gpu.py, landed while this test was written):
-    ("mofo.training.bench_gpu", "mofo.cli"): (
-        "a cycle with mofo.cli (cli -> bench_gpu -> cli): bench_gpu.main() re-enters the CLI "
-        "for `python -m mofo.training.bench_gpu`; let cli.cmd_bench_gpu own the command and "
-        "drop the __main__ entry, or move the argument parsing into bench_gpu"
-    ),
-    ("mofo.training.bench_gpu", "mofo.evaluation.evaluate"): (
-        "training imports the evaluation stage (predict_views): the GPU benchmark spans both "
-        "stages, so it belongs above evaluation (e.g. its own layer-6 group) or should time "
-        "the model's forward itself"
-    ),
-}
+ALLOWED_EDGES: dict[tuple[str, str], str] = {}
 
 
 def module_files() -> dict[str, Path]:
@@ -252,9 +232,7 @@ def test_packages_import_only_lower_layers():
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("edge", sorted(ALLOWED_EDGES))
-def test_allowed_exceptions_are_still_needed(edge):
-    a, b = edge
-    assert b in import_graph().get(a, {}), (
-        f"{a} no longer imports {b}: remove {edge} from ALLOWED_EDGES"
-    )
+def test_allowed_exceptions_are_still_needed():
+    graph = import_graph()
+    gone = [edge for edge in sorted(ALLOWED_EDGES) if edge[1] not in graph.get(edge[0], {})]
+    assert not gone, f"no longer imported, remove from ALLOWED_EDGES: {gone}"

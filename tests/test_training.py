@@ -12,14 +12,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from mofo.config import load_config
+from mofo.models.patches import patchify, unpatchify
 from mofo.training import engine
 from mofo.training.distributed import DistContext, RankInfo, rank_info
-from mofo.training.losses import (
-    masked_reconstruction_loss,
-    patch_normalized_target,
-    patchify,
-    unpatchify,
-)
+from mofo.training.losses import masked_reconstruction_loss, patch_normalized_target
 from mofo.training.optim import build_optimizer
 from mofo.training.synthetic import SyntheticClipDataset
 
@@ -49,7 +45,7 @@ def one_thread():
 
 
 def tiny_model() -> torch.nn.Module:
-    from mofo.models.vit import build_pretrain_model
+    from mofo.models.build import build_pretrain_model
 
     torch.manual_seed(0)  # the stages seed before building the model, as here
     return build_pretrain_model(TINY_MODEL, depth=1, decoder_depth=1, drop_path=0.1)
@@ -95,7 +91,7 @@ def test_masked_loss_compares_only_masked_tokens():
 
 
 def test_patchify_roundtrip_and_model_order_agree():
-    from mofo.models.vit import patchify as model_patchify
+    model_patchify = patchify
 
     x = torch.randn(2, 3, 4, 8, 8)
     tokens = patchify(x, 4, 2)
@@ -116,7 +112,7 @@ def test_optimizer_excludes_biases_norms_and_tokens_from_weight_decay():
 
 
 def test_layer_decay_scales_blocks_geometrically():
-    from mofo.models.vit import build_classifier
+    from mofo.models.build import build_classifier
 
     model = build_classifier(TINY_MODEL, 3, head="mca", depth=2)
     opt = build_optimizer(model, stage_cfg(layer_decay=0.5, betas=[0.9, 0.999]), 256)

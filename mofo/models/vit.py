@@ -32,7 +32,6 @@ from mofo.models.layers import (
     init_xavier,
     sincos_position_table,
 )
-from mofo.models.patches import patchify  # noqa: F401 - old import path (tests/test_training.py)
 
 
 @dataclass(frozen=True)
@@ -313,17 +312,3 @@ class VideoClassifier(VideoEncoder):
 
     def forward(self, x: Tensor, inbox: Tensor | None = None) -> Tensor | dict[str, Tensor]:
         return self.pool_head(self.forward_features(x), inbox)
-
-
-_MOVED_TO_BUILD = ("build_classifier", "build_encoder", "build_pretrain_model")
-
-
-def __getattr__(name: str) -> Any:
-    # Old import path: the builders moved to mofo.models.build (which imports this module and
-    # the heads). Remove once nothing imports them from here (tests/test_imports.py lists the
-    # importers in ALLOWED_EDGES).
-    if name in _MOVED_TO_BUILD:
-        from mofo.models import build
-
-        return getattr(build, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

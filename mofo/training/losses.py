@@ -10,13 +10,11 @@ import torch
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from mofo.models.patches import (  # noqa: F401 - patchify, unpatchify: tests/test_training.py
+from mofo.models.patches import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PATCH_NORM_EPS,
-    patchify,
     pixel_targets,
-    unpatchify,
 )
 
 
