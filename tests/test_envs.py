@@ -56,3 +56,23 @@ def test_every_rule_uses_an_env_that_exists():
             line = line.strip()
             if line.startswith('"../envs/'):
                 assert (ROOT / "rules" / line.strip('"')).resolve().exists(), f"{smk.name}: {line}"
+
+
+def test_timm_internals_that_mofo_mirrors_are_there():
+    """timm is pinned (pyproject.toml) because mofo reads these; a timm outside the pin that
+    still passes this may be admitted by widening the pin."""
+    import inspect
+
+    from timm.data import auto_augment
+    from timm.data.mixup import Mixup
+
+    assert isinstance(auto_augment._LEVEL_DENOM, (int, float))
+    op = auto_augment.AugmentOp("Rotate", prob=0.5, magnitude=7, hparams={"magnitude_std": 0.5})
+    for name in ("name", "prob", "magnitude", "magnitude_std", "magnitude_max", "level_fn",
+                 "aug_fn", "kwargs", "hparams"):
+        assert hasattr(op, name), f"timm AugmentOp has no {name!r} (mofo.data.transforms)"
+    ra = auto_augment.rand_augment_transform("rand-m7-n4-mstd0.5-inc1", {})
+    for name in ("ops", "num_layers", "choice_weights"):
+        assert hasattr(ra, name), f"timm RandAugment has no {name!r} (mofo.data.transforms)"
+    params = inspect.signature(Mixup._params_per_batch).parameters
+    assert list(params) == ["self"], "timm Mixup._params_per_batch changed (mofo.training.mixup)"

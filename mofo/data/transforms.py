@@ -380,7 +380,8 @@ def augment_op_affine(name: str, level_args: tuple, width: int, height: int) -> 
 def _draw_op_args(op: AugmentOp) -> tuple | None:
     """One draw of timm's AugmentOp randomness: None when the op is skipped, else its level
     arguments. Mirrors ``AugmentOp.__call__`` (timm draws these per image; a clip needs one
-    draw shared by all its frames and the boxes, so the draw is done here)."""
+    draw shared by all its frames and the boxes, so the draw is done here). It reads timm
+    internals, hence timm's pin in pyproject.toml and the check in tests/test_envs.py."""
     if op.prob < 1.0 and random.random() > op.prob:
         return None
     magnitude = op.magnitude

@@ -1,6 +1,7 @@
 """Mixup / CutMix for video clips that also keeps the in-box token flags consistent.
 
-timm's ``Mixup`` decides per batch (``_params_per_batch``: numpy RNG, mixup vs cutmix, lam)
+timm's ``Mixup`` decides per batch (``_params_per_batch``: numpy RNG, mixup vs cutmix, lam;
+a private method, hence timm's pin in pyproject.toml)
 and its helpers give the CutMix box (``cutmix_bbox_and_lam``) and the soft targets
 (``mixup_target``, with label smoothing). What timm cannot do for us:
 
