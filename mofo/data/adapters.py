@@ -101,6 +101,22 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     return df.astype(ROW_DTYPES)
 
 
+def _whole_video_row(clip_id: str, video_path: str, label: int, split: str,
+                     fps: float = float("nan")) -> dict:
+    """A manifest row of a single-label format: no verb/noun classes, the whole video."""
+    return {
+        "clip_id": clip_id,
+        "video_path": video_path,
+        "label": label,
+        "verb_class": -1,
+        "noun_class": -1,
+        "split": split,
+        "start_frame": -1,
+        "stop_frame": -1,
+        "fps": fps,
+    }
+
+
 def _warn_skipped(path: Path | str, what: str, bad: list[str]) -> None:
     if bad:
         shown = "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
@@ -173,18 +189,12 @@ def demo_rows(dataset_cfg: dict, check_videos: bool = True) -> pd.DataFrame:
         bad = clips.index[clips[needed].isna().any(axis=1)][0]
         raise AnnotationError(f"{path}: empty value in line {bad + 2}")
     rows = [
-        dict(
-            clip_id=r.clip_id,
-            video_path=str(root / r.video_path)
-            if not os.path.isabs(r.video_path)
-            else r.video_path,
-            label=int(r.label),
-            verb_class=-1,
-            noun_class=-1,
-            split=r.split,
-            start_frame=-1,
-            stop_frame=-1,
-            fps=float(r.fps),
+        _whole_video_row(
+            r.clip_id,
+            str(root / r.video_path) if not os.path.isabs(r.video_path) else r.video_path,
+            int(r.label),
+            r.split,
+            float(r.fps),
         )
         for r in clips.itertuples()
     ]
@@ -239,19 +249,7 @@ def ssv2_rows(dataset_cfg: dict, check_videos: bool = True) -> pd.DataFrame:
                     bad.append(f"entry {i} (id {vid}): template {template!r} not in labels.json")
                     continue
                 label = labels[key]
-            rows.append(
-                dict(
-                    clip_id=safe_id(vid),
-                    video_path=str(video_dir / f"{vid}.webm"),
-                    label=label,
-                    verb_class=-1,
-                    noun_class=-1,
-                    split=split,
-                    start_frame=-1,
-                    stop_frame=-1,
-                    fps=float("nan"),
-                )
-            )
+            rows.append(_whole_video_row(safe_id(vid), str(video_dir / f"{vid}.webm"), label, split))
         _warn_skipped(path, "entries", bad)
     df = _frame(rows)
     if check_videos:
@@ -398,19 +396,7 @@ def list_rows(dataset_cfg: dict, check_videos: bool = True) -> pd.DataFrame:
                 seen[cid] = seen.get(cid, 0) + 1
                 if seen[cid] > 1:
                     cid = f"{cid}__{seen[cid]}"
-                rows.append(
-                    dict(
-                        clip_id=cid,
-                        video_path=str(video_path),
-                        label=label,
-                        verb_class=-1,
-                        noun_class=-1,
-                        split=split,
-                        start_frame=-1,
-                        stop_frame=-1,
-                        fps=float("nan"),
-                    )
-                )
+                rows.append(_whole_video_row(cid, str(video_path), label, split))
     df = _frame(rows)
     if check_videos:
         warn_missing_videos(df, "list")
