@@ -186,8 +186,10 @@ def test_random_resized_crop_boxes_follow_pixels(spec, seed, size):
     if found is not None:
         assert not T.box_is_empty(out_boxes)[0], f"box pixels {found} but empty box"
         np.testing.assert_allclose(box, found, atol=tol)
-    else:  # no pixel over the threshold: the box is empty or a sliver thinner than tol
-        assert min(box[2] - box[0], box[3] - box[1]) <= tol, box
+    else:  # no pixel over the threshold: the box is empty or a sliver thinner than tol; when
+        # shrinking, INTER_AREA averages, and a box under sqrt(2) output pixels a side that
+        # straddles 2 x 2 pixels covers under half of each (all below the 128 threshold)
+        assert min(box[2] - box[0], box[3] - box[1]) <= max(tol, 2**0.5), box
 
 
 @settings(max_examples=60, deadline=None)
