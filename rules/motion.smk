@@ -28,13 +28,17 @@ rule optical_flow:
 
 
 rule motion_map:
-    """Motion boundaries (paper Eq. 1): invariant to camera translation, low-pass filtered."""
+    """Motion map: boundaries (paper Eq. 1) or camera-cancelled residual flow, low-pass filtered."""
     input:
         flow=f"{RESULTS}/flow/{{shard}}.npz",
+        # read only for motion_map.texture_confidence (the frames' texture weights the flow)
+        pack=f"{RESULTS}/frames/{{shard}}.jpgpack",
+        index=f"{RESULTS}/frames/{{shard}}.index.csv",
     output:
         motion_map=f"{RESULTS}/motion_map/{{shard}}.npz",
         raw_flow_map=f"{RESULTS}/motion_map/{{shard}}.rawflow.npz",
     params:
+        prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
         config_hash=stage_hash(config, "motion_map"),
     log:
         f"{LOGS}/motion_map/{{shard}}.log",

@@ -133,23 +133,57 @@ def flow_magnitude_map(
     return _finish_map(m, int(border), float(gaussian_sigma))
 
 
-def motion_map_from_cfg(
-    flow: np.ndarray, motion_map_cfg: dict, raw_flow: bool = False
+def residual_motion_map(
+    flow: np.ndarray, temporal_window: int = 1, border: int = 0, gaussian_sigma: float = 0.0,
+    confidence: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``motion_boundaries`` (or ``flow_magnitude_map`` when ``raw_flow``) with the settings
-    of the ``motion_map`` config section; the border is scaled to the flow's height."""
+    """The ``residual`` motion map for real footage: |flow - the frame pair's global affine
+    camera motion| (``mofo.motion.camera.camera_residual``), weighted by ``confidence``
+    ((T-1, h, w) in [0, 1], e.g. ``texture_confidence``; None = 1), then the same temporal
+    mean, border and low pass as the other maps. flow (T-1, h, w, 2) -> float32 (T-1, h, w).
+
+    Unlike Eq. 1 it keeps the whole moving region (a hand's flat inside moves too), and a zoom,
+    rotation or shake of the camera cancels, not only a pan."""
+    from mofo.motion.camera import camera_residual
+
+    _check_flow(flow)
+    if flow.shape[0] == 0:
+        return np.zeros(flow.shape[:3], dtype=np.float32)
+    residual = camera_residual(flow)
+    m = np.sqrt(np.sum(residual * residual, axis=-1)).astype(np.float32)
+    if confidence is not None:
+        m *= confidence[: len(m)]
+    m = temporal_window_mean(m, int(temporal_window))
+    return _finish_map(m, int(border), float(gaussian_sigma))
+
+
+def motion_map_from_cfg(
+    flow: np.ndarray, motion_map_cfg: dict, raw_flow: bool = False,
+    frames: np.ndarray | None = None,
+) -> np.ndarray:
+    """The motion map that ``motion_map.method`` names (``boundaries``: Eq. 1;
+    ``residual``: camera-cancelled flow magnitude), or ``flow_magnitude_map`` when
+    ``raw_flow``, with the section's settings; the border is scaled to the flow's height.
+    ``frames`` (T, H, W, 3) uint8: the clip's frames, for ``texture_confidence`` (required
+    when the section turns it on)."""
     border = scaled_border(
         int(motion_map_cfg["border"]),
         flow.shape[1],
         float(motion_map_cfg["border_reference_height"]),
     )
-    fn = flow_magnitude_map if raw_flow else motion_boundaries
-    return fn(
-        flow,
-        int(motion_map_cfg["temporal_window"]),
-        border,
-        float(motion_map_cfg["gaussian_sigma"]),
-    )
+    window, sigma = int(motion_map_cfg["temporal_window"]), float(motion_map_cfg["gaussian_sigma"])
+    if raw_flow:
+        return flow_magnitude_map(flow, window, border, sigma)
+    if motion_map_cfg["method"] == "boundaries":
+        return motion_boundaries(flow, window, border, sigma)
+    confidence = None
+    if motion_map_cfg["texture_confidence"]:
+        if frames is None:
+            raise ValueError("motion_map.texture_confidence needs the clip's frames")
+        from mofo.motion.camera import texture_confidence
+
+        confidence = texture_confidence(frames[: flow.shape[0]], flow.shape[1], flow.shape[2])
+    return residual_motion_map(flow, window, border, sigma, confidence)
 
 
 def motion_map_shard(
@@ -157,23 +191,32 @@ def motion_map_shard(
     out_path: str | Path,
     motion_map_cfg: dict,
     raw_flow_out: str | Path | None = None,
+    frames_prefix: str | Path | None = None,
 ) -> dict:
     """Read ``flow/shard-XXXX.npz``, write ``motion_map/shard-XXXX.npz`` (float16 (T-1, h, w)
     per clip). With ``raw_flow_out``, also write the raw-flow-magnitude maps there (same
     layout; the box-quality baseline), so the flow file can be deleted afterwards.
+    ``frames_prefix``: the shard's frame store, read when ``motion_map.texture_confidence``.
     A clip whose flow array is malformed is reported on stderr and left out.
     Returns ``{"clips": n, "failed": [clip ids]}``.
     """
     maps: dict[str, np.ndarray] = {}
     raw: dict[str, np.ndarray] = {}
     failed: list[str] = []
+    store = None
+    if motion_map_cfg["method"] == "residual" and motion_map_cfg["texture_confidence"]:
+        from mofo.data.framestore import FrameStore
+
+        store = FrameStore(frames_prefix)
     with np.load(flow_path) as data:
         for clip_id in tqdm(
             list(data.files), desc=f"motion map {Path(out_path).stem}", file=sys.stderr
         ):
             try:
                 flow = data[clip_id].astype(np.float32)
-                maps[clip_id] = motion_map_from_cfg(flow, motion_map_cfg).astype(np.float16)
+                frames = store.read(clip_id) if store is not None else None
+                maps[clip_id] = motion_map_from_cfg(flow, motion_map_cfg,
+                                                    frames=frames).astype(np.float16)
                 if raw_flow_out is not None:
                     raw[clip_id] = motion_map_from_cfg(flow, motion_map_cfg, raw_flow=True).astype(
                         np.float16

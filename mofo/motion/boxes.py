@@ -40,6 +40,11 @@ b. clean-up (authors' step 4): a box wider than ``max_width`` x w, taller than `
 
 Boxes are (x1, y1, x2, y2) integers with exclusive x2/y2, in map pixels; ``boxes_shard``
 converts them to the ORIGINAL video's pixels.
+
+``method: mass`` (the real-data default, made for the ``residual`` motion map, see
+``mass_box``) replaces steps 1-6: a threshold that adapts to each frame's motion
+distribution, blobs merged by distance, the heaviest group kept, and the box that holds its
+central mass. ``temporal_median`` then smooths the final boxes over that many frames.
 """
 
 from __future__ import annotations
@@ -119,6 +124,60 @@ def box_from_map(m: np.ndarray, boxes_cfg: dict) -> Box | None:
     return (int(x1), int(y1), int(x2), int(y2))
 
 
+def mass_box(m: np.ndarray, boxes_cfg: dict) -> Box | None:
+    """One frame's motion map (h, w) -> the box of its moving region, or None (``method:
+    mass``).
+
+    1. threshold = max(``min_motion``, median + ``mass_mad_k`` x 1.4826 MAD of the frame's
+       map, ``rel_max_threshold`` x its max): the background's own level, not a
+       fixed fraction, decides what moves; weights = map - threshold where positive;
+    2. blobs closer than ``mass_merge`` x frame diagonal are grouped (dilation), and the groups
+       holding at least ``mass_keep`` x the heaviest group's weight are kept (a hand and the
+       object it moves are one group; a far-away walker is not);
+    3. the box spans the weights' ``mass_quantile`` .. 1 - ``mass_quantile`` quantiles in x
+       and in y, so a few stray pixels do not stretch it.
+    """
+    m = np.nan_to_num(np.asarray(m, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    h, w = m.shape
+    values = m.ravel()
+    if values.size == 0 or float(values.max()) < float(boxes_cfg["min_motion"]):
+        return None
+    med = float(np.median(values))
+    mad = float(np.median(np.abs(values - med)))
+    threshold = max(float(boxes_cfg["min_motion"]),
+                    med + float(boxes_cfg["mass_mad_k"]) * 1.4826 * mad,
+                    float(boxes_cfg["rel_max_threshold"]) * float(values.max()))
+    weights = np.clip(m - threshold, 0.0, None)
+    if float(weights.sum()) <= 0:
+        return None
+    radius = max(1, round(float(boxes_cfg["mass_merge"]) * math.hypot(h, w)))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    _, labels = cv2.connectedComponents(cv2.dilate((weights > 0).astype(np.uint8), kernel))
+    mass = np.bincount(labels.ravel(), weights=weights.ravel().astype(np.float64))
+    mass[0] = 0.0
+    keep = np.flatnonzero(mass >= float(boxes_cfg["mass_keep"]) * mass.max())
+    weights = np.where(np.isin(labels, keep), weights, 0.0)
+    q = float(boxes_cfg["mass_quantile"])
+    total = float(weights.sum())
+    cx = np.cumsum(weights.sum(axis=0)) / total
+    cy = np.cumsum(weights.sum(axis=1)) / total
+    x1, x2 = int(np.searchsorted(cx, q)), int(np.searchsorted(cx, 1 - q)) + 1
+    y1, y2 = int(np.searchsorted(cy, q)), int(np.searchsorted(cy, 1 - q)) + 1
+    return (x1, y1, min(x2, w), min(y2, h))
+
+
+def temporal_median(boxes: list[Box], window: int) -> list[Box]:
+    """Each coordinate replaced by its median over ``window`` frames centred on the frame
+    (edges repeat the end frames); window <= 1 returns the boxes unchanged."""
+    if window <= 1 or len(boxes) < 2:
+        return boxes
+    arr = np.asarray(boxes, dtype=np.float64)
+    pad = window // 2
+    padded = np.concatenate([np.repeat(arr[:1], pad, 0), arr, np.repeat(arr[-1:], window - 1 - pad, 0)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, window, axis=0)
+    return [tuple(int(round(v)) for v in row) for row in np.median(windows, axis=-1)]
+
+
 def _centre(contour: np.ndarray) -> tuple[float, float]:
     mom = cv2.moments(contour)
     if mom["m00"] > 0:
@@ -191,9 +250,10 @@ def boxes_for_clip(maps: np.ndarray, n_frames: int, boxes_cfg: dict) -> pd.DataF
     if float(np.nanmax(maps)) < float(boxes_cfg["min_motion"]):
         return _frame_df([centre_box(h, w)] * n_frames, ["static_clip"] * n_frames)
     last = maps.shape[0] - 1
-    raw = [box_from_map(maps[min(i, last)], boxes_cfg) for i in range(n_frames)]
+    detect = mass_box if boxes_cfg["method"] == "mass" else box_from_map
+    raw = [detect(maps[min(i, last)], boxes_cfg) for i in range(n_frames)]
     boxes, sources = resolve_boxes(raw, h, w, boxes_cfg)
-    return _frame_df(boxes, sources)
+    return _frame_df(temporal_median(boxes, int(boxes_cfg["temporal_median"])), sources)
 
 
 def _frame_df(boxes: list[Box], sources: list[str]) -> pd.DataFrame:

@@ -42,7 +42,8 @@ def process_clip(
     if (status["status"] == "failed").all():
         raise RuntimeError(f"clip {clip_id}: decoding failed: {status['message'].iloc[0]}")
     flow_shard(out / "frames", out / "flow.npz", config["optical_flow"])
-    motion_map_shard(out / "flow.npz", out / "motion_map.npz", config["motion_map"], raw_flow_out=out / "motion_map.rawflow.npz")
+    motion_map_shard(out / "flow.npz", out / "motion_map.npz", config["motion_map"],
+                     raw_flow_out=out / "motion_map.rawflow.npz", frames_prefix=out / "frames")
     report = boxes_shard(
         out / "motion_map.npz", out / "frames", out / "boxes.csv", config["motion_boxes"],
         raw_map_path=out / "motion_map.rawflow.npz",

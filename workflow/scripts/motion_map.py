@@ -7,5 +7,6 @@ from mofo.motion.boundaries import motion_map_shard
 sm = snakemake  # noqa: F821
 with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
     motion_map_shard(
-        sm.input.flow, sm.output.motion_map, sm.config["motion_map"], raw_flow_out=sm.output.raw_flow_map
+        sm.input.flow, sm.output.motion_map, sm.config["motion_map"],
+        raw_flow_out=sm.output.raw_flow_map, frames_prefix=sm.params.prefix,
     )
