@@ -91,3 +91,17 @@ def test_temporal_median_removes_a_one_frame_jump():
     smooth = temporal_median(boxes, 5)
     assert smooth[3] in {(10, 10, 50, 50), (12, 10, 52, 50)} and len(smooth) == 7
     assert temporal_median(boxes, 1) == boxes
+
+
+def test_a_clip_without_one_detected_frame_is_a_whole_clip_fallback():
+    cfg = load_config()["motion_boxes"]
+    maps = np.zeros((5, H, W), np.float32)
+    maps[:, :, :] = 0.01  # moves, but everywhere alike: every frame's box is too large
+    boxes = boxes_for_clip(maps, 6, {**cfg, "max_width": 0.3})
+    assert set(boxes["source"]) == {"clip_fallback"} and len(boxes) == 6
+    from mofo.motion.boxes import _count, _empty_report
+
+    report = _empty_report()
+    _count(report, boxes, no_flow=False)
+    assert report["clips_fallback"] == 1 and report["clips_detected"] == 0
+    assert report["clip_fallback"] == 6

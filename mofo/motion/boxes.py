@@ -37,6 +37,9 @@ b. clean-up (authors' step 4): a box wider than ``max_width`` x w, taller than `
    (``next``), so a run of bad boxes takes the first good box after it. A bad box at the last
    frame — and so a run of bad boxes that reaches the end — takes the nearest earlier good
    box (``previous``); a clip with no good box at all gets the centre box (``centre``).
+c. a clip where no frame kept a box of its own (every frame fell back) is a whole-clip
+   fallback: centre boxes, source ``clip_fallback``, counted per clip in the shard report
+   (``clips_fallback``; ``clips_detected`` counts clips with at least one detected frame).
 
 Boxes are (x1, y1, x2, y2) integers with exclusive x2/y2, in map pixels; ``boxes_shard``
 converts them to the ORIGINAL video's pixels.
@@ -253,6 +256,8 @@ def boxes_for_clip(maps: np.ndarray, n_frames: int, boxes_cfg: dict) -> pd.DataF
     detect = mass_box if boxes_cfg["method"] == "mass" else box_from_map
     raw = [detect(maps[min(i, last)], boxes_cfg) for i in range(n_frames)]
     boxes, sources = resolve_boxes(raw, h, w, boxes_cfg)
+    if "detected" not in sources:  # no frame kept a box of its own: say so for the clip
+        return _frame_df([centre_box(h, w)] * n_frames, ["clip_fallback"] * n_frames)
     return _frame_df(temporal_median(boxes, int(boxes_cfg["temporal_median"])), sources)
 
 
@@ -297,8 +302,11 @@ def _empty_report() -> dict:
         "previous": 0,
         "next": 0,
         "static_clip": 0,
+        "clip_fallback": 0,
         "static_clips": 0,
         "clips_no_flow": 0,
+        "clips_fallback": 0,
+        "clips_detected": 0,
         "clips_failed": 0,
     }
 
@@ -310,6 +318,8 @@ def _count(report: dict, df: pd.DataFrame, no_flow: bool) -> None:
         report[source] = report.get(source, 0) + int(k)
     report["static_clips"] += int(len(df) > 0 and (df["source"] == "static_clip").all())
     report["clips_no_flow"] += int(no_flow)
+    report["clips_fallback"] += int(len(df) > 0 and (df["source"] == "clip_fallback").all())
+    report["clips_detected"] += int((df["source"] == "detected").any())
 
 
 def _write_atomic(path: Path, write) -> None:
