@@ -24,8 +24,13 @@ def manifest_inputs(wildcards):
 
 
 def gt_boxes_input(wildcards):
-    """Ground-truth boxes exist for the demo dataset only."""
-    return [f"{DEMO_ROOT}/gt_boxes.csv", f"{DEMO_ROOT}/clips.csv"] if config["dataset"]["name"] == "demo" else []
+    """Ground-truth boxes and the clip table they refer to: the demo's own, or a real
+    dataset's hand-drawn ``dataset.<name>.gt_boxes`` against its manifest; [] without."""
+    name = config["dataset"]["name"]
+    if name == "demo":
+        return [f"{DEMO_ROOT}/gt_boxes.csv", f"{DEMO_ROOT}/clips.csv"]
+    gt = config["dataset"][name].get("gt_boxes", "")
+    return [gt, f"{RESULTS}/manifest.csv"] if gt else []
 
 
 def maybe_temp(path):

@@ -25,6 +25,14 @@ def snakemake(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+SIDE, Y0 = 30, 40  # make_frames(12, 120, 160): a 30-px square at y 40..70 ...
+
+
+def square_x(t: int, speed: int) -> int:
+    """... whose left edge is at this x in frame t (tests/videofixtures.make_frames)."""
+    return (2 + t * speed) % (160 - SIDE)
+
+
 def user_dataset(tmp_path: Path, n_clips: int = 4) -> tuple[Path, Path]:
     """Real mp4 files in sub-folders, a train and a validation list, and the overlay of an
     earlier project (another dataset's lists) that the user's overlay must override."""
@@ -39,11 +47,16 @@ def user_dataset(tmp_path: Path, n_clips: int = 4) -> tuple[Path, Path]:
     earlier = tmp_path / "earlier.yaml"
     earlier.write_text(yaml.safe_dump({"dataset": {"list": {"files": {
         "train": str(tmp_path / "nope-train.txt"), "validation": str(tmp_path / "nope-val.txt")}}}}))
+    # Hand-drawn ground truth, keyframes only (every 3rd frame), as a user would draw it.
+    gt = [(f"cls{i % 2}_clip_{i}", t, square_x(t, 3 + i), Y0, square_x(t, 3 + i) + SIDE, Y0 + SIDE)
+          for i in range(n_clips) for t in range(0, 12, 3)]
+    pd.DataFrame(gt, columns=["clip_id", "frame", "x1", "y1", "x2", "y2"]).to_csv(
+        tmp_path / "gt.csv", index=False)
     mine = tmp_path / "mine.yaml"
     mine.write_text(yaml.safe_dump({
         "results_dir": str(tmp_path / "results"),
         "tracking": {"mlflow": {"enabled": False}},
-        "dataset": {"list": {"root": str(videos),
+        "dataset": {"list": {"root": str(videos), "gt_boxes": str(tmp_path / "gt.csv"),
                              "files": {"train": str(tmp_path / "train.txt"), "validation": None}}},
     }))
     return earlier, mine
@@ -96,7 +109,10 @@ def test_motion_on_own_videos_with_the_real_data_defaults(tmp_path: Path):
     with np.load(res / "motion_map" / "shard-0000.npz") as maps:
         assert {maps[k].shape[1] for k in maps.files} == {128}
     quality = json.loads((res / "motion" / "box_quality.json").read_text())
-    assert quality["n_clips"] == 4
+    assert quality["n_clips"] == 4 and quality["n_clips_with_ground_truth"] == 4
+    # The moving square is found: far better than a centre box (its path crosses the centre).
+    assert quality["mean_iou"] > 0.4 and quality["mean_iou"] > quality["centre_box_mean_iou"] + 0.15
+    assert quality["fallbacks"]["clips_detected"] == 4
     status = pd.concat(pd.read_csv(p) for p in sorted((res / "frames").glob("*.status.csv")))
     assert set(status["status"]) == {"ok"}, status  # 12 frames are not "short" for motion
     assert list((res / "motion" / "pictures" / "shard-0000").glob("*.png"))

@@ -253,8 +253,9 @@ def box_quality(
 ) -> dict:
     """Score the motion boxes against ground truth.
 
-    ``boxes_csvs``: ``boxes/shard-XXXX.csv`` files; ``clips_csv`` needs ``clip_id`` and
-    ``camera_motion`` (and ``video_path`` when ``frames_prefixes`` is not given);
+    ``boxes_csvs``: ``boxes/shard-XXXX.csv`` files; ``clips_csv`` (the demo's clips.csv or a
+    manifest) needs ``clip_id`` (and ``video_path`` when ``frames_prefixes`` is not given);
+    with a ``camera_motion`` column the scores are also split by it;
     ``gt_boxes_csv``: ``clip_id, frame, x1, y1, x2, y2`` in original pixels;
     ``raw_flow_boxes``: the ``boxes/shard-XXXX.rawflow.csv`` files (optional);
     ``frames_prefixes``: the frame stores, used for each clip's original frame size;
@@ -274,9 +275,8 @@ def box_quality(
         })
     clips_csv = Path(clips_csv)
     clips = pd.read_csv(clips_csv, dtype={"clip_id": str})
-    for col in ("clip_id", "camera_motion"):
-        if col not in clips.columns:
-            raise ValueError(f"{clips_csv}: missing column {col!r}")
+    if "clip_id" not in clips.columns:
+        raise ValueError(f"{clips_csv}: missing column 'clip_id'")
     gt = _read_boxes([gt_boxes_csv], "ground-truth boxes")
     pred = _read_boxes(boxes_csvs, "motion boxes")
     gt_clips = [c for c in clips["clip_id"] if c in set(gt["clip_id"])]
@@ -292,16 +292,8 @@ def box_quality(
     result = _summary(scores, gt_clips)
     result["n_clips_with_ground_truth"] = len(gt_clips)
     result["n_clips_without_boxes"] = len(gt_clips) - result["n_clips"]
-    camera = dict(zip(clips["clip_id"], (camera_moves(v) for v in clips["camera_motion"])))
-    result["by_camera_motion"] = {
-        key: _summary(scores, [c for c in gt_clips if camera[c] is flag])
-        for key, flag in (("true", True), ("false", False))
-    }
-    kinds = dict(zip(clips["clip_id"], clips["camera_motion"].astype(str)))
-    result["by_camera_motion_kind"] = {
-        kind: _summary(scores, [c for c in gt_clips if kinds[c] == kind])
-        for kind in sorted({kinds[c] for c in gt_clips})
-    }
+    if "camera_motion" in clips.columns:  # the demo's clips.csv; a manifest has none
+        result.update(_by_camera_motion(scores, clips, gt_clips))
     result["model_view"] = {
         "input_size": int(model_cfg["input_size"]),
         "patch_size": int(model_cfg["patch_size"]),
@@ -309,6 +301,22 @@ def box_quality(
     }
     result["fallbacks"] = _sum_reports(report_files)
     return _clean(result)
+
+
+def _by_camera_motion(scores: dict, clips: pd.DataFrame, gt_clips: list[str]) -> dict:
+    """The summary split by the clips' ``camera_motion`` flag and by its kind."""
+    camera = dict(zip(clips["clip_id"], (camera_moves(v) for v in clips["camera_motion"])))
+    kinds = dict(zip(clips["clip_id"], clips["camera_motion"].astype(str)))
+    return {
+        "by_camera_motion": {
+            key: _summary(scores, [c for c in gt_clips if camera[c] is flag])
+            for key, flag in (("true", True), ("false", False))
+        },
+        "by_camera_motion_kind": {
+            kind: _summary(scores, [c for c in gt_clips if kinds[c] == kind])
+            for kind in sorted({kinds[c] for c in gt_clips})
+        },
+    }
 
 
 def _clean(obj):
