@@ -49,10 +49,6 @@ from tqdm import tqdm
 from mofo.data import sampling, transforms
 from mofo.data.boxfile import BoxFileError, read_boxes
 from mofo.data.framestore import FrameStore
-
-# Re-exported for the importers that still spell it from here (mofo/training/selfcheck.py,
-# mofo/training/bench_gpu_checks.py); its home is mofo.data.loader.
-from mofo.data.loader import make_loader  # noqa: F401
 from mofo.data.manifest import shard_name
 from mofo.masking import mask_from_config
 from mofo.masking.grid import inbox_tokens, token_grid

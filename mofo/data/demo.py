@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from mofo.data.boxfile import FRAME_BOX_COLUMNS as BOX_COLUMNS  # one home for the columns
 from mofo.data.video import write_video
 
 SPLITS = ("train", "validation")
@@ -61,7 +62,6 @@ REF_LEN = 48.0
 EDGE_MARGIN = 2.0  # keep the object at least this many pixels inside the frame
 
 CLIP_COLUMNS = ["clip_id", "video_path", "label", "class_name", "split", "camera_motion", "fps"]
-BOX_COLUMNS = ["clip_id", "frame", "x1", "y1", "x2", "y2"]
 
 
 def clip_id(split: str, index: int) -> str:

@@ -191,7 +191,7 @@ def _checkpoint_run(preset: BenchPreset, config: dict, device: torch.device, out
                     model: torch.nn.Module, max_steps: int, precision: str):
     """``engine.train`` of the pretraining model on ``device`` for 4 steps of one epoch
     (stopping at ``max_steps``), resuming from ``out_dir/checkpoint-last.pt`` when there."""
-    from mofo.data.dataset import make_loader
+    from mofo.data.loader import make_loader
     from mofo.training.distributed import DistContext, RankInfo
     from mofo.training.engine import train
     from mofo.training.pretrain import pretrain_task

@@ -68,7 +68,7 @@ def build_dataset(config: dict, manifest_path: str | Path, results_dir: str | Pa
 
 def build_loader(dataset: Any, batch_size: int, num_workers: int, shuffle: bool, seed: int,
                  drop_last: bool, distributed: bool):
-    """``mofo.data.dataset.make_loader`` (sampler, workers, collate of the data module)."""
+    """``mofo.data.loader.make_loader`` (sampler, workers, collate of the data module)."""
     from mofo.data.loader import make_loader
 
     return make_loader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,

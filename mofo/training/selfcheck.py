@@ -35,7 +35,7 @@ def weights_checksum(model: torch.nn.Module) -> float:
 def run_selfcheck(out_dir: str | Path, engine_kind: str = "torch", epochs: int = 2,
                   n_clips: int = 16, batch_size: int = 4) -> dict:
     """Train the tiny pretraining model; return (and write) this rank's summary."""
-    from mofo.data.dataset import make_loader
+    from mofo.data.loader import make_loader
     from mofo.models.build import build_pretrain_model
 
     torch.set_num_threads(1)
