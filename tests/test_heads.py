@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mofo.models.heads import MeanPoolHead, MotionCrossAttentionHead
+from mofo.models.heads import MeanPoolHead, MotionCrossAttentionHead, masked_mean, mca_per_sample
 
 
 @pytest.fixture(autouse=True)
@@ -79,6 +79,77 @@ def test_mca_batched_equals_per_sample_loop():
         want = mca_reference_per_sample(head, tokens, inbox)
         assert (got - want).abs().max().item() <= 1e-5
 
+
+
+def mca_all_tokens(head, tokens, inbox):
+    """The earlier batched head: every token a query, keys chosen by an attention mask."""
+    keys = torch.where((~inbox).any(1, keepdim=True), ~inbox, inbox)
+    attended = head.cross_block(tokens, attn_mask=keys[:, None, None, :])
+    return torch.where(inbox.any(1)[:, None], masked_mean(attended, inbox), tokens.mean(1))
+
+
+@pytest.mark.parametrize("case", ["none_in_box", "all_in_box", "one_token", "mixed"])
+def test_mca_whole_batch_edge_cases(case):
+    """Batches where no clip, or every clip, lacks one side of the box; N = 1."""
+    head = make_head()
+    gen = torch.Generator().manual_seed(2)
+    n = 1 if case == "one_token" else 16
+    tokens = torch.randn(4, n, D, generator=gen, requires_grad=True)
+    if case == "none_in_box":
+        inbox = torch.zeros(4, n, dtype=torch.bool)
+    elif case in ("all_in_box", "one_token"):
+        inbox = torch.ones(4, n, dtype=torch.bool)
+    else:
+        inbox = torch.rand(4, n, generator=gen) < 0.3
+        inbox[0] = False
+    got = head(tokens, inbox)
+    want = mca_reference_per_sample(head, tokens, inbox)
+    assert (got - want).abs().max().item() <= 1e-5
+    if case == "none_in_box":
+        assert torch.allclose(head.pooled_features(tokens, inbox), tokens.mean(1))
+    got.sum().backward()
+    # The block stays in the graph even when nothing is pooled from it (DDP needs a gradient
+    # for every parameter on every step).
+    assert all(p.grad is not None for p in head.parameters())
+    if case == "none_in_box":
+        assert all(float(p.grad.abs().max()) == 0 for p in head.cross_block.parameters())
+
+
+def test_mca_gradients_equal_per_sample_loop():
+    head = make_head()
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randn(5, 30, D, generator=gen)
+    inbox = torch.rand(5, 30, generator=gen) < 0.25
+    inbox[1], inbox[2] = False, True
+    grads = []
+    for fn in (head.pooled_features, lambda t, f: mca_per_sample(head, t, f)):
+        t = tokens.clone().requires_grad_(True)
+        head.zero_grad()
+        fn(t, inbox).pow(2).sum().backward()
+        grads.append([t.grad] + [p.grad.clone() for p in head.cross_block.parameters()])
+    for got, want in zip(*grads, strict=True):
+        assert (got - want).abs().max().item() <= 1e-5
+    want = mca_reference_per_sample(head, tokens, inbox)  # the by-hand loop agrees too
+    pooled = head.fc_norm(mca_per_sample(head, tokens, inbox))
+    assert (head.head(pooled) - want).abs().max().item() <= 1e-5
+
+
+def test_mca_drop_path_draws_as_the_all_token_head():
+    """Training with drop path: one draw per clip, the same draws as the earlier all-token
+    head made, so a seeded fine-tuning run changes only by float rounding."""
+    torch.manual_seed(0)
+    head = MotionCrossAttentionHead(D, 7, num_heads=HEADS, drop_path=0.5, init_scale=1.0).train()
+    tokens = torch.randn(8, 20, D)
+    inbox = torch.rand(8, 20) < 0.3
+    inbox[0] = False
+    torch.manual_seed(5)
+    got = head.pooled_features(tokens, inbox)
+    after_new = torch.rand(1)
+    torch.manual_seed(5)
+    want = mca_all_tokens(head, tokens, inbox)
+    after_old = torch.rand(1)
+    assert (got - want).abs().max().item() <= 1e-5
+    assert torch.equal(after_new, after_old)  # the same number of random draws
 
 def test_mca_multi_output_and_gradients():
     head = make_head({"verb": 5, "noun": 11})
