@@ -91,6 +91,23 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_mca(args: argparse.Namespace) -> int:
+    import torch
+
+    from mofo.training.bench import time_mca_head
+
+    torch.set_num_threads(args.threads)
+    grid = tuple(int(v) for v in args.grid.split(","))
+    result = time_mca_head(args.batch, grid, args.dim, args.heads, args.box, args.repeats)
+    times = result.pop("all_s")
+    print(json.dumps(result, indent=1))
+    print(f"MCA head forward+backward, median of {args.repeats}: batched "
+          f"{result['batched_s']:.3f} s, per-clip loop {result['per_clip_loop_s']:.3f} s "
+          f"(loop / batched = {result['loop_over_batched']:.2f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**result, "all_s": times}, indent=2))
+    return 0
+
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
     from mofo.training.bench_gpu import BenchRequestError, run_gpu_benchmark
 
@@ -183,6 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed steps per figure (default: %(default)s)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_train)
+
+    p = bench_sub.add_parser(
+        "mca",
+        help="the MCA head alone: forward+backward of the batched head and of a per-clip "
+        "loop with the same weights, timed alternately (default: ViT-B shapes, one thread)",
+    )
+    p.add_argument("--batch", type=int, default=16, help="clips (default: %(default)s)")
+    p.add_argument("--grid", default="8,14,14",
+                   help="token grid t,h,w (default: %(default)s = 16x224x224, 2x16x16 tubelets)")
+    p.add_argument("--dim", type=int, default=768, help="token width (default: %(default)s)")
+    p.add_argument("--heads", type=int, default=3, help="attention heads (default: %(default)s)")
+    p.add_argument("--box", type=float, default=0.25,
+                   help="fraction of each frame's tokens in the box (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_mca)
 
     p = bench_sub.add_parser(
         "gpu",

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
+import statistics
 import sys
 import time
 
@@ -64,6 +66,55 @@ def time_model_steps(model: torch.nn.Module, task, batch: dict, stage_cfg: dict,
     n = int(batch["frames"].shape[0])
     return {"clips_per_s": n * len(timings) / sum(timings), "step_s": sum(timings) / len(timings),
             "batch": n, "peak_memory_mb": peak_memory_mb(device)}
+
+
+def box_flags(batch: int, grid: tuple[int, int, int], box_fraction: float, seed: int = 0) -> torch.Tensor:
+    """In-box flags ``(batch, t*h*w)``: per clip one box of ~``box_fraction`` of each frame's
+    cells (sides jittered by one cell, position random), the same box in every frame."""
+    t, h, w = grid
+    gen = torch.Generator().manual_seed(seed)
+    side_h = max(1, round(h * box_fraction**0.5))
+    side_w = max(1, round(w * box_fraction**0.5))
+    flags = torch.zeros(batch, t, h, w, dtype=torch.bool)
+    for i in range(batch):
+        bh = min(h, max(1, side_h + int(torch.randint(-1, 2, (1,), generator=gen))))
+        bw = min(w, max(1, side_w + int(torch.randint(-1, 2, (1,), generator=gen))))
+        y = int(torch.randint(0, h - bh + 1, (1,), generator=gen))
+        x = int(torch.randint(0, w - bw + 1, (1,), generator=gen))
+        flags[i, :, y : y + bh, x : x + bw] = True
+    return flags.reshape(batch, -1)
+
+
+def time_mca_head(batch: int, grid: tuple[int, int, int], dim: int, num_heads: int = 3,
+                  box_fraction: float = 0.25, repeats: int = 5, seed: int = 0) -> dict:
+    """Forward + backward seconds of the batched MCA head (``pooled_features``) and of a
+    per-clip loop with the same weights (``mca_per_sample``), timed alternately on the same
+    tokens (so that a busy machine slows both alike) after one warm-up each; medians."""
+    from mofo.models.heads import MotionCrossAttentionHead, mca_per_sample
+
+    torch.manual_seed(seed)
+    head = MotionCrossAttentionHead(dim, 2, num_heads=num_heads).train()
+    tokens = torch.randn(batch, math.prod(grid), dim, requires_grad=True)
+    inbox = box_flags(batch, grid, box_fraction, seed)
+    runs = {"batched": lambda: head.pooled_features(tokens, inbox),
+            "per_clip_loop": lambda: mca_per_sample(head, tokens, inbox)}
+    with torch.no_grad():
+        max_abs_diff = float((runs["batched"]() - runs["per_clip_loop"]()).abs().max())
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(repeats + 1):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run().sum().backward()
+            if i > 0:  # the first round pays for allocations
+                times[name].append(time.perf_counter() - t0)
+            tokens.grad = None
+            head.zero_grad(set_to_none=True)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    return {"batch": batch, "tokens": math.prod(grid), "dim": dim, "heads": num_heads,
+            "in_box_mean": float(inbox.sum(1).float().mean()), "threads": torch.get_num_threads(),
+            "repeats": repeats, "batched_s": med["batched"], "per_clip_loop_s": med["per_clip_loop"],
+            "loop_over_batched": med["per_clip_loop"] / med["batched"],
+            "max_abs_diff": max_abs_diff, "all_s": times}
 
 
 def time_loader(config: dict, mode: str, batch_size: int, num_workers: int, batches: int) -> dict:
@@ -123,6 +174,15 @@ def run_training_benchmark(config: dict, steps: int = 5, loader_batches: int = 4
         out[f"finetune_{head}_model"] = time_model_steps(
             build_model(config, heads, head), finetune_task(heads, mixer, 0.1), batch, ft,
             engine_cfg, device, steps)
+    # The MCA head alone, batched vs a per-clip loop of the same weights (fine-tuning shapes).
+    from mofo.masking.grid import token_grid
+    from mofo.models.vit import model_spec
+
+    spec = model_spec(config["model"]["size"], **dict(config["model"].get("dims") or {}))
+    out["mca_head"] = time_mca_head(
+        int(ft["batch_size"]), token_grid(config["model"]), spec.embed_dim,
+        3 if spec.embed_dim % 3 == 0 else spec.num_heads, repeats=max(steps, 1))
+    out["mca_head"].pop("all_s")
     root = dataset_results_dir(config)
     if (root / "manifest.csv").exists() and (root / "boxes").exists():
         for mode, cfg in (("pretrain", pre), ("finetune", ft)):
