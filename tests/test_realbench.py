@@ -79,8 +79,11 @@ def test_zoom_and_shake_stay_inside_the_frame_and_invert():
     np.testing.assert_allclose(zoom[1, 0] / zoom[0, 0], 1 / 1.05)
 
 
-def test_area_share_and_sources():
+def test_area_share_inside_share_and_sources():
     assert rb.area_share(np.array([[0, 0, 48, 32]]), (64, 96)) == pytest.approx(0.25)
+    gt = np.array([[0, 0, 40, 40]] * 3, float)
+    boxes = np.array([[10, 10, 20, 20], [30, 0, 50, 10], [50, 50, 60, 60]], float)
+    np.testing.assert_allclose(rb.inside_share(boxes, gt), [1.0, 0.5, 0.0])
     shares = rb.source_shares(["detected", "detected", "next", "previous"])
     assert shares["detected"] == 0.5 and shares["next"] == 0.25 and shares["centre"] == 0
 
@@ -140,6 +143,7 @@ def test_benchmark_runs_end_to_end_on_a_tiny_clip(tmp_path):
     assert data["summary"]["all"]["clips"] == 2 and data["summary"]["invariance"]["clips"] == 1
     md = (out / "boxes-real.md").read_text()
     assert md == rb.format_table(result)
+    assert 0 <= c["inside_gt"]["ours"] <= 1
     assert "| moving_square | no | 7 |" in md and "| **mean** |" in md and "IoU pan" in md
     assert (out / "pictures" / "moving_square.png").stat().st_size > 0
 
