@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,8 +49,25 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
 
 
 def rule_jobs(cluster: LocalSlurm, rule: str) -> list[dict]:
-    """Jobs the controller ran for ``rule`` (the plugin puts rule_<name>... in the comment)."""
+    """Jobs the controller ran for ``rule`` (the plugin puts rule_<name>... in the comment),
+    from every test: the cluster is shared by the session. See :func:`run_jobs`."""
     return [j for j in cluster.jobs() if j["comment"].startswith(f"rule_{rule}")]
+
+
+def run_job_ids(work: Path, rule: str | None = None) -> set[str]:
+    """Ids of the SLURM jobs one Snakemake run in ``work`` submitted: its SLURM logs are
+    ``.snakemake/slurm_logs/rule_<rule>/<wildcards>/<jobid>.log``."""
+    logs = work / ".snakemake" / "slurm_logs"
+    folder = logs / f"rule_{rule}" if rule else logs
+    return {p.stem for p in folder.rglob("*.log")}
+
+
+def run_jobs(cluster: LocalSlurm, work: Path, rule: str) -> list[dict]:
+    """The jobs for ``rule`` of the Snakemake run in ``work`` only, not other tests' jobs
+    (counts and "all COMPLETED" checks must not depend on which tests ran before)."""
+    ours = run_job_ids(work, rule)
+    assert ours, f"no SLURM log of rule {rule} under {work}"
+    return [j for j in rule_jobs(cluster, rule) if j["id"] in ours]
 
 
 def test_cluster_runs_cpu_and_gpu_jobs(slurm_cluster, tmp_path):
@@ -77,6 +95,24 @@ def test_profile_fields_the_issue_asks_for():
         assert "--signal=USR1@" in res[rule]["slurm_extra"]
     # cpus_per_task in the defaults would override cpus_per_gpu for every GPU job.
     assert "cpus_per_task" not in profile["default-resources"]
+
+
+def test_profile_threads_equal_the_cpus_each_job_requests():
+    """README/profile claim: fine-tuning and evaluation ask for GPUs (--gpus, --cpus-per-gpu)
+    like pretraining, and set-threads equals gpus x cpus per GPU (GPU rules) or cpus_per_task
+    (CPU rules), so {threads} matches what SLURM gives the job."""
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    res, threads = profile["set-resources"], profile["set-threads"]
+    gpu_rules = {"pretrain", "finetune", "evaluate"}
+    for rule in sorted(gpu_rules):
+        gpus, cpus = res[rule]["gpu"], res[rule]["cpus_per_gpu"]
+        assert isinstance(gpus, int) and gpus >= 1, (rule, gpus)
+        assert isinstance(cpus, int) and cpus >= 1, (rule, cpus)
+        assert "cpus_per_task" not in res[rule], rule
+        assert threads[rule] == gpus * cpus, (rule, threads[rule], gpus, cpus)
+    for rule, n in threads.items():
+        if rule not in gpu_rules:
+            assert n == res[rule]["cpus_per_task"], (rule, n, res[rule])
 
 
 SNAKEFILE = """
@@ -163,7 +199,7 @@ def test_profile_runs_cpu_and_gpu_rules_through_slurm(slurm_cluster, tmp_path):
         )
         assert fields["job"], "decode did not run inside a SLURM job"
         assert fields["cpus"] == fields["threads"]
-    assert len(rule_jobs(slurm_cluster, "decode")) >= 2
+    assert len(run_jobs(slurm_cluster, work, "decode")) == 2
 
     # One task with both GPUs (plugin >= 2.7.1), not the script started once per GPU.
     starts = (work / "out/pretrain/starts.txt").read_text().split()
@@ -182,9 +218,8 @@ def test_profile_runs_cpu_and_gpu_rules_through_slurm(slurm_cluster, tmp_path):
     assert ranks[0]["master_addr"] == slurm_cluster.nodename
 
     for rule in ("decode", "pretrain", "finetune"):
-        jobs = rule_jobs(slurm_cluster, rule)
+        jobs = run_jobs(slurm_cluster, work, rule)
         assert jobs and all(j["state"] == "COMPLETED" for j in jobs), jobs
-        assert list((work / ".snakemake" / "slurm_logs" / f"rule_{rule}").rglob("*.log"))
 
 
 WORKER = """
@@ -270,9 +305,8 @@ def test_tracking_from_slurm_jobs_to_a_server(slurm_cluster, mlflow_tracking_ser
     )
     assert_ok(proc)
     runs = check_tracked_workflow(mlflow_tracking_server.client(), folder, "from-slurm")
-    slurm_ids = {
-        j["id"] for j in rule_jobs(slurm_cluster, "decode") + rule_jobs(slurm_cluster, "pretrain")
-    }
+    jobs = run_jobs(slurm_cluster, folder, "decode") + run_jobs(slurm_cluster, folder, "pretrain")
+    slurm_ids = {j["id"] for j in jobs}
     for name in ("decode-shard-0000", "decode-shard-0001", "pretrain"):
         assert runs[name].data.tags["slurm.job_id"] in slurm_ids
     parent = next(r for n, r in runs.items() if n.startswith("workflow-"))
@@ -351,17 +385,18 @@ def test_pipeline_jobs_went_through_slurm(slurm_cluster, slurm_pipeline):
     logs = work / ".snakemake" / "slurm_logs"
     assert {p.name.removeprefix("rule_") for p in logs.glob("rule_*")} == PIPELINE_RULES
     # This run's jobs: its SLURM logs are named by job id (other tests' jobs share the cluster).
-    ours = {p.stem for p in logs.rglob("*.log")}
-    by_rule = {
-        rule: [j for j in rule_jobs(slurm_cluster, rule) if j["id"] in ours] for rule in PIPELINE_RULES
-    }
+    by_rule = {rule: run_jobs(slurm_cluster, work, rule) for rule in PIPELINE_RULES}
     for rule, jobs in by_rule.items():
         assert jobs, f"no SLURM job for {rule}"
         assert all(j["state"] == "COMPLETED" for j in jobs), (rule, jobs)
     assert len(by_rule["decode"]) == len(list((work / "results/demo/frames").glob("*.jpgpack")))
-    # GPU stages asked for the (fake) GPU; CPU stages did not.
-    pretrain = by_rule["pretrain"][0]["id"]
-    assert "TresPerJob=gres:gpu:1" in slurm_cluster.job_info(int(pretrain))
+    # GPU stages asked for the (fake) GPU and CPUs per GPU (--gpus=1 --cpus-per-gpu=1 with the
+    # local profile); CPU stages did not.
+    for rule in ("pretrain", "finetune", "evaluate"):
+        for job in by_rule[rule]:
+            fields = slurm_cluster.job_info(int(job["id"])).split()
+            assert "TresPerJob=gres:gpu:1" in fields, (rule, fields)
+            assert "CpusPerTres=gres:gpu:1" in fields, (rule, fields)
     decode = by_rule["decode"][0]["id"]
     assert "gpu" not in slurm_cluster.job_info(int(decode))
 
@@ -378,6 +413,17 @@ def test_slurm_results_equal_local_results(slurm_pipeline, local_reference):
         (local_res / "motion/box_quality.json").read_text()
     )
     # Training on the CPU with the same seeds and thread count: same losses, same accuracies.
+    # Both runs have the same metric files (else the loops below could compare nothing).
+    train_metrics = sorted(p.relative_to(local_res) for p in local_res.glob("*/*/metrics.jsonl"))
+    eval_metrics = sorted(p.relative_to(local_res) for p in local_res.glob("eval/*/metrics.json"))
+    assert {p.parts[0] for p in train_metrics} == {"pretrain", "finetune"}, train_metrics
+    assert eval_metrics, "the local run wrote no evaluation metrics"
+    assert train_metrics == sorted(
+        p.relative_to(slurm_res) for p in slurm_res.glob("*/*/metrics.jsonl")
+    )
+    assert eval_metrics == sorted(
+        p.relative_to(slurm_res) for p in slurm_res.glob("eval/*/metrics.json")
+    )
     for metrics in sorted(local_res.glob("*/*/metrics.jsonl")):
         rel = metrics.relative_to(local_res)
         ours = [json.loads(l) for l in (slurm_res / rel).read_text().splitlines()]
@@ -387,13 +433,15 @@ def test_slurm_results_equal_local_results(slurm_pipeline, local_reference):
         assert steps, rel
         assert [r["step"] for r in steps] == [r["step"] for r in ref_steps], rel
         # approx() compares flat lists of numbers only (tuples inside are compared with ==)
-        assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in ref_steps], rel=1e-5), rel
+        assert [r["loss"] for r in steps] == pytest.approx(
+            [r["loss"] for r in ref_steps], rel=1e-5
+        ), rel
     for metrics in sorted(local_res.glob("eval/*/metrics.json")):
         rel = metrics.relative_to(local_res)
         ours, ref = json.loads((slurm_res / rel).read_text()), json.loads(metrics.read_text())
+        assert {"top1", "top5"} <= ref.keys() and {"top1", "top5"} <= ours.keys(), rel
         for key in ("top1", "top5"):
-            if key in ref:
-                assert ours[key] == pytest.approx(ref[key], abs=1e-9), (rel, key)
+            assert ours[key] == pytest.approx(ref[key], abs=1e-9), (rel, key)
     assert (slurm_res / "table.csv").exists()
 
 
@@ -403,8 +451,16 @@ EPOCHS = 30  # for the preemption test: 90 steps, long enough to signal mid-run
 @pytest.mark.slow
 def test_preempted_training_resumes_from_checkpoint(slurm_cluster, slurm_pipeline, tmp_path):
     """SIGUSR1 to a running pretraining job (what --signal=USR1@<s> sends before the time
-    limit): training checkpoints and the job fails; the rerun resumes at that step."""
-    work, profile, _ = slurm_pipeline
+    limit): training checkpoints and the job fails; the rerun resumes at that step.
+
+    Works on its own copy of the pipeline's directory (it retrains and rewrites the metrics):
+    the other tests of the module read the shared one, whichever order they run in."""
+    shared, profile, _ = slurm_pipeline
+    work = tmp_path / "work"
+    # symlinks=True keeps config/ a link to the repository's; copy2 keeps the mtimes, so
+    # Snakemake sees the same up-to-date outputs as in the shared directory.
+    shutil.copytree(shared, work, symlinks=True)
+    shutil.rmtree(work / ".snakemake" / "slurm_logs")  # the copy's logs are the new jobs'
     longer = tmp_path / "longer.yaml"  # long enough to be caught mid-run
     longer.write_text(yaml.safe_dump({"pretrain": {"epochs": EPOCHS}}))
     target = "results/demo/pretrain/tube/checkpoint.pt"
