@@ -108,6 +108,30 @@ def cmd_bench_mca(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps({**result, "all_s": times}, indent=2))
     return 0
 
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from mofo.models.build import build_classifier, build_pretrain_model
+    from mofo.models.checkpoint import CheckpointError, load_pretrained, read_state_dict
+    from mofo.models.hf import HFCheckpointError, export_hf
+
+    config = _config(args)
+    try:
+        state, source = read_state_dict(args.checkpoint)
+        if any(k.startswith("encoder.") for k in state):
+            model = build_pretrain_model(config["model"])
+        elif "head.weight" in state:
+            head = "mca" if any(k.startswith("cross_block.") for k in state) else "mean"
+            model = build_classifier(config["model"], int(state["head.weight"].shape[0]), head=head)
+        else:
+            raise CheckpointError(f"{source}: neither a pretraining nor a one-output classifier")
+        report = load_pretrained(model, state)
+        out = export_hf(model.eval(), args.out)
+    except (CheckpointError, HFCheckpointError) as err:
+        print(f"mofo export-hf: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.checkpoint}: {len(report.loaded)} tensors -> {out}/config.json, "
+          f"{out}/model.safetensors ({type(model).__name__})")
+    return 0
+
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
     from mofo.training.bench_gpu import BenchRequestError, run_gpu_benchmark
 
@@ -176,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="manifest.csv (default: <results>/<dataset>/manifest.csv)")
     p.add_argument("--out", help="output folder (default: <results>/<dataset>/clips/<clip_id>)")
     p.set_defaults(func=cmd_clip)
+
+    p = sub.add_parser(
+        "export-hf",
+        help="write a mofo checkpoint (pretrained encoder+decoder, or a mean-head classifier) "
+        "as a Hugging Face transformers VideoMAE folder (config.json + model.safetensors)",
+    )
+    _add_config_args(p)
+    p.add_argument("checkpoint", help="checkpoint.pt of the pretrain or finetune stage")
+    p.add_argument("out", help="output folder (VideoMAEForPreTraining / ...ForVideoClassification)")
+    p.set_defaults(func=cmd_export_hf)
 
     bench = sub.add_parser("bench", help="benchmarks that print throughput figures")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

@@ -13,8 +13,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _pyproject_requirements() -> dict[str, Requirement]:
+    """The dependencies and the extras' (an env may carry a dev tool, e.g. transformers for
+    checking Hugging Face exports); either way with the same version range."""
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    reqs = [Requirement(r) for r in data["project"]["dependencies"]]
+    lines = list(data["project"]["dependencies"])
+    for extra in data["project"].get("optional-dependencies", {}).values():
+        lines.extend(extra)
+    reqs = [Requirement(r) for r in lines]
     return {r.name.lower(): r for r in reqs}
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mofo.models.hf import HFCheckpointError, is_hf_folder, match_hf_norm_eps, read_hf_folder
 from mofo.models.layers import sincos_position_table
 from mofo.models.vit import PretrainVideoMAE, VideoEncoder
 
@@ -56,6 +57,7 @@ class LoadReport:
     dropped: dict[str, str] = field(default_factory=dict)  # checkpoint key -> reason
     unexpected: list[str] = field(default_factory=list)
     pos_embed: dict[str, str] = field(default_factory=dict)  # buffer -> verified|loaded|absent
+    notes: list[str] = field(default_factory=list)  # e.g. a Hugging Face folder's LayerNorm eps
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +68,7 @@ class LoadReport:
             f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, "
             f"{len(self.dropped)} dropped, {len(self.initialised)} head keys initialised, "
             f"head re-initialised: {bool(self.reinitialised_head)}, pos_embed: {self.pos_embed}"
+            + "".join(f"; {note}" for note in self.notes)
         )
 
 
@@ -186,15 +189,26 @@ def _is_backbone(key: str, pretrain: bool) -> bool:
 def load_pretrained(
     model: nn.Module, path_or_state: str | Path | Mapping[str, Any], strict_report: bool = True
 ) -> LoadReport:
-    """Load a VideoMAE/MOFO checkpoint (file or dict) into ``model``; see the module doc.
+    """Load a VideoMAE/MOFO checkpoint (file, dict, or a Hugging Face VideoMAE folder with
+    ``config.json``, see :mod:`mofo.models.hf`) into ``model``; see the module doc.
 
     ``model`` is a :class:`PretrainVideoMAE`, a :class:`VideoEncoder` or a ``VideoClassifier``.
     Returns the :class:`LoadReport`; raises :class:`CheckpointError` on shape mismatches and,
     with ``strict_report``, on missing backbone keys or unexplained checkpoint keys.
     """
-    state, source = read_state_dict(path_or_state)
+    hf_config = None
+    if isinstance(path_or_state, (str, Path)) and is_hf_folder(path_or_state):
+        try:
+            state, hf_config = read_hf_folder(path_or_state)
+        except (HFCheckpointError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path_or_state}: {exc}") from exc
+        source = str(path_or_state)
+    else:
+        state, source = read_state_dict(path_or_state)
     is_pretrain_model = isinstance(model, PretrainVideoMAE)
     report = LoadReport(source, "pretrain" if _is_pretrain_format(state) else "finetune")
+    if hf_config is not None:
+        report.notes = ["Hugging Face VideoMAE folder", *match_hf_norm_eps(hf_config, model)]
     if is_pretrain_model and report.checkpoint_format == "finetune":
         state = _map_to_pretrain(state, report)
     elif not is_pretrain_model:
