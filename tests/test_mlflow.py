@@ -100,11 +100,23 @@ def write_workflow(folder: Path, experiment: str) -> Path:
 
 
 def run_snakemake(
-    folder: Path, uri: str, extra: list[str] = (), timeout: int = 400
+    folder: Path,
+    uri: str,
+    extra: list[str] = (),
+    timeout: int = 400,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
+    """Snakemake on ``folder`` tracked to ``uri``; no MLflow credentials unless ``extra_env``
+    has them (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``)."""
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
-    for var in ("MOFO_MLFLOW_PARENT_RUN_ID", "MOFO_INVOCATION_ID"):
+    for var in (
+        "MOFO_MLFLOW_PARENT_RUN_ID",
+        "MOFO_INVOCATION_ID",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    ):
         env.pop(var, None)
+    env.update(extra_env or {})
     cmd = [
         "timeout",
         "-s",
@@ -224,6 +236,65 @@ def test_dead_server_does_not_stop_the_workflow(tmp_path):
     # One warning per process: the onstart hook's and one per job (3 jobs), none per metric.
     assert proc.stderr.count("MLflow tracking at " + uri) == 4, proc.stderr[-5000:]
     assert not (folder / "results" / "mlflow.db").exists()
+
+
+JOB_ACCOUNT = ("mofo-jobs", "jobs-password-1234")  # test server only
+
+
+@pytest.fixture(scope="module")
+def mlflow_auth_server(tmp_path_factory):
+    """``mlflow server --app-name basic-auth`` on 127.0.0.1 (admin from the environment)."""
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth]")
+    from tests.cluster.mlflow_server import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-auth"), auth=True) as server:
+        yield server
+
+
+def test_shared_server_needs_credentials(mlflow_auth_server, tmp_path, monkeypatch):
+    """README "MLflow": a shared server with basic auth. Jobs that have an account's
+    credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (inherited like the URI)
+    log as usual; without them every API request is refused (401), each job warns once, names
+    the URI, and writes its outputs anyway."""
+    import requests
+
+    server = mlflow_auth_server
+    server.create_user(*JOB_ACCOUNT)
+    search = (server.uri + "/api/2.0/mlflow/experiments/search", {"max_results": 1})
+    assert requests.get(*search, timeout=60).status_code == 401
+    assert (
+        requests.get(*search, auth=(JOB_ACCOUNT[0], "not-the-password"), timeout=60).status_code
+        == 401
+    )
+    assert requests.get(*search, auth=JOB_ACCOUNT, timeout=60).status_code == 200
+    assert requests.get(server.uri + "/health", timeout=60).status_code == 200  # jobs' probe
+
+    folder = write_workflow(tmp_path / "account", "with-account")
+    account = {
+        "MLFLOW_TRACKING_USERNAME": JOB_ACCOUNT[0],
+        "MLFLOW_TRACKING_PASSWORD": JOB_ACCOUNT[1],
+    }
+    proc = run_snakemake(folder, server.uri, extra_env=account)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "MLflow tracking at" not in proc.stderr, proc.stderr[-5000:]
+    for var, value in server.admin_env().items():  # the checks read as the admin
+        monkeypatch.setenv(var, value)
+    client = server.client()
+    check_tracked_workflow(client, folder, "with-account")
+
+    # No credentials (and no ~/.mlflow/credentials file: HOME is empty): refused, not blocked.
+    folder = write_workflow(tmp_path / "anonymous", "anonymous")
+    proc = run_snakemake(folder, server.uri, extra_env={"HOME": str(tmp_path / "home")})
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = folder / "results" / "demo"
+    assert (results / "pretrain/model.txt").read_text() == "pretrain output\n"
+    for shard in ("shard-0000", "shard-0001"):
+        assert (results / f"decode/{shard}.txt").read_text() == "decode output\n"
+    # One warning per process (the onstart hook and 3 jobs), each naming the refusal.
+    warnings = [l for l in proc.stderr.splitlines() if "MLflow tracking at " + server.uri in l]
+    assert len(warnings) == 4, proc.stderr[-5000:]
+    assert all("401" in w for w in warnings), warnings
+    assert client.get_experiment_by_name("anonymous") is None
 
 
 def test_local_store_is_the_default(tmp_path):
