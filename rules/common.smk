@@ -59,3 +59,13 @@ def training_threads():
 def nodes_per_job(resources):
     """Nodes of a training job (SLURM profile: `nodes`); more than one launches with srun."""
     return int(getattr(resources, "nodes", 1) or 1)
+
+
+# Cluster execution: one shard's decode -> optical_flow -> motion_map -> motion_boxes ->
+# motion_pictures jobs run as ONE cluster job (Snakemake `group:`), so a 757-shard dataset is
+# 757 submissions, not 3,785. The id has no {shard}: the shards' chains are separate connected
+# components of the group, one job each, and `--group-components motion_chain=N` can put N
+# shards in one job (a per-shard id would make each shard a group of its own, never merged).
+# Local runs (--cores N, no executor plugin) ignore groups. Snakemake combines the group's
+# resources: the largest CPUs / memory of its rules, the SUM of their runtimes.
+SHARD_GROUP = "motion_chain"

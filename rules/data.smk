@@ -61,6 +61,8 @@ rule decode:
         f"{LOGS}/decode/{{shard}}.log",
     benchmark:
         f"{BENCH}/decode/{{shard}}.tsv"
+    group:
+        SHARD_GROUP
     threads: 1
     resources:
         mem_mb=4000,

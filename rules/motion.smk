@@ -17,6 +17,8 @@ rule optical_flow:
         f"{LOGS}/optical_flow/{{shard}}.log",
     benchmark:
         f"{BENCH}/optical_flow/{{shard}}.tsv"
+    group:
+        SHARD_GROUP
     threads: 1
     resources:
         mem_mb=4000,
@@ -44,6 +46,8 @@ rule motion_map:
         f"{LOGS}/motion_map/{{shard}}.log",
     benchmark:
         f"{BENCH}/motion_map/{{shard}}.tsv"
+    group:
+        SHARD_GROUP
     threads: 1
     resources:
         mem_mb=4000,
@@ -71,6 +75,8 @@ rule motion_boxes:
         f"{LOGS}/motion_boxes/{{shard}}.log",
     benchmark:
         f"{BENCH}/motion_boxes/{{shard}}.tsv"
+    group:
+        SHARD_GROUP
     threads: 1
     resources:
         mem_mb=4000,
@@ -99,6 +105,8 @@ rule motion_pictures:
         f"{LOGS}/motion_pictures/{{shard}}.log",
     benchmark:
         f"{BENCH}/motion_pictures/{{shard}}.tsv"
+    group:
+        SHARD_GROUP
     threads: 1
     resources:
         mem_mb=2000,
