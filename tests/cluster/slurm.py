@@ -22,6 +22,7 @@ CPU and a GPU job and stops it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -259,6 +260,52 @@ def link_system_conf(conf: Path) -> list[Path]:
     return made
 
 
+LOCK_FILE = Path("/run/mofo-test-slurm.lock")
+
+
+def _other_live_cluster() -> Path | None:
+    """The slurm.conf that ``/etc/slurm/slurm.conf`` links to while that cluster's slurmctld
+    still runs (another test session on this machine), else None (no link or a stale one)."""
+    link = SYSTEM_CONF_DIR / "slurm.conf"
+    try:
+        target = Path(os.readlink(link))
+        pid = int((target.parent / "slurmctld.pid").read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return None
+    return target
+
+
+@contextlib.contextmanager
+def one_cluster_per_machine(timeout: float = 3600, interval: float = 2) -> Iterator[None]:
+    """Wait until no other local cluster runs on this machine, and keep others out meanwhile.
+
+    The clusters share ``/etc/slurm/slurm.conf`` (see :func:`link_system_conf`) and munged: a
+    second session relinking it sends the first one's job steps to the wrong controller. An
+    flock on LOCK_FILE serialises sessions; a session with an older copy of this file takes no
+    lock, so its live controller (behind the current link) is waited for as well.
+    """
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    with open(LOCK_FILE, "a") as fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SlurmError(f"another local SLURM test cluster held {LOCK_FILE}") from None
+                time.sleep(interval)
+        try:
+            while (other := _other_live_cluster()) is not None:
+                if time.monotonic() > deadline:
+                    raise SlurmError(f"another local SLURM test cluster runs ({other})")
+                time.sleep(interval)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def munge_works() -> bool:
     """True when a credential can be made and decoded (munged is up)."""
     try:
@@ -357,51 +404,53 @@ def local_slurm(
     conf, node = write_confs(workdir, free_port(), free_port(), gpus, cpus, memory_mb, min_job_age)
     env = dict(os.environ, SLURM_CONF=str(conf))
     started: dict[str, int] = {}
-    links = link_system_conf(conf)
-    munge_pid = start_munged()
-    if munge_pid:
-        started["munged"] = munge_pid
-    try:
-        # -c: clean start, ignoring saved jobs from an earlier run in the same directory.
-        subprocess.run(["slurmctld", "-c", "-f", str(conf)], check=True, env=env)
-        started["slurmctld"] = _read_pid(workdir / "slurmctld.pid")
-        subprocess.run(["slurmd", "-f", str(conf)], check=True, env=env)
-        started["slurmd"] = _read_pid(workdir / "slurmd.pid")
-        nodename = node["NodeName"]
+    with one_cluster_per_machine():
+        links = link_system_conf(conf)
+        munge_pid = start_munged()
+        if munge_pid:
+            started["munged"] = munge_pid
+        try:
+            # -c: clean start, ignoring saved jobs from an earlier run in the same directory.
+            subprocess.run(["slurmctld", "-c", "-f", str(conf)], check=True, env=env)
+            started["slurmctld"] = _read_pid(workdir / "slurmctld.pid")
+            subprocess.run(["slurmd", "-f", str(conf)], check=True, env=env)
+            started["slurmd"] = _read_pid(workdir / "slurmd.pid")
+            nodename = node["NodeName"]
 
-        def idle() -> bool:
-            state = _node_state(conf, nodename)
-            if "drain" in state or "down" in state and "~" not in state:
-                log = (workdir / "slurmctld.log").read_text()[-2000:]
-                raise SlurmError(f"node {nodename} is {state}; slurmctld.log:\n{log}")
-            return state == "idle"
+            def idle() -> bool:
+                state = _node_state(conf, nodename)
+                if "drain" in state or "down" in state and "~" not in state:
+                    log = (workdir / "slurmctld.log").read_text()[-2000:]
+                    raise SlurmError(f"node {nodename} is {state}; slurmctld.log:\n{log}")
+                return state == "idle"
 
-        _wait(idle, start_timeout, f"node {nodename} did not become idle", interval=0.5)
-        yield LocalSlurm(
-            workdir=workdir,
-            conf=conf,
-            nodename=nodename,
-            gpus=gpus,
-            cpus=int(node["CPUs"]),
-            memory_mb=int(node["RealMemory"]),
-            pids=dict(started),
-        )
-    finally:
-        # Cancel what is left so no job outlives the cluster, then stop the daemons.
-        if "slurmctld" in started:
-            subprocess.run(
-                ["scancel", "--full", "-u", "root"],
-                env=env,
-                capture_output=True,
-                timeout=10,
-                check=False,
+            _wait(idle, start_timeout, f"node {nodename} did not become idle", interval=0.5)
+            yield LocalSlurm(
+                workdir=workdir,
+                conf=conf,
+                nodename=nodename,
+                gpus=gpus,
+                cpus=int(node["CPUs"]),
+                memory_mb=int(node["RealMemory"]),
+                pids=dict(started),
             )
-        for name in ("slurmd", "slurmctld", "munged"):
-            if name in started:
-                _stop_pid(started[name])
-        for link in links:
-            with contextlib.suppress(FileNotFoundError):
-                link.unlink()
+        finally:
+            # Cancel what is left so no job outlives the cluster, then stop the daemons.
+            if "slurmctld" in started:
+                subprocess.run(
+                    ["scancel", "--full", "-u", "root"],
+                    env=env,
+                    capture_output=True,
+                    timeout=10,
+                    check=False,
+                )
+            for name in ("slurmd", "slurmctld", "munged"):
+                if name in started:
+                    _stop_pid(started[name])
+            for link in links:  # only our own links: another session may have its own now
+                with contextlib.suppress(OSError):
+                    if os.readlink(link) == str(conf.parent / link.name):
+                        link.unlink()
 
 
 def local_profile(
