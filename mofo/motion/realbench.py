@@ -69,7 +69,7 @@ REAL_OVERLAY = REPO_ROOT / "config" / "list.yaml"  # the real-data defaults (TV-
 
 _MAP_TAKES_FRAMES = "frames" in inspect.signature(motion_map_from_cfg).parameters
 TRANSFORMS = ("pan", "zoom", "shake")
-SOURCES = ("detected", "previous", "next", "centre", "static_clip")
+SOURCES = ("detected", "previous", "next", "centre", "static_clip", "clip_fallback")
 COORDS = ["x1", "y1", "x2", "y2"]
 
 
