@@ -97,7 +97,14 @@ rule motion_pictures:
         index=f"{RESULTS}/frames/{{shard}}.index.csv",
         gt=gt_boxes_input,
     output:
-        directory(f"{RESULTS}/motion/pictures/{{shard}}"),
+        report(
+            directory(f"{RESULTS}/motion/pictures/{{shard}}"),
+            patterns=["{clip}.png"],
+            caption="../report/motion_pictures.rst",
+            category="1. Motion boxes",
+            subcategory="Motion pictures",
+            labels={"clip": "{clip}"},  # one label: a sparse two-label grid breaks the page
+        ),
     params:
         prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
         config_hash=stage_hash(config, "motion_pictures"),
@@ -127,7 +134,13 @@ rule box_quality:
         pictures=expand(f"{RESULTS}/motion/pictures/{{shard}}", shard=SHARDS),
         gt=gt_boxes_input,
     output:
-        f"{RESULTS}/motion/box_quality.json",
+        report(
+            f"{RESULTS}/motion/box_quality.json",
+            caption="../report/box_quality.rst",
+            category="1. Motion boxes",
+            subcategory="Box quality",
+            labels={"file": "box_quality.json"},
+        ),
     params:
         config_hash=stage_hash(config, "box_quality"),
     log:

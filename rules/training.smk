@@ -92,7 +92,12 @@ rule table:
     input:
         metrics=[f"{RESULTS}/eval/{v['masking']}-{v['head']}/metrics.json" for v in VARIANTS.values()],
     output:
-        csv=f"{RESULTS}/table.csv",
+        csv=report(
+            f"{RESULTS}/table.csv",
+            caption="../report/table.rst",
+            category="5. Variant table",
+            labels={"file": "table.csv"},
+        ),
         md=f"{RESULTS}/table.md",
     params:
         variants=VARIANTS,
@@ -106,3 +111,110 @@ rule table:
         "../envs/train.yaml"
     script:
         "../workflow/scripts/table.py"
+
+
+# The report's figures (`snakemake --report`, see README "Report"): drawn from what the
+# stages wrote, so they never rerun training. metrics.jsonl, confusion.png and the
+# reconstructions are not declared outputs of their stages; these rules read them after the
+# stage's checkpoint / metrics exist and put figures and copies under report/.
+
+
+rule pretrain_figures:
+    """The pretraining reconstructions of one masking strategy, for the report."""
+    input:
+        checkpoint=f"{RESULTS}/pretrain/{{masking}}/checkpoint.pt",
+    output:
+        reconstructions=report(
+            directory(f"{RESULTS}/report/pretrain-{{masking}}/reconstructions"),
+            patterns=["{clip}.png"],
+            caption="../report/reconstructions.rst",
+            category="2. Pretraining",
+            subcategory="{masking} masking",
+            labels={"clip": "{clip}"},
+        ),
+    params:
+        reconstructions=lambda wildcards: f"{RESULTS}/pretrain/{wildcards.masking}/reconstructions",
+    log:
+        f"{LOGS}/report/pretrain-{{masking}}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../workflow/scripts/report_figures.py"
+
+
+rule variant_figures:
+    """Training curves (loss, lr, accuracy per epoch, from metrics.jsonl) and the confusion
+    matrix of one (masking, head) variant, for the report."""
+    input:
+        pretrained=f"{RESULTS}/pretrain/{{masking}}/checkpoint.pt",
+        finetuned=f"{RESULTS}/finetune/{{masking}}-{{head}}/checkpoint.pt",
+        metrics=f"{RESULTS}/eval/{{masking}}-{{head}}/metrics.json",
+    output:
+        curves=report(
+            f"{RESULTS}/report/{{masking}}-{{head}}/curves.png",
+            caption="../report/curves.rst",
+            category="3. Training curves",
+            labels={"masking": "{masking}", "head": "{head}"},
+        ),
+        confusion=report(
+            f"{RESULTS}/report/{{masking}}-{{head}}/confusion.png",
+            caption="../report/confusion.rst",
+            category="4. Confusion matrices",
+            labels={"masking": "{masking}", "head": "{head}"},
+        ),
+    params:
+        pretrain_metrics=lambda wildcards: f"{RESULTS}/pretrain/{wildcards.masking}/metrics.jsonl",
+        finetune_metrics=lambda wildcards: (
+            f"{RESULTS}/finetune/{wildcards.masking}-{wildcards.head}/metrics.jsonl"
+        ),
+        confusion=lambda wildcards: f"{RESULTS}/eval/{wildcards.masking}-{wildcards.head}/confusion.png",
+    log:
+        f"{LOGS}/report/{{masking}}-{{head}}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../workflow/scripts/report_figures.py"
+
+
+rule table_figure:
+    """The variant table as a bar chart (the paper's numbers beside ours), for the report."""
+    input:
+        csv=f"{RESULTS}/table.csv",
+    output:
+        figure=report(
+            f"{RESULTS}/report/table.png",
+            caption="../report/table_figure.rst",
+            category="5. Variant table",
+            labels={"file": "table.png"},
+        ),
+    log:
+        f"{LOGS}/report/table_figure.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../workflow/scripts/report_figures.py"
+
+
+rule figures:
+    """Everything the report shows: `snakemake --cores 2 figures --report <html> --report-after-run`."""
+    input:
+        f"{RESULTS}/table.csv",
+        f"{RESULTS}/table.md",
+        f"{RESULTS}/motion/box_quality.json",
+        f"{RESULTS}/report/table.png",
+        expand(f"{RESULTS}/report/pretrain-{{masking}}/reconstructions",
+               masking=sorted({v["masking"] for v in VARIANTS.values()})),
+        [f"{RESULTS}/report/{v['masking']}-{v['head']}/{name}.png"
+         for v in VARIANTS.values() for name in ("curves", "confusion")],
