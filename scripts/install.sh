@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything mofo needs on a fresh Debian/Ubuntu machine with Python 3.10+:
 # PyTorch (pinned), the mofo package with its test extras, and the system packages the
-# integration tests use (SLURM + munge for `pytest -m slurm`).
+# integration tests use (SLURM + munge for `pytest -m slurm`, Chromium for the report test).
 # Usage: bash scripts/install.sh            (as root for the apt part; skipped otherwise)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
     fi
+    # Headless Chromium: tests/test_report.py opens the Snakemake report in it.
+    if ! command -v chromium >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
 else
-    echo "install.sh: not root (or no apt-get): skipping slurm-wlm/munge; pytest -m slurm will skip" >&2
+    echo "install.sh: not root (or no apt-get): skipping slurm-wlm/munge and chromium; pytest -m slurm and tests/test_report.py will skip" >&2
 fi
