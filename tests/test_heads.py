@@ -194,3 +194,13 @@ def test_mean_pool_head():
     assert 0 < small.head.weight.abs().max() <= 0.001 * 6 * 0.02  # N(0, .02) scaled by .001
     multi = MeanPoolHead(D, {"verb": 3, "noun": 2})
     assert {k: v.shape for k, v in multi(tokens).items()} == {"verb": (2, 3), "noun": (2, 2)}
+
+
+def test_bench_times_the_head_beside_a_per_clip_loop():
+    from mofo.training.bench import box_flags, time_mca_head
+
+    flags = box_flags(4, (2, 8, 8), 0.25)
+    assert flags.shape == (4, 128) and 0 < flags.sum(1).min() and flags.sum(1).max() < 128
+    result = time_mca_head(3, (2, 4, 4), D, HEADS, repeats=2)
+    assert result["max_abs_diff"] <= 1e-5 and len(result["all_s"]["batched"]) == 2
+    assert result["batched_s"] > 0 and result["per_clip_loop_s"] > 0
