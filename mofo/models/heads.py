@@ -259,8 +259,11 @@ class MotionCrossAttentionHead(nn.Module):
             queries[0, 0] = True
         attended = cross_block_packed(self.cross_block, tokens, queries, keys)
         _, q_clip, q_counts, _ = pack_flagged(queries)
-        in_sum = attended.new_zeros(tokens.shape[0], tokens.shape[2]).index_add(0, q_clip, attended)
-        in_mean = in_sum / q_counts.clamp_min(1).to(in_sum.dtype)[:, None]
+        # Summed in float32 (index_add adds row by row: in bf16 ~400 rows would lose digits).
+        in_sum = torch.zeros(
+            tokens.shape[0], tokens.shape[2], dtype=torch.float32, device=tokens.device
+        ).index_add(0, q_clip, attended.float())
+        in_mean = (in_sum / q_counts.clamp_min(1)[:, None]).to(attended.dtype)
         all_mean = tokens.mean(1)
         return torch.where(has_in[:, None], in_mean, all_mean)
 
