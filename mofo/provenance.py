@@ -123,9 +123,13 @@ def file_digest(path: str | Path) -> str:
     (checkpoints) are hashed by size plus their first and last MiB: a ``torch.save`` file is
     a zip whose last bytes are the central directory with a CRC-32 of every tensor, so the
     tail changes whenever any weight does. mtime is not used: a copy of the same results
-    elsewhere is the same run.
+    elsewhere is the same run. A folder (a Hugging Face checkpoint) is the digest of its
+    files' names and digests.
     """
     path = Path(path)
+    if path.is_dir():  # a Hugging Face checkpoint folder: its files, by name
+        parts = [f"{p.name}:{file_digest(p)}" for p in sorted(path.iterdir()) if p.is_file()]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     size = path.stat().st_size
     sha = hashlib.sha256(str(size).encode())
     with open(path, "rb") as fh:
