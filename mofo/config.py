@@ -9,8 +9,9 @@ see exactly the settings the workflow sees. There is one source of truth: the de
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import jsonschema
 import yaml

@@ -157,7 +157,7 @@ def test_pyav_fallback_where_decord_fails(tmp_path, suffix):
 
 def test_iter_frames_chunks_cover_the_range(tmp_path):
     video = write_video(tmp_path / "v.mp4", numbered_frames(20))
-    info, idx, _, chunks = iter_frames(video, 2, 17, chunk=4)
+    _info, _idx, _, chunks = iter_frames(video, 2, 17, chunk=4)
     parts = list(chunks)
     assert [len(p) for p in parts] == [4, 4, 4, 4]
     assert [frame_number(f) for p in parts for f in p] == list(range(2, 18))

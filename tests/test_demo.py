@@ -156,7 +156,7 @@ def test_camera_motion_moves_the_whole_picture(kind):
         camera_motion_fraction=1.0 if kind == "pan" else 0.0,
     )
     index = next(i for i in range(16) if demo.camera_kind(cfg, "train", i) == kind)
-    frames, _, info = demo.render_clip(cfg, "train", index)
+    frames, _, _info = demo.render_clip(cfg, "train", index)
     grey = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY).astype(np.float64) for f in frames]
     (dx, dy), _ = cv2.phaseCorrelate(grey[0], grey[-1])
     travelled = np.hypot(dx, dy)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 
@@ -51,7 +51,7 @@ def test_env_agrees_with_pyproject(env_file: Path):
 def test_envs_install_the_project_itself():
     for env_file in ENV_FILES:
         env = yaml.safe_load(env_file.read_text())
-        pip = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)][0]
+        pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
         assert "-e ../" in pip, f"{env_file.name} must install mofo itself"
 
 

@@ -18,7 +18,9 @@ def test_aggregate_views_averages_softmax_per_clip():
     logits = np.array([[2.0, 0.0], [0.0, 2.0], [0.0, 0.0], [1.0, 0.0]])
     ids, scores, counts = M.aggregate_views(["a", "b", "a", "b"], logits, "softmax")
     assert ids == ["a", "b"] and counts.tolist() == [2, 2]
-    p = lambda x: np.exp(x) / np.exp(x).sum()
+    def p(x):
+        return np.exp(x) / np.exp(x).sum()
+
     assert np.allclose(scores[0], (p(logits[0]) + p(logits[2])) / 2)
     _, mean_logits, _ = M.aggregate_views(["a", "b", "a", "b"], logits, "logits")
     assert np.allclose(mean_logits[1], [0.5, 1.0])

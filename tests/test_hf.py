@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
 from mofo.cli import main as mofo_main
 from mofo.models.build import build_classifier, build_pretrain_model
 from mofo.models.checkpoint import CheckpointError, load_pretrained

@@ -18,7 +18,7 @@ from pathlib import Path
 # PyAV must be loaded BEFORE decord: decord's wheel bundles an old libvpx whose symbols
 # would otherwise be picked up by PyAV's libavcodec, and VP9 (.webm) encoding then fails
 # with "avcodec_open2(libvpx-vp9) returned 22". Importing av first keeps both working.
-import av  # noqa: F401  (import order matters, see above)
+import av
 import cv2
 import numpy as np
 
@@ -130,7 +130,7 @@ def _probe_reason(path: str, err: Exception) -> str:
             if not container.streams.video:
                 return "no video stream"
             return f"decord: {str(err).strip().splitlines()[-1][:200]}"
-    except Exception as probe_err:  # noqa: BLE001 - any FFmpeg error is the reason we want
+    except Exception as probe_err:
         return f"{type(probe_err).__name__}: {probe_err}"
 
 
@@ -233,12 +233,12 @@ def iter_frames(
         if not os.path.exists(path) or os.path.getsize(path) == 0:
             raise
         decord_error = str(err).removeprefix(f"{path}: ")
-    except Exception as err:  # noqa: BLE001 - decord errors on broken headers / odd sizes
+    except Exception as err:
         decord_error = f"decord: {_short(err)}"
     if info is None:
         try:
             info = _pyav_info(path)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             if decord_error.startswith("cannot open video"):  # already carries PyAV's reason
                 raise VideoReadError(f"{path}: {decord_error}") from err
             raise VideoReadError(f"{path}: {decord_error}; PyAV: {_short(err)}") from err
@@ -255,7 +255,7 @@ def iter_frames(
                 part = idx[lo : lo + chunk]
                 try:
                     batch = reader.get_batch(part.tolist()).asnumpy()
-                except Exception as err:  # noqa: BLE001 - hand the rest to PyAV below
+                except Exception as err:
                     nonlocal decord_error
                     decord_error = f"decord, frames {int(part[0])}..{int(part[-1])}: {_short(err)}"
                     break

@@ -61,9 +61,11 @@ def reconstruct_clip(
     recon[mask] = pred
     masked = patches.clone()
     masked[mask] = 0.5  # grey
-    to_img = lambda p: unpatchify(p.flatten(1)[None], patch_size, tubelet_size, grid)[0]
-    as_thwc = lambda v: v.clamp(0, 1).permute(1, 2, 3, 0).numpy()
-    return as_thwc(to_img(masked)), as_thwc(to_img(recon))
+    def as_thwc(p: torch.Tensor) -> np.ndarray:
+        video = unpatchify(p.flatten(1)[None], patch_size, tubelet_size, grid)[0]
+        return video.clamp(0, 1).permute(1, 2, 3, 0).numpy()
+
+    return as_thwc(masked), as_thwc(recon)
 
 
 def reconstruction_figure(

@@ -46,7 +46,7 @@ def _never_raise(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             LOG.warning(
                 "tracking: %s failed (%s: %s); the workflow goes on",
                 fn.__name__,

@@ -1,10 +1,10 @@
 """Snakemake adapter: motion/box_quality.json (mofo.motion.quality.write_box_quality)."""
 
 from mofo.logs import job_log
-from mofo.tracking import stage_run_from_snakemake
 from mofo.motion.quality import write_box_quality
+from mofo.tracking import stage_run_from_snakemake
 
-sm = snakemake  # noqa: F821
+sm = snakemake
 with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]) as log:
     gt_boxes, clips = (sm.input.gt[0], sm.input.gt[1]) if sm.input.gt else (None, None)
     prefixes = [p[: -len(".status.csv")] for p in sm.input.status]

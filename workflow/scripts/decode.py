@@ -5,7 +5,7 @@ from mofo.data.manifest import read_manifest, select_shard
 from mofo.logs import job_log
 from mofo.tracking import stage_run_from_snakemake
 
-sm = snakemake  # noqa: F821
+sm = snakemake
 with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]) as log:
     manifest = read_manifest(sm.input.manifest)
     rows = select_shard(manifest, sm.wildcards.shard)

@@ -4,7 +4,7 @@ from mofo.data.demo import generate
 from mofo.logs import job_log
 from mofo.tracking import stage_run_from_snakemake
 
-sm = snakemake  # noqa: F821
+sm = snakemake
 with stage_run_from_snakemake(sm) as tracker, job_log(snakemake.log[0]) as log:
-    clips = generate(snakemake.params.demo)  # noqa: F821
+    clips = generate(snakemake.params.demo)
     log.info("generated %d demo clips", len(clips))

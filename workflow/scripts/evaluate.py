@@ -1,10 +1,10 @@
 """Snakemake adapter: multi-view evaluation of one variant (python -m mofo.evaluation.evaluate)."""
 
 from mofo.logs import job_log
-from mofo.tracking import stage_run_from_snakemake
 from mofo.stages import run_stage_module
+from mofo.tracking import stage_run_from_snakemake
 
-sm = snakemake  # noqa: F821
+sm = snakemake
 with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
     run_stage_module(
         "mofo.evaluation.evaluate",

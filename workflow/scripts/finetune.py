@@ -1,10 +1,10 @@
 """Snakemake adapter: fine-tuning with a mean or MCA head (python -m mofo.training.finetune)."""
 
 from mofo.logs import job_log
-from mofo.tracking import stage_run_from_snakemake
 from mofo.stages import run_stage_module
+from mofo.tracking import stage_run_from_snakemake
 
-sm = snakemake  # noqa: F821
+sm = snakemake
 with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
     run_stage_module(
         "mofo.training.finetune",

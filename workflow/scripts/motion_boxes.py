@@ -1,10 +1,10 @@
 """Snakemake adapter: motion boxes for one shard (mofo.motion.boxes.boxes_shard)."""
 
 from mofo.logs import job_log
-from mofo.tracking import stage_run_from_snakemake
 from mofo.motion.boxes import boxes_shard
+from mofo.tracking import stage_run_from_snakemake
 
-sm = snakemake  # noqa: F821
+sm = snakemake
 with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]) as log:
     report = boxes_shard(
         sm.input.motion_map,

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 from mofo.logs import job_log
-from mofo.tracking import stage_run_from_snakemake
 from mofo.motion.viz import write_shard_pictures
+from mofo.tracking import stage_run_from_snakemake
 
-sm = snakemake  # noqa: F821
+sm = snakemake
 with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]) as log:
     Path(sm.output[0]).mkdir(parents=True, exist_ok=True)
     written = write_shard_pictures(

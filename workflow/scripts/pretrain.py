@@ -1,10 +1,10 @@
 """Snakemake adapter: MOFO / VideoMAE pretraining (python -m mofo.training.pretrain)."""
 
 from mofo.logs import job_log
-from mofo.tracking import stage_run_from_snakemake
 from mofo.stages import run_stage_module
+from mofo.tracking import stage_run_from_snakemake
 
-sm = snakemake  # noqa: F821
+sm = snakemake
 with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
     run_stage_module(
         "mofo.training.pretrain",

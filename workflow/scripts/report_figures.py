@@ -7,7 +7,7 @@ from pathlib import Path
 from mofo.evaluation.curves import draw_table_figure, draw_training_curves
 from mofo.logs import job_log
 
-sm = snakemake  # noqa: F821
+sm = snakemake
 with job_log(sm.log[0]) as log:
     if sm.rule == "table_figure":
         draw_table_figure(sm.input.csv, sm.output.figure, sm.config["dataset"]["name"])
