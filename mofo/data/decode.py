@@ -61,7 +61,7 @@ def decode_clip_into(
     except VideoReadError as err:
         writer.abort_clip()
         return dict(clip_id=clip_id, status="failed", n_frames=0, message=str(err))
-    except Exception as err:
+    except Exception as err:  # anything else a broken file triggers in decord/cv2
         writer.abort_clip()
         return dict(
             clip_id=clip_id,

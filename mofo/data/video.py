@@ -18,7 +18,7 @@ from pathlib import Path
 # PyAV must be loaded BEFORE decord: decord's wheel bundles an old libvpx whose symbols
 # would otherwise be picked up by PyAV's libavcodec, and VP9 (.webm) encoding then fails
 # with "avcodec_open2(libvpx-vp9) returned 22". Importing av first keeps both working.
-import av
+import av  # import order matters, see above
 import cv2
 import numpy as np
 
@@ -130,7 +130,7 @@ def _probe_reason(path: str, err: Exception) -> str:
             if not container.streams.video:
                 return "no video stream"
             return f"decord: {str(err).strip().splitlines()[-1][:200]}"
-    except Exception as probe_err:
+    except Exception as probe_err:  # any FFmpeg error is the reason we want
         return f"{type(probe_err).__name__}: {probe_err}"
 
 
@@ -233,7 +233,7 @@ def iter_frames(
         if not os.path.exists(path) or os.path.getsize(path) == 0:
             raise
         decord_error = str(err).removeprefix(f"{path}: ")
-    except Exception as err:
+    except Exception as err:  # decord errors on broken headers / odd sizes
         decord_error = f"decord: {_short(err)}"
     if info is None:
         try:
@@ -255,7 +255,7 @@ def iter_frames(
                 part = idx[lo : lo + chunk]
                 try:
                     batch = reader.get_batch(part.tolist()).asnumpy()
-                except Exception as err:
+                except Exception as err:  # hand the rest to PyAV below
                     nonlocal decord_error
                     decord_error = f"decord, frames {int(part[0])}..{int(part[-1])}: {_short(err)}"
                     break

@@ -221,7 +221,7 @@ def motion_map_shard(
                     raw[clip_id] = motion_map_from_cfg(flow, motion_map_cfg, raw_flow=True).astype(
                         np.float16
                     )
-            except Exception as exc:
+            except Exception as exc:  # one bad clip must not lose the shard
                 print(f"[motion_map] {flow_path}: clip {clip_id}: {exc}", file=sys.stderr)
                 failed.append(clip_id)
                 maps.pop(clip_id, None)

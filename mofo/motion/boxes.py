@@ -366,7 +366,7 @@ def _boxes_for_store(maps_npz, store, boxes_cfg: dict, desc: str) -> tuple[pd.Da
                 maps = np.zeros((0, int(meta["height"]), int(meta["width"])), dtype=np.float32)
             df = boxes_for_clip(maps, n, boxes_cfg)
             df = scale_boxes(df, maps.shape[1:], (int(meta["src_height"]), int(meta["src_width"])))
-        except Exception as exc:
+        except Exception as exc:  # one bad clip must not lose the shard
             print(f"[boxes] {desc}: clip {clip_id}: {exc}", file=sys.stderr)
             report["clips_failed"] += 1
             continue

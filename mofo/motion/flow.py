@@ -160,7 +160,7 @@ def flow_shard(frames_prefix: str | Path, out_path: str | Path, flow_cfg: dict,
     for clip_id in tqdm(list(store.clip_ids), desc=f"flow {Path(out_path).stem}", file=sys.stderr):
         try:
             flow = compute_flow(store.read(clip_id), flow_cfg)
-        except Exception as exc:
+        except Exception as exc:  # one bad clip must not lose the shard
             print(f"[flow] {frames_prefix}: clip {clip_id}: {exc}", file=sys.stderr)
             failed.append(str(clip_id))
             continue

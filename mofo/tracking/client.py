@@ -109,7 +109,7 @@ class SafeClient:
             return None
         try:
             return fn(self._get(), *args, **kwargs)
-        except Exception as exc:
+        except Exception as exc:  # tracking must never stop the pipeline
             warn_once(
                 self.uri, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             )

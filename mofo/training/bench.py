@@ -189,7 +189,7 @@ def run_training_benchmark(config: dict, steps: int = 5, loader_batches: int = 4
             try:
                 out[f"{mode}_loader"] = time_loader(config, mode, int(cfg["batch_size"]),
                                                     int(cfg["num_workers"]), loader_batches)
-            except Exception as exc:
+            except Exception as exc:  # a missing stage output is reported
                 out[f"{mode}_loader"] = {"error": str(exc)}
     else:
         out["loader"] = f"skipped: no {root}/manifest.csv and boxes (run the pipeline first)"

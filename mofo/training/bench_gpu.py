@@ -365,7 +365,7 @@ def run_part(report: Report, label: str, fn, device: torch.device) -> None:
     t0 = time.perf_counter()
     try:
         fn()
-    except Exception as exc:
+    except Exception as exc:  # every part is reported, then the exit status
         import traceback
 
         traceback.print_exc(file=sys.stderr)

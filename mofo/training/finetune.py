@@ -62,7 +62,7 @@ def pretrained_meta(pretrained_ckpt: str | Path | None) -> dict:
     try:
         obj = torch.load(pretrained_ckpt, map_location="cpu", weights_only=True,
                          mmap=True)
-    except Exception:
+    except Exception:  # official files may pickle extra objects
         return {}
     return dict(obj.get("meta") or {}) if isinstance(obj, dict) else {}
 
