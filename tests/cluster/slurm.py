@@ -297,9 +297,17 @@ def one_cluster_per_machine(timeout: float = 3600, interval: float = 2) -> Itera
                     raise SlurmError(f"another local SLURM test cluster held {LOCK_FILE}") from None
                 time.sleep(interval)
         try:
+            waited = False
             while (other := _other_live_cluster()) is not None:
+                waited = True
                 if time.monotonic() > deadline:
                     raise SlurmError(f"another local SLURM test cluster runs ({other})")
+                time.sleep(interval)
+            # Such a session removes its link only after stopping its daemons (munged takes up
+            # to 15 s): wait for that, or a link made now would be removed under us.
+            link = SYSTEM_CONF_DIR / "slurm.conf"
+            grace = time.monotonic() + 60
+            while waited and link.is_symlink() and time.monotonic() < grace:
                 time.sleep(interval)
             yield
         finally:
