@@ -41,6 +41,16 @@ include: "rules/motion.smk"
 include: "rules/training.smk"
 
 
+# Seconds of plotting each: on a cluster they run where snakemake runs, not as SLURM jobs.
+localrules:
+    all,
+    motion,
+    figures,
+    pretrain_figures,
+    variant_figures,
+    table_figure,
+
+
 rule all:
     input:
         f"{RESULTS}/table.csv",
