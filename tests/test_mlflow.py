@@ -291,7 +291,7 @@ def test_shared_server_needs_credentials(mlflow_auth_server, tmp_path, monkeypat
     for shard in ("shard-0000", "shard-0001"):
         assert (results / f"decode/{shard}.txt").read_text() == "decode output\n"
     # One warning per process (the onstart hook and 3 jobs), each naming the refusal.
-    warnings = [l for l in proc.stderr.splitlines() if "MLflow tracking at " + server.uri in l]
+    warnings = [x for x in proc.stderr.splitlines() if "MLflow tracking at " + server.uri in x]
     assert len(warnings) == 4, proc.stderr[-5000:]
     assert all("401" in w for w in warnings), warnings
     assert client.get_experiment_by_name("anonymous") is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -353,43 +354,45 @@ def slurm_pipeline(
 
 
 def test_profile_covers_every_pipeline_rule():
-    """Each rule that becomes a job has its resources in the profile (a new rule needs one)."""
+    """Each rule that becomes a SLURM job has its resources in the profile (a new rule needs
+    one); the Snakefile's localrules (targets, the report's plotting) run in Snakemake itself."""
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
     assert PIPELINE_RULES <= set(profile["set-resources"])
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--list-rules",
-            "-s",
-            str(SNAKEFILE_MAIN),
-            "-d",
-            str(REPO_ROOT),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        [sys.executable, "-m", "snakemake", "--list-rules", "-s", str(SNAKEFILE_MAIN),
+         "-d", str(REPO_ROOT)],
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    rules = {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
-    job_rules = rules - {"all", "motion"}
-    assert job_rules == PIPELINE_RULES, (
-        f"rules without profile resources: {job_rules - PIPELINE_RULES}"
+    # one rule per line; a long docstring continues on indented lines
+    rules = {line.split()[0] for line in out.stdout.splitlines() if line[:1].strip()}
+    local = re.search(r"^localrules:\n((?:    \w+,?\n)+)", SNAKEFILE_MAIN.read_text(), re.M)
+    assert local, "the Snakefile declares its localrules"
+    local_rules = set(re.findall(r"\w+", local.group(1)))
+    assert {"all", "motion"} <= local_rules
+    assert rules - local_rules == PIPELINE_RULES, (
+        f"rules without profile resources: {rules - local_rules - PIPELINE_RULES}"
     )
+
+
+# One SLURM job per shard runs its whole motion chain (Snakemake group "motion_chain").
+CHAIN_RULES = {"decode", "optical_flow", "motion_map", "motion_boxes", "motion_pictures"}
 
 
 def test_pipeline_jobs_went_through_slurm(slurm_cluster, slurm_pipeline):
     work, _, _ = slurm_pipeline
     logs = work / ".snakemake" / "slurm_logs"
-    assert {p.name.removeprefix("rule_") for p in logs.glob("rule_*")} == PIPELINE_RULES
+    assert {p.name.removeprefix("rule_") for p in logs.glob("rule_*")} == PIPELINE_RULES - CHAIN_RULES
     # This run's jobs: its SLURM logs are named by job id (other tests' jobs share the cluster).
-    by_rule = {rule: run_jobs(slurm_cluster, work, rule) for rule in PIPELINE_RULES}
+    by_rule = {rule: run_jobs(slurm_cluster, work, rule) for rule in PIPELINE_RULES - CHAIN_RULES}
     for rule, jobs in by_rule.items():
         assert jobs, f"no SLURM job for {rule}"
         assert all(j["state"] == "COMPLETED" for j in jobs), (rule, jobs)
-    assert len(by_rule["decode"]) == len(list((work / "results/demo/frames").glob("*.jpgpack")))
+    chain_ids = {p.stem for p in logs.glob("group_motion_chain*/**/*.log")}
+    chain = [j for j in slurm_cluster.jobs() if j["id"] in chain_ids]
+    n_shards = len(list((work / "results/demo/frames").glob("*.jpgpack")))
+    assert len(chain_ids) == len(chain) == n_shards, (chain_ids, chain)
+    assert all(j["state"] == "COMPLETED" for j in chain), chain
     # GPU stages asked for the (fake) GPU and CPUs per GPU (--gpus=1 --cpus-per-gpu=1 with the
     # local profile); CPU stages did not.
     for rule in ("pretrain", "finetune", "evaluate"):
@@ -397,8 +400,7 @@ def test_pipeline_jobs_went_through_slurm(slurm_cluster, slurm_pipeline):
             fields = slurm_cluster.job_info(int(job["id"])).split()
             assert "TresPerJob=gres:gpu:1" in fields, (rule, fields)
             assert "CpusPerTres=gres:gpu:1" in fields, (rule, fields)
-    decode = by_rule["decode"][0]["id"]
-    assert "gpu" not in slurm_cluster.job_info(int(decode))
+    assert "gpu" not in slurm_cluster.job_info(int(chain[0]["id"]))
 
 
 def test_slurm_results_equal_local_results(slurm_pipeline, local_reference):
@@ -426,8 +428,8 @@ def test_slurm_results_equal_local_results(slurm_pipeline, local_reference):
     )
     for metrics in sorted(local_res.glob("*/*/metrics.jsonl")):
         rel = metrics.relative_to(local_res)
-        ours = [json.loads(l) for l in (slurm_res / rel).read_text().splitlines()]
-        ref = [json.loads(l) for l in metrics.read_text().splitlines()]
+        ours = [json.loads(x) for x in (slurm_res / rel).read_text().splitlines()]
+        ref = [json.loads(x) for x in metrics.read_text().splitlines()]
         steps = [r for r in ours if r.get("type") == "step"]
         ref_steps = [r for r in ref if r.get("type") == "step"]
         assert steps, rel
@@ -508,7 +510,7 @@ def test_preempted_training_resumes_from_checkpoint(slurm_cluster, slurm_pipelin
         -3000:
     ]
     assert f"step {marker['step']}" in log
-    steps = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     step_ids = [r["step"] for r in steps if r.get("type") == "step"]
     assert step_ids == sorted(set(step_ids)), "steps repeated after the resume"
     assert step_ids[-1] == EPOCHS * 3  # 12 clips / batch 4 = 3 steps per epoch, all done
@@ -525,7 +527,7 @@ def wait_for_training_steps(
         jobs = [j for j in rule_jobs(cluster, "pretrain") if j["id"] not in old_jobs]
         running = [j for j in jobs if j["state"] == "RUNNING"]
         if running and metrics.exists():
-            records = [l for l in metrics.read_text().splitlines() if '"type": "step"' in l]
+            records = [x for x in metrics.read_text().splitlines() if '"type": "step"' in x]
             if len(records) >= steps:
                 return running[0]["id"]
         if jobs and not running and all(j["state"] != "PENDING" for j in jobs):

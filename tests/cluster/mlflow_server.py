@@ -135,7 +135,7 @@ def mlflow_server(
         "--workers",
         "1",
     ]
-    log = open(workdir / "server.log", "w")  # noqa: SIM115 - open for the server's lifetime
+    log = open(workdir / "server.log", "w")
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     if auth:

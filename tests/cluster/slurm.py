@@ -427,7 +427,7 @@ def local_slurm(
 
             def idle() -> bool:
                 state = _node_state(conf, nodename)
-                if "drain" in state or "down" in state and "~" not in state:
+                if "drain" in state or ("down" in state and "~" not in state):
                     log = (workdir / "slurmctld.log").read_text()[-2000:]
                     raise SlurmError(f"node {nodename} is {state}; slurmctld.log:\n{log}")
                 return state == "idle"
