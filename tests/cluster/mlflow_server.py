@@ -135,7 +135,7 @@ def mlflow_server(
         "--workers",
         "1",
     ]
-    log = open(workdir / "server.log", "w")
+    log = open(workdir / "server.log", "w")  # open for the server's lifetime
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     if auth:
