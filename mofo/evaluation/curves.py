@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from mofo.evaluation.figures import save_figure
 from mofo.evaluation.table import PAPER
 
 
@@ -117,12 +118,7 @@ def draw_training_curves(
     ax.legend(fontsize=8, loc="lower right")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=90)
 
 
 def draw_table_figure(table_csv: str | Path, out_png: str | Path, dataset: str = "demo") -> Path:
@@ -153,9 +149,4 @@ def draw_table_figure(table_csv: str | Path, out_png: str | Path, dataset: str =
                                 table["finetune_head"], strict=True)])
     ax.set(ylabel="accuracy (%)", ylim=(0, 105), title=f"variant table ({dataset})")
     ax.legend(fontsize=8, loc="upper left", ncols=2)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=90)

@@ -24,12 +24,12 @@ from matplotlib.patches import Rectangle
 from mofo.models.patches import PATCH_NORM_EPS, denormalize, patchify, unpatchify
 
 
-def save_figure(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     """Lay out, write (creating the folder) and close ``fig``; return the path."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
