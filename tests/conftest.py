@@ -108,3 +108,15 @@ def restore_tracking_env():
     for key in tracked_env().keys() - before.keys():
         del os.environ[key]
     os.environ.update(before)
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """One intra-op thread: on a small shared CPU, OpenMP spinning makes 2 threads far slower.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,14 +8,7 @@ import torch.nn.functional as F
 
 from mofo.models.heads import MeanPoolHead, MotionCrossAttentionHead, masked_mean, mca_per_sample
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP spinning makes 2 threads far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 D, HEADS = 24, 3

@@ -26,12 +26,7 @@ MODEL_CFG = {
 N_TOKENS = 2 * 4 * 4
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hf_config(**kw):
