@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mofo.training.bench_gpu_presets import (
     BenchPreset,
@@ -108,47 +107,14 @@ def check_bf16_agreement(preset: BenchPreset, config: dict, device: torch.device
     return results
 
 
-def _heads_split(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``(n, D)`` -> ``(heads, n, D / heads)``."""
-    return x.reshape(x.shape[0], heads, -1).transpose(0, 1)
-
-
-def cross_block_on_sets(block: torch.nn.Module, queries: torch.Tensor,
-                        keys: torch.Tensor) -> torch.Tensor:
-    """One pre-norm block (attention + MLP) with separate query and key/value token sets,
-    written out with an explicit softmax (no attention mask, no SDPA)."""
-    attn = block.attn
-    dim = queries.shape[-1]
-    weight = attn.qkv.weight
-    bias = attn.qkv_bias()
-    w_q, w_k, w_v = weight[:dim], weight[dim:2 * dim], weight[2 * dim:]
-    b_q, b_k, b_v = (None, None, None) if bias is None else (
-        bias[:dim], bias[dim:2 * dim], bias[2 * dim:])
-    qn, kn = block.norm1(queries), block.norm1(keys)
-    q = _heads_split(F.linear(qn, w_q, b_q), attn.num_heads)
-    k = _heads_split(F.linear(kn, w_k, b_k), attn.num_heads)
-    v = _heads_split(F.linear(kn, w_v, b_v), attn.num_heads)
-    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-    out = (weights @ v).transpose(0, 1).reshape(queries.shape[0], dim)
-    x = queries + attn.proj(out)
-    return x + block.mlp(block.norm2(x))
-
-
 def mca_per_sample(head: torch.nn.Module, tokens: torch.Tensor, inbox: torch.Tensor):
-    """MOFO's MCA head one clip at a time: in-box tokens attend to the out-of-box ones (to
-    each other when none is outside), averaged; a clip without in-box tokens takes the mean
-    of all its tokens. Returns what ``head(tokens, inbox)`` returns (eval mode)."""
+    """What ``head(tokens, inbox)`` returns (eval mode), computed one clip at a time with
+    ``mofo.models.heads.mca_per_sample``: no padding, no attention mask, so on a GPU the
+    batched head's packing and masked attention kernels are checked against plain ones."""
     from mofo.models.heads import apply_output_layers
+    from mofo.models.heads import mca_per_sample as pooled_per_sample
 
-    feats = []
-    for toks, flags in zip(tokens, inbox.bool(), strict=True):
-        inside, outside = toks[flags], toks[~flags]
-        if inside.shape[0] == 0:
-            feats.append(toks.mean(0))
-            continue
-        keys = outside if outside.shape[0] else inside
-        feats.append(cross_block_on_sets(head.cross_block, inside, keys).mean(0))
-    return apply_output_layers(head.head, head.fc_norm(torch.stack(feats)))
+    return apply_output_layers(head.head, head.fc_norm(pooled_per_sample(head, tokens, inbox)))
 
 
 def edge_case_inbox(inbox: torch.Tensor) -> torch.Tensor:
