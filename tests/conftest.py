@@ -56,7 +56,7 @@ def tiny_local_pipeline(mlflow_tracking_server, tmp_path_factory) -> Path:
 
 # --------------------------------------------------------------------------- test hygiene
 #: Markers whose tests must not be skipped on CI (CI=true): a skip there hides a broken install.
-CI_REQUIRED_MARKERS = ("slurm", "mlflow")
+CI_REQUIRED_MARKERS = ("slurm", "mlflow", "browser")
 #: Environment variables a test may change that later tests read (tracking, parent run...).
 ENV_PREFIXES = ("MOFO_", "MLFLOW_")
 
