@@ -29,7 +29,7 @@ def gt_boxes_input(wildcards):
     name = config["dataset"]["name"]
     if name == "demo":
         return [f"{DEMO_ROOT}/gt_boxes.csv", f"{DEMO_ROOT}/clips.csv"]
-    gt = config["dataset"][name].get("gt_boxes", "")
+    gt = config["dataset"][name]["gt_boxes"]  # "" (the default) = none
     return [gt, f"{RESULTS}/manifest.csv"] if gt else []
 
 
