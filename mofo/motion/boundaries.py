@@ -5,7 +5,8 @@
 A camera pan adds a constant to (u, v); its spatial derivatives are zero, so the map keeps
 only the *edges* of independently moving things (Dalal et al. 2006).
 
-Choices, and how they differ from the authors' script (docs: mofo-reference.md section 1):
+Choices, and how they differ from the authors' script (docs: mofo-reference.md section 1;
+``method: faithful`` follows their script instead, see ``mofo.motion.faithful``):
 
 * Derivatives: 3x3 Prewitt kernels, like the authors, but divided by 6 so that a linear field
   u = a*x gives u_x = a exactly (the raw kernel gives 6a). Prewitt rather than plain central
@@ -35,6 +36,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from mofo.motion.faithful import (
+    centred_window_sum,
+    faithful_flow_magnitude_map,
+    faithful_motion_map,
+)
 from mofo.motion.flow import save_npz_atomic
 
 # Prewitt kernels normalised so that they return the derivative of a linear field exactly.
@@ -59,19 +65,8 @@ def spatial_derivatives(flow: np.ndarray) -> np.ndarray:
 def temporal_window_mean(x: np.ndarray, window: int) -> np.ndarray:
     """Mean over ``window`` frames centred on each frame (frames i - window//2 ...
     i - window//2 + window - 1, cut at the clip ends), along axis 0. window 1 = identity."""
-    t = x.shape[0]
-    if window <= 1 or t <= 1:
-        return x.astype(np.float32, copy=False)
-    # Cumulative sum: O(T) whatever the window, instead of summing window copies.
-    csum = np.concatenate(
-        [np.zeros_like(x[:1], dtype=np.float64), np.cumsum(x, axis=0, dtype=np.float64)]
-    )
-    idx = np.arange(t)
-    lo = np.clip(idx - window // 2, 0, t)
-    hi = np.clip(idx - window // 2 + window, 0, t)
-    shape = (t,) + (1,) * (x.ndim - 1)
-    mean = (csum[hi] - csum[lo]) / (hi - lo).reshape(shape)
-    return mean.astype(np.float32)
+    total, count = centred_window_sum(x, window)
+    return (total / count.reshape((-1,) + (1,) * (x.ndim - 1))).astype(np.float32)
 
 
 def scaled_border(border: int, height: int, reference_height: float) -> int:
@@ -162,10 +157,14 @@ def motion_map_from_cfg(
     frames: np.ndarray | None = None,
 ) -> np.ndarray:
     """The motion map that ``motion_map.method`` names (``boundaries``: Eq. 1;
-    ``residual``: camera-cancelled flow magnitude), or ``flow_magnitude_map`` when
-    ``raw_flow``, with the section's settings; the border is scaled to the flow's height.
+    ``residual``: camera-cancelled flow magnitude; ``faithful``: the authors' map,
+    ``mofo.motion.faithful``, which reads no other key of the section), or the raw-flow
+    baseline when ``raw_flow`` (``flow_magnitude_map``; for ``faithful`` the same in its
+    units), with the section's settings; the border is scaled to the flow's height.
     ``frames`` (T, H, W, 3) uint8: the clip's frames, for ``texture_confidence`` (required
     when the section turns it on)."""
+    if motion_map_cfg["method"] == "faithful":
+        return faithful_flow_magnitude_map(flow) if raw_flow else faithful_motion_map(flow)
     border = scaled_border(
         int(motion_map_cfg["border"]),
         flow.shape[1],

@@ -20,7 +20,8 @@ Gaussian of sigma s is non-zero up to 4 s from any surviving pixel (OpenCV's ker
 past the 0.7 clean-up limits, and their absolute integer cut does not carry over to float
 flow. We therefore binarise at ``binarize_threshold`` x the blurred frame's maximum (a
 relative cut, like the other two thresholds); ``binarize_threshold: 0`` gives the literal
-``> 0`` rule. On 16 demo clips with ground truth (TV-L1, window 8) the mean IoU was 0.29 /
+``> 0`` rule. ``method: faithful`` (``mofo.motion.faithful``) keeps their integer cut instead,
+on a map computed in their units. On 16 demo clips with ground truth (TV-L1, window 8) the mean IoU was 0.29 /
 0.46 / 0.66 / 0.60 / 0.36 for 0.3 / 0.5 / 0.7 / 0.8 / 0.9, so the default is 0.7.
 
 Frames whose map maximum is below ``min_motion`` (flow px per px) have no contour: relative
@@ -44,6 +45,10 @@ c. a clip where no frame kept a box of its own (every frame fell back) is a whol
 Boxes are (x1, y1, x2, y2) integers with exclusive x2/y2, in map pixels; ``boxes_shard``
 converts them to the ORIGINAL video's pixels.
 
+``method: faithful`` replaces steps 1-6 by the authors' rule as published and pins all its
+numbers (``mofo.motion.faithful``; it needs ``motion_map.method: faithful``): this section's
+other keys are not read, there is no static-clip test and no temporal median.
+
 ``method: mass`` (the real-data default, made for the ``residual`` motion map, see
 ``mass_box``) replaces steps 1-6: a threshold that adapts to each frame's motion
 distribution, blobs merged by distance, the heaviest group kept, and the box that holds its
@@ -65,6 +70,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from mofo.data.boxfile import BOX_COLUMNS  # the columns this stage writes (one home)
+from mofo.motion.faithful import AUTHORS_CLEANUP, faithful_box, two_contour_box
 
 Box = tuple[int, int, int, int]
 
@@ -106,25 +112,7 @@ def box_from_map(m: np.ndarray, boxes_cfg: dict) -> Box | None:
     contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return None
-    rects = [cv2.boundingRect(c) for c in contours]
-    # Area of the contour polygon; a 1-px-thin contour has polygon area 0, so the bounding
-    # rectangle area breaks ties.
-    order = sorted(
-        range(len(contours)),
-        key=lambda i: (cv2.contourArea(contours[i]), rects[i][2] * rects[i][3]),
-        reverse=True,
-    )
-    keep = [order[0]]
-    if len(order) > 1:
-        c1, c2 = _centre(contours[order[0]]), _centre(contours[order[1]])
-        if math.dist(c1, c2) <= float(boxes_cfg["two_contour_max_distance"]) * math.hypot(h, w):
-            keep.append(order[1])
-    # The bounding box of the filled contours is the union of their bounding rectangles.
-    x1 = min(rects[i][0] for i in keep)
-    y1 = min(rects[i][1] for i in keep)
-    x2 = max(rects[i][0] + rects[i][2] for i in keep)
-    y2 = max(rects[i][1] + rects[i][3] for i in keep)
-    return (int(x1), int(y1), int(x2), int(y2))
+    return two_contour_box(contours, h, w, float(boxes_cfg["two_contour_max_distance"]))
 
 
 def mass_box(m: np.ndarray, boxes_cfg: dict) -> Box | None:
@@ -181,14 +169,6 @@ def temporal_median(boxes: list[Box], window: int) -> list[Box]:
     return [tuple(int(round(v)) for v in row) for row in np.median(windows, axis=-1)]
 
 
-def _centre(contour: np.ndarray) -> tuple[float, float]:
-    mom = cv2.moments(contour)
-    if mom["m00"] > 0:
-        return mom["m10"] / mom["m00"], mom["m01"] / mom["m00"]
-    x, y, bw, bh = cv2.boundingRect(contour)
-    return x + bw / 2.0, y + bh / 2.0
-
-
 def box_is_bad(box: Box, height: int, width: int, boxes_cfg: dict) -> bool:
     """The clean-up test: too wide, too tall, or too small a share of the frame."""
     x1, y1, x2, y2 = box
@@ -241,7 +221,9 @@ def boxes_for_clip(maps: np.ndarray, n_frames: int, boxes_cfg: dict) -> pd.DataF
     """Boxes of every frame of a clip from its motion maps (T-1, h, w), in map pixels.
 
     Frame i uses map i; the last frame reuses the last map. A zero-length ``maps`` (clip
-    without flow) gives centre boxes. Columns: frame, x1, y1, x2, y2, detected, source.
+    without flow) gives centre boxes. ``boxes_cfg["method"]`` picks the per-frame rule
+    (``contours``: ``box_from_map``, ``mass``: ``mass_box``, ``faithful``: the authors'
+    ``faithful_box`` with their clean-up limits and nothing else of ``boxes_cfg``). Columns: frame, x1, y1, x2, y2, detected, source.
     """
     if maps.ndim != 3:
         raise ValueError(f"motion maps must be (T-1, h, w), got shape {maps.shape}")
@@ -250,15 +232,20 @@ def boxes_for_clip(maps: np.ndarray, n_frames: int, boxes_cfg: dict) -> pd.DataF
         return _frame_df([], [])
     if maps.shape[0] == 0:
         return _frame_df([centre_box(h, w)] * n_frames, ["centre"] * n_frames)
-    if float(np.nanmax(maps)) < float(boxes_cfg["min_motion"]):
-        return _frame_df([centre_box(h, w)] * n_frames, ["static_clip"] * n_frames)
     last = maps.shape[0] - 1
-    detect = mass_box if boxes_cfg["method"] == "mass" else box_from_map
-    raw = [detect(maps[min(i, last)], boxes_cfg) for i in range(n_frames)]
-    boxes, sources = resolve_boxes(raw, h, w, boxes_cfg)
+    if boxes_cfg["method"] == "faithful":  # the authors' rule: no static-clip test, no median
+        raw = [faithful_box(maps[min(i, last)]) for i in range(n_frames)]
+        cleanup, median = AUTHORS_CLEANUP, 1
+    else:
+        if float(np.nanmax(maps)) < float(boxes_cfg["min_motion"]):
+            return _frame_df([centre_box(h, w)] * n_frames, ["static_clip"] * n_frames)
+        detect = mass_box if boxes_cfg["method"] == "mass" else box_from_map
+        raw = [detect(maps[min(i, last)], boxes_cfg) for i in range(n_frames)]
+        cleanup, median = boxes_cfg, int(boxes_cfg["temporal_median"])
+    boxes, sources = resolve_boxes(raw, h, w, cleanup)
     if "detected" not in sources:  # no frame kept a box of its own: say so for the clip
         return _frame_df([centre_box(h, w)] * n_frames, ["clip_fallback"] * n_frames)
-    return _frame_df(temporal_median(boxes, int(boxes_cfg["temporal_median"])), sources)
+    return _frame_df(temporal_median(boxes, median), sources)
 
 
 def _frame_df(boxes: list[Box], sources: list[str]) -> pd.DataFrame:
