@@ -75,7 +75,9 @@ def cmd_bench_motion(args: argparse.Namespace) -> int:
     from mofo.motion.bench import run_motion_benchmark
 
     config = _config(args)
-    result = run_motion_benchmark(config, n_clips=args.clips, repeats=args.repeats)
+    height, width = (int(v) for v in args.size.split(","))
+    result = run_motion_benchmark(config, n_clips=args.clips, repeats=args.repeats,
+                                  big_size=(height, width), cost_max_pairs=args.cost_pairs)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
@@ -216,12 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bench_sub.add_parser(
         "motion",
-        help="frames/s per core of decode, each flow method, motion map and boxes, and the "
-        "token-grid IoU of the faster flow options against full-resolution TV-L1",
+        help="frames/s per core of decode, each flow method, motion map and boxes, the "
+        "token-grid IoU of the faster flow options against full-resolution TV-L1, and the "
+        "robust mode's cost per frame pair next to half-size TV-L1",
     )
     _add_config_args(p)
     p.add_argument("--clips", type=int, default=4, help="demo clips to measure (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="repeats per figure; medians are printed")
+    p.add_argument("--size", default="224,298",
+                   help="height,width of the larger clips, also used for the robust mode's "
+                   "cost (default: %(default)s)")
+    p.add_argument("--cost-pairs", type=int, default=11,
+                   help="flow pairs per clip for the robust mode's cost (default: %(default)s)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_motion)
 
