@@ -96,16 +96,14 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 def cmd_bench_mca(args: argparse.Namespace) -> int:
     import torch
 
-    from mofo.training.bench import time_mca_head
+    from mofo.training.bench import mca_head_summary, time_mca_head
 
     torch.set_num_threads(args.threads)
     grid = tuple(int(v) for v in args.grid.split(","))
     result = time_mca_head(args.batch, grid, args.dim, args.heads, args.box, args.repeats)
     times = result.pop("all_s")
     print(json.dumps(result, indent=1))
-    print(f"MCA head forward+backward, median of {args.repeats}: batched "
-          f"{result['batched_s']:.3f} s, per-clip loop {result['per_clip_loop_s']:.3f} s "
-          f"(loop / batched = {result['loop_over_batched']:.2f})")
+    print(mca_head_summary(result))
     if args.json:
         Path(args.json).write_text(json.dumps({**result, "all_s": times}, indent=2))
     return 0

@@ -177,6 +177,67 @@ def test_mca_out_of_box_tokens_matter_only_as_keys():
         head(tokens, None)
 
 
+@pytest.mark.parametrize("groups", [1, 3, 4, 20])
+def test_mca_attention_groups_equal_per_sample_loop(monkeypatch, groups):
+    """Clips sorted by in-box count and padded per group: any number of groups (one, fewer
+    than the clips, a group whose clips have no box at all, more groups than clips) gives
+    the per-clip result, and gradients."""
+    monkeypatch.setattr("mofo.models.heads.ATTENTION_GROUPS", groups)
+    head = make_head()
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randn(11, 24, D, generator=gen)
+    inbox = torch.rand(11, 24, generator=gen) < torch.linspace(0.05, 0.9, 11)[:, None]
+    inbox[[2, 5, 7, 9]] = False  # with 3 or 4 groups, the first group has no in-box token
+    inbox[3] = True
+    got = head(tokens, inbox)
+    assert (got - mca_reference_per_sample(head, tokens, inbox)).abs().max().item() <= 1e-5
+    grads = []
+    for fn in (head.pooled_features, lambda t, f: mca_per_sample(head, t, f)):
+        t = tokens.clone().requires_grad_(True)
+        fn(t, inbox).pow(2).sum().backward()
+        grads.append(t.grad)
+    assert (grads[0] - grads[1]).abs().max().item() <= 1e-5
+
+
+def test_mca_runs_fc2_once_per_clip_and_needs_its_dropout_off():
+    """The batched head applies the MLP's last layer to each clip's mean hidden row (a
+    linear layer commutes with the mean), not to every in-box token as the loop does."""
+    head = make_head()
+    rows = []
+    hook = head.cross_block.mlp.fc2.register_forward_hook(lambda m, a, out: rows.append(a[0].shape[0]))
+    tokens = torch.randn(5, 30, D)
+    inbox = torch.rand(5, 30) < 0.4
+    inbox[1] = False
+    head(tokens, inbox)
+    hook.remove()
+    assert rows == [5]
+    head.cross_block.mlp.drop2.p = 0.1
+    head.train()
+    with pytest.raises(ValueError, match="dropout"):
+        head(tokens, inbox)
+
+
+def test_mca_head_flops_by_hand():
+    from mofo.training.bench import mca_head_flops
+
+    # D = 2, MLP width 8. Clip 0: 2 queries, 2 keys; clip 1: no box (the loop skips it, the
+    # batched head gives it one key); clip 2: all in the box, 4 queries attending to themselves.
+    inbox = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    got = mca_head_flops(inbox, 2, groups=1)
+    # Forward per clip: q 2qD^2 + kv 4kD^2 + proj 2qD^2 + fc1 2qD*8; attention 4qkD; fc2 2qD*8.
+    linear = (16 + 32 + 16 + 64, 4 * 1 * 4, 32 + 64 + 32 + 128)
+    attention, fc2 = (32, 0, 128), (64, 0, 128)
+    irreducible = sum(linear) - linear[1] + sum(attention)
+    assert got["loop_gflop"] == pytest.approx(3 * (irreducible + sum(fc2)) / 1e9)
+    assert got["irreducible_gflop"] == pytest.approx(3 * irreducible / 1e9)
+    # Batched, one group: attention padded to 3 clips x 4 queries x 4 keys; fc2 on one row per
+    # clip (2 * 2 * 8 each).
+    assert got["batched_gflop"] == pytest.approx(3 * (sum(linear) + 3 * 4 * 4 * 4 * 2 + 3 * 32) / 1e9)
+    # One group per clip: no padding.
+    grouped = mca_head_flops(inbox, 2, groups=3)
+    assert grouped["batched_gflop"] == pytest.approx(3 * (sum(linear) + sum(attention) + 3 * 32) / 1e9)
+
+
 def test_mean_pool_head():
     torch.manual_seed(0)
     head = MeanPoolHead(D, 4, init_scale=1.0).eval()
@@ -190,10 +251,12 @@ def test_mean_pool_head():
 
 
 def test_bench_times_the_head_beside_a_per_clip_loop():
-    from mofo.training.bench import box_flags, time_mca_head
+    from mofo.training.bench import box_flags, mca_head_summary, time_mca_head
 
     flags = box_flags(4, (2, 8, 8), 0.25)
     assert flags.shape == (4, 128) and 0 < flags.sum(1).min() and flags.sum(1).max() < 128
     result = time_mca_head(3, (2, 4, 4), D, HEADS, repeats=2)
     assert result["max_abs_diff"] <= 1e-5 and len(result["all_s"]["batched"]) == 2
     assert result["batched_s"] > 0 and result["per_clip_loop_s"] > 0
+    assert 0 < result["irreducible_gflop"] < result["loop_gflop"]
+    assert result["batched_cpu_s"] > 0 and "loop / batched" in mca_head_summary(result)

@@ -85,11 +85,53 @@ def box_flags(batch: int, grid: tuple[int, int, int], box_fraction: float, seed:
     return flags.reshape(batch, -1)
 
 
+def mca_head_flops(inbox: torch.Tensor, dim: int, mlp_ratio: float = 4.0,
+                   groups: int | None = None) -> dict:
+    """Matrix-product FLOPs (2 per multiply-add) of one forward + backward of the MCA head's
+    cross block on the in-box flags ``inbox (B, N)``, for the per-clip loop and for the
+    batched head; in GFLOP.
+
+    Per clip with ``q`` in-box queries and ``k`` keys (the out-of-box tokens; the in-box ones
+    when there are none), forward: q projection ``2 q D^2``, k and v ``4 k D^2``, scores and
+    weighted sum ``4 q k D`` (all heads), output projection ``2 q D^2``, MLP ``fc1`` and
+    ``fc2`` ``2 q D H`` each (``H = mlp_ratio * D``). The batched head runs ``fc2`` once per
+    clip on the mean hidden row (``2 D H``) and pads the attention to the largest ``q`` and
+    ``k`` of its group (clips sorted by ``q``, cut into ``groups``, default
+    ``mofo.models.heads.ATTENTION_GROUPS``). Backward: twice the forward (a gradient for the
+    input and one for the weights of every product). ``irreducible``: the loop's FLOPs
+    without ``fc2``, the least that any exact computation of the pooled output needs that
+    keeps every query's attention, projection and ``fc1`` (each is followed by a per-token
+    non-linearity: softmax, LayerNorm, GELU). Clips without in-box tokens cost the loop
+    nothing; the batched head gives them one key and an ``fc2`` row.
+    """
+    from mofo.models.heads import ATTENTION_GROUPS
+
+    n = inbox.shape[1]
+    q = inbox.to(torch.bool).sum(1).double().sort().values  # the head's group order
+    k = torch.where(q == 0, 1.0, torch.where(q < n, n - q, q))  # no box: one dummy key
+    d, h = float(dim), float(dim) * mlp_ratio
+    linear = 2 * q * d * d + 4 * k * d * d + 2 * q * d * d + 2 * q * d * h
+    attention = 4 * q * k * d
+    cuts = min(groups or ATTENTION_GROUPS, len(q))
+    padded = sum(len(qs) * 4 * float(qs.max() * ks.max()) * d
+                 for qs, ks in zip(q.tensor_split(cuts), k.tensor_split(cuts), strict=True))
+    boxed = q > 0  # the loop skips clips without a box (they take the mean of their tokens)
+    irreducible = 3 * float((linear + attention)[boxed].sum())
+    loop = irreducible + 3 * float((2 * q * d * h).sum())
+    batched = 3 * (float(linear.sum()) + padded + len(q) * 2 * d * h)
+    return {"loop_gflop": loop / 1e9, "batched_gflop": batched / 1e9,
+            "irreducible_gflop": irreducible / 1e9,
+            "loop_over_irreducible": loop / max(irreducible, 1.0)}
+
+
 def time_mca_head(batch: int, grid: tuple[int, int, int], dim: int, num_heads: int = 3,
                   box_fraction: float = 0.25, repeats: int = 5, seed: int = 0) -> dict:
     """Forward + backward seconds of the batched MCA head (``pooled_features``) and of a
     per-clip loop with the same weights (``mca_per_sample``), timed alternately on the same
-    tokens (so that a busy machine slows both alike) after one warm-up each; medians."""
+    tokens (so that a busy machine slows both alike) after one warm-up each; medians of the
+    wall-clock (``*_s``) and of the process's CPU time (``*_cpu_s``: steadier than the wall
+    clock when other processes share the cores; the same with one torch thread on an idle
+    machine), beside the FLOP counts of :func:`mca_head_flops`."""
     from mofo.models.heads import MotionCrossAttentionHead, mca_per_sample
 
     torch.manual_seed(seed)
@@ -100,21 +142,35 @@ def time_mca_head(batch: int, grid: tuple[int, int, int], dim: int, num_heads: i
             "per_clip_loop": lambda: mca_per_sample(head, tokens, inbox)}
     with torch.no_grad():
         max_abs_diff = float((runs["batched"]() - runs["per_clip_loop"]()).abs().max())
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times: dict[str, list[float]] = {f"{name}{kind}": [] for name in runs for kind in ("", "_cpu")}
     for i in range(repeats + 1):
         for name, run in runs.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run().sum().backward()
             if i > 0:  # the first round pays for allocations
                 times[name].append(time.perf_counter() - t0)
+                times[f"{name}_cpu"].append(time.process_time() - c0)
             tokens.grad = None
             head.zero_grad(set_to_none=True)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    med = {f"{name}_s": statistics.median(ts) for name, ts in times.items()}
     return {"batch": batch, "tokens": math.prod(grid), "dim": dim, "heads": num_heads,
             "in_box_mean": float(inbox.sum(1).float().mean()), "threads": torch.get_num_threads(),
-            "repeats": repeats, "batched_s": med["batched"], "per_clip_loop_s": med["per_clip_loop"],
-            "loop_over_batched": med["per_clip_loop"] / med["batched"],
-            "max_abs_diff": max_abs_diff, "all_s": times}
+            "repeats": repeats, **med,
+            "loop_over_batched": med["per_clip_loop_s"] / med["batched_s"],
+            "loop_over_batched_cpu": med["per_clip_loop_cpu_s"] / med["batched_cpu_s"],
+            "max_abs_diff": max_abs_diff, **mca_head_flops(inbox, dim), "all_s": times}
+
+
+def mca_head_summary(result: dict) -> str:
+    """One line: the head's forward + backward time beside the per-clip loop's, and FLOPs."""
+    return (f"MCA head forward+backward, median of {result['repeats']}: batched "
+            f"{result['batched_s']:.3f} s (CPU {result['batched_cpu_s']:.3f} s), per-clip loop "
+            f"{result['per_clip_loop_s']:.3f} s (CPU {result['per_clip_loop_cpu_s']:.3f} s); "
+            f"loop / batched = {result['loop_over_batched']:.2f} "
+            f"(CPU time {result['loop_over_batched_cpu']:.2f}); GFLOP loop "
+            f"{result['loop_gflop']:.0f}, batched {result['batched_gflop']:.0f}, least exact "
+            f"{result['irreducible_gflop']:.0f} (at most {result['loop_over_irreducible']:.2f}x "
+            "faster than the loop at its FLOP rate)")
 
 
 def time_loader(config: dict, mode: str, batch_size: int, num_workers: int, batches: int) -> dict:
@@ -183,6 +239,7 @@ def run_training_benchmark(config: dict, steps: int = 5, loader_batches: int = 4
         int(ft["batch_size"]), token_grid(config["model"]), spec.embed_dim,
         3 if spec.embed_dim % 3 == 0 else spec.num_heads, repeats=max(steps, 1))
     out["mca_head"].pop("all_s")
+    mca_line = mca_head_summary(out["mca_head"])
     root = dataset_results_dir(config)
     if (root / "manifest.csv").exists() and (root / "boxes").exists():
         for mode, cfg in (("pretrain", pre), ("finetune", ft)):
@@ -194,6 +251,7 @@ def run_training_benchmark(config: dict, steps: int = 5, loader_batches: int = 4
     else:
         out["loader"] = f"skipped: no {root}/manifest.csv and boxes (run the pipeline first)"
     print(json.dumps(out, indent=1))
+    print(mca_line)
     return out
 
 
