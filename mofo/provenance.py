@@ -56,7 +56,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "augment.test_clips", "augment.test_crops", "engine.precision",
         "evaluate", "-evaluate.num_workers",
     ),
-    "table": ("variants",),
+    "table": ("variants", "seeds"),
 }
 
 

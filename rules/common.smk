@@ -15,6 +15,7 @@ wildcard_constraints:
     shard=r"shard-\d{4}",
     masking=r"[a-z]+",
     head=r"[a-z]+",
+    seed=r"\d+",
 
 
 def manifest_inputs(wildcards):
@@ -39,6 +40,38 @@ def maybe_temp(path):
 
 
 VARIANTS = config["variants"]
+SEEDS = config["seeds"]
+SCRATCH = "scratch"  # a variant's masking that means "no pretraining": fine-tuning from a random init
+PRETRAININGS = sorted({v["masking"] for v in VARIANTS.values()} - {SCRATCH})
+
+
+def pretrained_input(wildcards):
+    """The pretrained checkpoint a fine-tuning starts from; none for the scratch variant."""
+    if wildcards.masking == SCRATCH:
+        return []
+    return f"{RESULTS}/pretrain/{wildcards.masking}/s{wildcards.seed}/checkpoint.pt"
+
+
+def table_runs():
+    """One entry per variant and seed (mofo.evaluation.table.Run): the evaluation's
+    metrics.json and, for pretrained variants, the pretraining's held-out reconstruction."""
+    runs = []
+    for v in VARIANTS.values():
+        for seed in SEEDS:
+            pretrained = v["masking"] != SCRATCH
+            runs.append({
+                "variant": v["label"], "masking": v["masking"], "head": v["head"], "seed": seed,
+                "metrics": f"{RESULTS}/eval/{v['masking']}-{v['head']}/s{seed}/metrics.json",
+                "validation": (f"{RESULTS}/pretrain/{v['masking']}/s{seed}/validation.json"
+                               if pretrained else None),
+            })
+    return runs
+
+
+def table_inputs(wildcards):
+    """Every file the table reads (table_runs)."""
+    return sorted({path for run in table_runs() for key, path in run.items()
+                   if key in ("metrics", "validation", "probe") and path})
 
 
 def processes_per_job(resources):

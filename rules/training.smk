@@ -10,18 +10,19 @@ rule pretrain:
         frames=expand(f"{RESULTS}/frames/{{shard}}.jpgpack", shard=SHARDS),
         boxes=expand(f"{RESULTS}/boxes/{{shard}}.csv", shard=SHARDS),
     output:
-        checkpoint=f"{RESULTS}/pretrain/{{masking}}/checkpoint.pt",
+        checkpoint=f"{RESULTS}/pretrain/{{masking}}/s{{seed}}/checkpoint.pt",
+        validation=f"{RESULTS}/pretrain/{{masking}}/s{{seed}}/validation.json",
     params:
         # metrics.jsonl and checkpoint-last.pt are not declared outputs on purpose: Snakemake
         # deletes a failed (preempted) job's outputs, and a resumed run appends to them.
-        out_dir=lambda wildcards: f"{RESULTS}/pretrain/{wildcards.masking}",
+        out_dir=lambda wildcards: f"{RESULTS}/pretrain/{wildcards.masking}/s{wildcards.seed}",
         nproc=lambda wildcards, resources: processes_per_job(resources),
         nodes=lambda wildcards, resources: nodes_per_job(resources),
         config_hash=stage_hash(config, "pretrain"),
     log:
-        f"{LOGS}/pretrain/{{masking}}.log",
+        f"{LOGS}/pretrain/{{masking}}-s{{seed}}.log",
     benchmark:
-        f"{BENCH}/pretrain/{{masking}}.tsv"
+        f"{BENCH}/pretrain/{{masking}}-s{{seed}}.tsv"
     threads: training_threads()
     resources:
         mem_mb=16000,
@@ -38,18 +39,18 @@ rule finetune:
         manifest=f"{RESULTS}/manifest.csv",
         frames=expand(f"{RESULTS}/frames/{{shard}}.jpgpack", shard=SHARDS),
         boxes=expand(f"{RESULTS}/boxes/{{shard}}.csv", shard=SHARDS),
-        pretrained=f"{RESULTS}/pretrain/{{masking}}/checkpoint.pt",
+        pretrained=pretrained_input,
     output:
-        checkpoint=f"{RESULTS}/finetune/{{masking}}-{{head}}/checkpoint.pt",
+        checkpoint=f"{RESULTS}/finetune/{{masking}}-{{head}}/s{{seed}}/checkpoint.pt",
     params:
-        out_dir=lambda wildcards: f"{RESULTS}/finetune/{wildcards.masking}-{wildcards.head}",
+        out_dir=lambda wildcards: f"{RESULTS}/finetune/{wildcards.masking}-{wildcards.head}/s{wildcards.seed}",
         nproc=lambda wildcards, resources: processes_per_job(resources),
         nodes=lambda wildcards, resources: nodes_per_job(resources),
         config_hash=stage_hash(config, "finetune"),
     log:
-        f"{LOGS}/finetune/{{masking}}-{{head}}.log",
+        f"{LOGS}/finetune/{{masking}}-{{head}}-s{{seed}}.log",
     benchmark:
-        f"{BENCH}/finetune/{{masking}}-{{head}}.tsv"
+        f"{BENCH}/finetune/{{masking}}-{{head}}-s{{seed}}.tsv"
     threads: training_threads()
     resources:
         mem_mb=16000,
@@ -66,17 +67,17 @@ rule evaluate:
         manifest=f"{RESULTS}/manifest.csv",
         frames=expand(f"{RESULTS}/frames/{{shard}}.jpgpack", shard=SHARDS),
         boxes=expand(f"{RESULTS}/boxes/{{shard}}.csv", shard=SHARDS),
-        checkpoint=f"{RESULTS}/finetune/{{masking}}-{{head}}/checkpoint.pt",
+        checkpoint=f"{RESULTS}/finetune/{{masking}}-{{head}}/s{{seed}}/checkpoint.pt",
     output:
-        metrics=f"{RESULTS}/eval/{{masking}}-{{head}}/metrics.json",
-        predictions=f"{RESULTS}/eval/{{masking}}-{{head}}/predictions.csv",
+        metrics=f"{RESULTS}/eval/{{masking}}-{{head}}/s{{seed}}/metrics.json",
+        predictions=f"{RESULTS}/eval/{{masking}}-{{head}}/s{{seed}}/predictions.csv",
     params:
-        out_dir=lambda wildcards: f"{RESULTS}/eval/{wildcards.masking}-{wildcards.head}",
+        out_dir=lambda wildcards: f"{RESULTS}/eval/{wildcards.masking}-{wildcards.head}/s{wildcards.seed}",
         config_hash=stage_hash(config, "evaluate"),
     log:
-        f"{LOGS}/evaluate/{{masking}}-{{head}}.log",
+        f"{LOGS}/evaluate/{{masking}}-{{head}}-s{{seed}}.log",
     benchmark:
-        f"{BENCH}/evaluate/{{masking}}-{{head}}.tsv"
+        f"{BENCH}/evaluate/{{masking}}-{{head}}-s{{seed}}.tsv"
     threads: training_threads()
     resources:
         mem_mb=8000,
@@ -88,9 +89,10 @@ rule evaluate:
 
 
 rule table:
-    """The paper's variant table: one row per (masking, head), the paper's numbers beside ours."""
+    """The variant table: one row per (masking, head), mean and std over the seeds, the paper's
+    numbers beside ours; the per-seed values in table_seeds.csv."""
     input:
-        metrics=[f"{RESULTS}/eval/{v['masking']}-{v['head']}/metrics.json" for v in VARIANTS.values()],
+        table_inputs,
     output:
         csv=report(
             f"{RESULTS}/table.csv",
@@ -99,8 +101,9 @@ rule table:
             labels={"file": "table.csv"},
         ),
         md=f"{RESULTS}/table.md",
+        seeds=f"{RESULTS}/table_seeds.csv",
     params:
-        variants=VARIANTS,
+        runs=table_runs(),
     log:
         f"{LOGS}/table.log",
     threads: 1
@@ -120,22 +123,24 @@ rule table:
 
 
 rule pretrain_figures:
-    """The pretraining reconstructions of one masking strategy, for the report."""
+    """The pretraining reconstructions of one masking strategy and seed, for the report."""
     input:
-        checkpoint=f"{RESULTS}/pretrain/{{masking}}/checkpoint.pt",
+        checkpoint=f"{RESULTS}/pretrain/{{masking}}/s{{seed}}/checkpoint.pt",
     output:
         reconstructions=report(
-            directory(f"{RESULTS}/report/pretrain-{{masking}}/reconstructions"),
+            directory(f"{RESULTS}/report/pretrain-{{masking}}/s{{seed}}/reconstructions"),
             patterns=["{clip}.png"],
             caption="../report/reconstructions.rst",
             category="2. Pretraining",
-            subcategory="{masking} masking",
+            subcategory="{masking} masking, seed {seed}",
             labels={"clip": "{clip}"},
         ),
     params:
-        reconstructions=lambda wildcards: f"{RESULTS}/pretrain/{wildcards.masking}/reconstructions",
+        reconstructions=lambda wildcards: (
+            f"{RESULTS}/pretrain/{wildcards.masking}/s{wildcards.seed}/reconstructions"
+        ),
     log:
-        f"{LOGS}/report/pretrain-{{masking}}.log",
+        f"{LOGS}/report/pretrain-{{masking}}-s{{seed}}.log",
     threads: 1
     resources:
         mem_mb=1000,
@@ -148,32 +153,37 @@ rule pretrain_figures:
 
 rule variant_figures:
     """Training curves (loss, lr, accuracy per epoch, from metrics.jsonl) and the confusion
-    matrix of one (masking, head) variant, for the report."""
+    matrix of one (masking, head) variant and seed, for the report."""
     input:
-        pretrained=f"{RESULTS}/pretrain/{{masking}}/checkpoint.pt",
-        finetuned=f"{RESULTS}/finetune/{{masking}}-{{head}}/checkpoint.pt",
-        metrics=f"{RESULTS}/eval/{{masking}}-{{head}}/metrics.json",
+        pretrained=pretrained_input,
+        finetuned=f"{RESULTS}/finetune/{{masking}}-{{head}}/s{{seed}}/checkpoint.pt",
+        metrics=f"{RESULTS}/eval/{{masking}}-{{head}}/s{{seed}}/metrics.json",
     output:
         curves=report(
-            f"{RESULTS}/report/{{masking}}-{{head}}/curves.png",
+            f"{RESULTS}/report/{{masking}}-{{head}}/s{{seed}}/curves.png",
             caption="../report/curves.rst",
             category="3. Training curves",
-            labels={"masking": "{masking}", "head": "{head}"},
+            labels={"masking": "{masking}", "head": "{head}", "seed": "{seed}"},
         ),
         confusion=report(
-            f"{RESULTS}/report/{{masking}}-{{head}}/confusion.png",
+            f"{RESULTS}/report/{{masking}}-{{head}}/s{{seed}}/confusion.png",
             caption="../report/confusion.rst",
             category="4. Confusion matrices",
-            labels={"masking": "{masking}", "head": "{head}"},
+            labels={"masking": "{masking}", "head": "{head}", "seed": "{seed}"},
         ),
     params:
-        pretrain_metrics=lambda wildcards: f"{RESULTS}/pretrain/{wildcards.masking}/metrics.jsonl",
-        finetune_metrics=lambda wildcards: (
-            f"{RESULTS}/finetune/{wildcards.masking}-{wildcards.head}/metrics.jsonl"
+        pretrain_metrics=lambda wildcards: (
+            f"{RESULTS}/pretrain/{wildcards.masking}/s{wildcards.seed}/metrics.jsonl"
+            if wildcards.masking != SCRATCH else ""
         ),
-        confusion=lambda wildcards: f"{RESULTS}/eval/{wildcards.masking}-{wildcards.head}/confusion.png",
+        finetune_metrics=lambda wildcards: (
+            f"{RESULTS}/finetune/{wildcards.masking}-{wildcards.head}/s{wildcards.seed}/metrics.jsonl"
+        ),
+        confusion=lambda wildcards: (
+            f"{RESULTS}/eval/{wildcards.masking}-{wildcards.head}/s{wildcards.seed}/confusion.png"
+        ),
     log:
-        f"{LOGS}/report/{{masking}}-{{head}}.log",
+        f"{LOGS}/report/{{masking}}-{{head}}-s{{seed}}.log",
     threads: 1
     resources:
         mem_mb=1000,
@@ -214,7 +224,7 @@ rule figures:
         f"{RESULTS}/table.md",
         f"{RESULTS}/motion/box_quality.json",
         f"{RESULTS}/report/table.png",
-        expand(f"{RESULTS}/report/pretrain-{{masking}}/reconstructions",
-               masking=sorted({v["masking"] for v in VARIANTS.values()})),
-        [f"{RESULTS}/report/{v['masking']}-{v['head']}/{name}.png"
-         for v in VARIANTS.values() for name in ("curves", "confusion")],
+        expand(f"{RESULTS}/report/pretrain-{{masking}}/s{{seed}}/reconstructions",
+               masking=PRETRAININGS, seed=SEEDS),
+        [f"{RESULTS}/report/{v['masking']}-{v['head']}/s{seed}/{name}.png"
+         for v in VARIANTS.values() for seed in SEEDS for name in ("curves", "confusion")],

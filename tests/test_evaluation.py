@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ import torch
 
 from mofo.evaluation import metrics as M
 from mofo.evaluation.figures import confusion_figure, reconstruction_figure
-from mofo.evaluation.table import make_table, variant_name
+from mofo.evaluation.table import Run, make_table, variant_name
 
 
 def test_aggregate_views_averages_softmax_per_clip():
@@ -96,28 +97,75 @@ def write_metrics(path, masking, head, top1, top5, **extra):
     return path
 
 
-def test_table_columns_rows_and_paper_numbers(tmp_path):
-    files = [write_metrics(tmp_path / f"{m}_{h}" / "metrics.json", m, h, 40.0 + i, 90.0)
-             for i, (m, h) in enumerate([("mofo", "mca"), ("tube", "mean"), ("tube", "mca"),
-                                         ("mofo", "mean")])]
-    df = make_table(files, tmp_path / "table.csv", tmp_path / "table.md", "ssv2")
-    assert list(df.columns) == ["variant", "pretrain_masking", "finetune_head", "top1", "top5"]
-    assert df["variant"].tolist() == ["VideoMAE", "MOFO*", "MOFO**", "MOFO†"]
-    csv = pd.read_csv(tmp_path / "table.csv")
-    assert csv.loc[csv["variant"] == "MOFO†", "top1"].item() == pytest.approx(40.0)
+def write_json(path, **values):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values))
+    return path
+
+
+def seeded_runs(tmp_path, top1s: dict, recon=None, probe=None):
+    """Runs of the variants in ``top1s`` ({label: [(masking, head), [top1 per seed]]})."""
+    runs = []
+    for label, ((masking, head), values) in top1s.items():
+        for seed, top1 in enumerate(values):
+            d = tmp_path / f"{masking}-{head}" / f"s{seed}"
+            runs.append(Run(label, masking, head, seed,
+                            metrics=write_metrics(d / "metrics.json", masking, head, top1, 90.0),
+                            validation=(write_json(d / "validation.json", ratio=recon[seed],
+                                                   inbox={"ratio": 0.9}, outbox={"ratio": 0.5})
+                                        if recon and masking != "scratch" else None),
+                            probe=(write_json(d / "probe.json", knn_top1=probe[seed],
+                                              linear_top1=probe[seed] + 1) if probe else None)))
+    return runs
+
+
+def test_table_mean_std_over_seeds_and_paper_numbers(tmp_path):
+    runs = seeded_runs(tmp_path, {"VideoMAE": [("tube", "mean"), [40.0, 42.0, 44.0]],
+                                  "MOFO†": [("mofo", "mca"), [60.0, 61.0, 62.0]],
+                                  "MOFO*": [("mofo", "mean"), [41.0, 43.0, 42.0]]},
+                       recon=[0.5, 0.6, 0.7], probe=[30.0, 40.0, 50.0])
+    df = make_table(runs, tmp_path / "table.csv", tmp_path / "seeds.csv", tmp_path / "table.md", "ssv2")
+    assert df.columns[:11].tolist() == [
+        "variant", "pretrain_masking", "finetune_head", "n_seeds", "top1_mean", "top1_std",
+        "top5_mean", "top5_std", "probe_knn_mean", "probe_linear_mean", "recon_ratio_mean"]
+    row = df.set_index("variant").loc["VideoMAE"]
+    assert row["n_seeds"] == 3 and row["top1_mean"] == pytest.approx(42.0)
+    assert row["top1_std"] == pytest.approx(2.0)  # sample std (n - 1)
+    assert row["recon_ratio_mean"] == pytest.approx(0.6) and row["probe_linear_mean"] == pytest.approx(41.0)
+    seeds = pd.read_csv(tmp_path / "seeds.csv")
+    assert len(seeds) == 9 and seeds["seed"].tolist()[:3] == [0, 1, 2]
     md = (tmp_path / "table.md").read_text()
-    assert "75.5" in md and "70.8" in md and "paper" in md
+    assert "42.0 ± 2.0" in md and "75.5" in md and "70.8" in md
+    # +19 points with std ~1-2 over 3 seeds: larger than the spread; MOFO* +0.0: within it.
+    assert "MOFO† vs VideoMAE (top-1): +19.0 points, larger than the seed spread" in md
+    assert "MOFO* vs VideoMAE (top-1): +0.0 points, within the seed spread" in md
 
 
-def test_table_for_demo_and_epic(tmp_path):
-    f = write_metrics(tmp_path / "a.json", "tube", "mean", 80.0, 100.0)
-    make_table({"VideoMAE": f}, tmp_path / "t.csv", tmp_path / "t.md", "demo")
-    assert "no numbers for 'demo'" in (tmp_path / "t.md").read_text()
+def test_table_one_seed_says_no_spread_and_scratch_has_no_recon(tmp_path):
+    runs = seeded_runs(tmp_path, {"Scratch": [("scratch", "mean"), [30.0]],
+                                  "VideoMAE": [("tube", "mean"), [50.0]]}, recon=[0.8])
+    df = make_table(runs, tmp_path / "t.csv", tmp_path / "s.csv", tmp_path / "t.md", "demo")
+    rows = df.set_index("variant")
+    assert math.isnan(rows.loc["Scratch", "recon_ratio_mean"]) and math.isnan(rows.loc["VideoMAE", "top1_std"])
+    md = (tmp_path / "t.md").read_text()
+    assert "no numbers for 'demo'" in md and "fewer than 2 seeds" in md
+
+
+def test_table_probe_only_row_and_epic(tmp_path):
+    probe = write_json(tmp_path / "random.json", knn_top1=20.0, linear_top1=25.0)
+    runs = seeded_runs(tmp_path, {"VideoMAE": [("tube", "mean"), [50.0]]}, probe=[45.0])
+    runs.append(Run("Random init", "random", "", 0, probe=probe))
+    df = make_table(runs, tmp_path / "t.csv", tmp_path / "s.csv", tmp_path / "t.md", "demo")
+    assert math.isnan(df.set_index("variant").loc["Random init", "top1_mean"])
+    assert "VideoMAE's encoder, kNN probe: +25.0 points over the randomly initialised encoder" in (
+        tmp_path / "t.md").read_text()
     e = write_metrics(tmp_path / "e.json", "mofo", "mca", 30.0, 60.0, verb_top1=50.0,
                       noun_top1=40.0, action_top1=30.0)
-    df = make_table([e], tmp_path / "e.csv", tmp_path / "e.md", "epic100")
-    assert {"verb_top1", "noun_top1", "action_top1"} <= set(df.columns)
+    df = make_table([Run("MOFO†", "mofo", "mca", 0, metrics=e)], tmp_path / "e.csv",
+                    tmp_path / "es.csv", tmp_path / "e.md", "epic100")
+    assert {"verb_top1_mean", "noun_top1_mean", "action_top1_mean"} <= set(df.columns)
     assert "74.2" in (tmp_path / "e.md").read_text()
     assert variant_name("mofo", "mean") == "MOFO*"
     with pytest.raises(FileNotFoundError):
-        make_table([tmp_path / "missing.json"], tmp_path / "x.csv", tmp_path / "x.md", "demo")
+        make_table([Run("x", "tube", "mean", 0, metrics=tmp_path / "missing.json")],
+                   tmp_path / "x.csv", tmp_path / "xs.csv", tmp_path / "x.md", "demo")

@@ -330,7 +330,7 @@ def test_tiny_pipeline_tracked_on_a_server(mlflow_tracking_server, tiny_local_pi
     per_rule = Counter(r.data.tags.get("mofo.rule") for r in children)
     results = work / "results" / "demo"
     shards = len(list((results / "frames").glob("*.jpgpack")))
-    variants = len(list((results / "eval").glob("*/metrics.json")))
+    variants = len(list((results / "eval").glob("*/s*/metrics.json")))
     assert shards >= 2 and variants >= 2
     expected = {
         "demo_data": 1,
@@ -341,7 +341,7 @@ def test_tiny_pipeline_tracked_on_a_server(mlflow_tracking_server, tiny_local_pi
         "motion_boxes": shards,
         "motion_pictures": shards,
         "box_quality": 1,
-        "pretrain": len(list((results / "pretrain").glob("*/checkpoint.pt"))),
+        "pretrain": len(list((results / "pretrain").glob("*/s*/checkpoint.pt"))),
         "finetune": variants,
         "evaluate": variants,
         "table": 1,

@@ -21,7 +21,7 @@ from tests.test_workflow import job_counts
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / ".test" / "config" / "tiny.yaml"
-TARGET = "finetune/mofo-mean/checkpoint.pt"
+TARGET = "finetune/mofo-mean/s0/checkpoint.pt"
 
 
 class Run:
@@ -114,15 +114,15 @@ def test_changed_settings_rerun_exactly_the_stages_that_read_them(built: Run):
 def test_forced_and_triggered_reruns_train_from_step_zero(tmp_path: Path):
     run = Run(tmp_path)
     run.snakemake()
-    pre_dir, ft_dir = run.res / "pretrain" / "mofo", run.res / "finetune" / "mofo-mean"
-    pre_log, ft_log = run.res / "logs" / "pretrain" / "mofo.log", run.res / "logs" / "finetune" / "mofo-mean.log"
+    pre_dir, ft_dir = run.res / "pretrain" / "mofo" / "s0", run.res / "finetune" / "mofo-mean" / "s0"
+    pre_log, ft_log = run.res / "logs" / "pretrain" / "mofo-s0.log", run.res / "logs" / "finetune" / "mofo-mean-s0.log"
     steps = 2 * (12 // 4)  # tiny: 2 epochs of 12 clips in batches of 4
     first = weights(pre_dir / "checkpoint.pt")
     assert not (pre_dir / "checkpoint-last.pt").exists(), "a finished run keeps no resume point"
 
     # --forcerun: the whole schedule again (same seed on the CPU: the same weights).
     since = time.time()
-    run.snakemake("--forcerun", "pretrain", target="pretrain/mofo/checkpoint.pt")
+    run.snakemake("--forcerun", "pretrain", target="pretrain/mofo/s0/checkpoint.pt")
     assert_trained_from_step_zero(pre_dir, pre_log, since, steps)
     assert same_weights(first, weights(pre_dir / "checkpoint.pt"))
 

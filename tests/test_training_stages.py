@@ -62,6 +62,10 @@ def test_pretrain_finetune_evaluate_end_to_end(results, tmp_path):
     assert len(list((tmp_path / "pre" / "reconstructions").glob("*.png"))) == 1
     records = [json.loads(x) for x in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["type"] == "end"
+    recon = json.loads((tmp_path / "pre" / "validation.json").read_text())
+    assert recon["split"] == "validation" and recon["masking"] == "mofo" and recon["n_clips"] > 0
+    assert recon["tokens"] == recon["inbox"]["tokens"] + recon["outbox"]["tokens"] > 0
+    assert recon["ratio"] == pytest.approx(recon["loss"] / recon["floor"])
 
     ft = finetune.run(cfg, manifest, root, ckpt, "mca", tmp_path / "ft")
     meta = torch.load(ft, weights_only=True)["meta"]
@@ -117,7 +121,7 @@ def test_finetune_resume_with_mixup_reproduces_losses(tmp_path):
 
     model_cfg = {**TINY, "input_size": 16, "num_frames": 4}
     ft = dict(load_config()["finetune"], epochs=2, warmup_epochs=0.5, batch_size=4,
-              base_lr=1e-2, log_interval=1, mixup=0.8, cutmix=1.0)
+              base_lr=1e-2, log_interval=1, mixup=0.8, cutmix=1.0, seed=0)
     heads = {"label": 4}
     ctx = DistContext(RankInfo(0, 0, 1, "single"), torch.device("cpu"), None, "torch")
 
@@ -195,3 +199,19 @@ def test_an_unfinished_run_resumes_only_with_the_same_inputs(results, tmp_path, 
     finetune.run(cfg, manifest, root, ckpt, "mean", tmp_path / "ft", max_steps=2)
     err = capfd.readouterr().err
     assert "resuming from" not in err and "pretrained" in err
+
+
+def test_seeds_change_pretraining_and_the_same_seed_reproduces_it(results, tmp_path):
+    """The {seed} wildcard's --seed decides init, loader order, augmentations and masks."""
+    from mofo.training import pretrain
+
+    manifest, root = results
+    cfg = tiny_config()
+
+    def weights(seed, name):
+        ckpt = pretrain.run(cfg, manifest, root, "tube", tmp_path / name, seed=seed, max_steps=2)
+        return torch.load(ckpt, weights_only=True)["model"]
+
+    a, again, other = weights(0, "a"), weights(0, "again"), weights(1, "other")
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    assert not all(torch.equal(a[k], other[k]) for k in a)

@@ -122,13 +122,14 @@ def draw_training_curves(
 
 
 def draw_table_figure(table_csv: str | Path, out_png: str | Path, dataset: str = "demo") -> Path:
-    """Top-1 / top-5 of every variant (``table.csv``), the paper's numbers beside ours when the
-    paper reports ``dataset``."""
+    """Accuracy of every variant (``table.csv``: ``<metric>_mean`` bars with ``<metric>_std``
+    error bars over the seeds), the paper's numbers beside ours when it reports ``dataset``."""
     import pandas as pd
 
     table = pd.read_csv(table_csv)
+    table = table[table["top1_mean"].notna() | table.filter(like="verb_top1_mean").notna().any(axis=1)]
     metrics = [m for m in ("top1", "top5", "verb_top1", "noun_top1", "action_top1")
-               if m in table and table[m].notna().any()]
+               if f"{m}_mean" in table and table[f"{m}_mean"].notna().any()]
     paper: Mapping[str, Mapping[str, float]] = PAPER.get(dataset, {})
     fig, ax = plt.subplots(figsize=(min(14, max(6, 1.2 * len(table) * max(len(metrics), 1))), 4))
     width = 0.8 / max(len(metrics) * (2 if paper else 1), 1)
@@ -136,7 +137,8 @@ def draw_table_figure(table_csv: str | Path, out_png: str | Path, dataset: str =
     slot = 0
     for i, metric in enumerate(metrics):
         pos = [xi - 0.4 + width * (slot + 0.5) for xi in x]
-        bars = ax.bar(pos, table[metric], width, label=f"ours {metric}", color=f"C{i}")
+        bars = ax.bar(pos, table[f"{metric}_mean"], width, yerr=table[f"{metric}_std"].fillna(0),
+                      capsize=3, label=f"ours {metric} (mean ± std over seeds)", color=f"C{i}")
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         slot += 1
         if paper:
@@ -144,9 +146,9 @@ def draw_table_figure(table_csv: str | Path, out_png: str | Path, dataset: str =
             values = [paper.get(v, {}).get(metric, float("nan")) for v in table["variant"]]
             ax.bar(pos, values, width, label=f"paper {metric}", color=f"C{i}", alpha=0.4)
             slot += 1
-    ax.set_xticks(list(x), [f"{v}\n{m}+{h}" for v, m, h in
+    ax.set_xticks(list(x), [f"{v}\n{m}+{h}\n{n} seed(s)" for v, m, h, n in
                             zip(table["variant"], table["pretrain_masking"],
-                                table["finetune_head"], strict=True)])
+                                table["finetune_head"], table["n_seeds"], strict=True)])
     ax.set(ylabel="accuracy (%)", ylim=(0, 105), title=f"variant table ({dataset})")
     ax.legend(fontsize=8, loc="upper left", ncols=2)
     return save_figure(fig, out_png, dpi=90)

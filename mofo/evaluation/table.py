@@ -1,27 +1,45 @@
-"""The variant table: one row per (pretraining masking, fine-tuning head) pair.
+"""The variant table: one row per (pretraining masking, fine-tuning head), mean and std over
+the seeds, and the per-seed values beside it.
 
-VideoMAE = tube + mean, MOFO* = mofo + mean, MOFO** = tube + mca, MOFO† = mofo + mca
-(paper Table 1). ``table.csv`` has ``variant, pretrain_masking, finetune_head, top1, top5``
-(+ ``verb_top1, noun_top1, action_top1`` ... for EPIC-KITCHENS-100); ``table.md`` puts the
-paper's numbers beside ours where the paper reports the dataset (ssv2, epic100).
+Inputs are runs (:class:`Run`): one per variant and seed, with the evaluation's
+``metrics.json`` and, where they exist, the pretraining's ``validation.json`` (held-out
+reconstruction vs the predict-the-mean floor, ``mofo.training.validation``) and the probe's
+``metrics.json`` (kNN and linear probe of the pretrained encoder). A run without a fine-tuned
+model (``metrics`` None) is a probe-only row, e.g. the randomly initialised encoder.
+
+Outputs:
+
+* ``table_seeds.csv``: one row per run: ``variant, pretrain_masking, finetune_head, seed,
+  top1, top5, probe_knn, probe_linear, recon_ratio, recon_ratio_inbox, recon_ratio_outbox``
+  (+ the EPIC-KITCHENS-100 columns);
+* ``table.csv``: one row per variant: ``variant, pretrain_masking, finetune_head, n_seeds,
+  top1_mean, top1_std, top5_mean, top5_std, probe_knn_mean, probe_linear_mean,
+  recon_ratio_mean`` (+ in/out-of-box recon ratios, + EPIC means/stds); empty where a value
+  does not apply; std is the sample standard deviation (n - 1), empty for one seed;
+* ``table.md``: mean ± std, the paper's numbers beside ours where the paper reports the
+  dataset, and under it which differences are larger than the seed spread (:func:`verdicts`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-# (masking, head) -> variant label, in the paper's row order.
+# (masking, head) -> the paper's label for its four variants, in the paper's row order.
 VARIANTS: dict[tuple[str, str], str] = {
     ("tube", "mean"): "VideoMAE",
     ("mofo", "mean"): "MOFO*",
     ("tube", "mca"): "MOFO**",
     ("mofo", "mca"): "MOFO†",
 }
+BASELINE = "VideoMAE"  # the row every other variant's top-1 is compared with
+RANDOM_ENCODER = "Random init"  # the probe-only reference row every encoder's kNN is compared with
 
 # Paper Table 1 / README (ViT-B): SSV2 top-1/top-5, EPIC-100 verb/noun/action top-1.
 PAPER: dict[str, dict[str, dict[str, float]]] = {
@@ -39,8 +57,24 @@ PAPER: dict[str, dict[str, dict[str, float]]] = {
     },
 }
 
-BASE_COLUMNS = ["variant", "pretrain_masking", "finetune_head", "top1", "top5"]
-EPIC_COLUMNS = ["verb_top1", "verb_top5", "noun_top1", "noun_top5", "action_top1", "action_top5"]
+KEY_COLUMNS = ["variant", "pretrain_masking", "finetune_head"]
+ACCURACY = ["top1", "top5"]
+EPIC_ACCURACY = ["verb_top1", "verb_top5", "noun_top1", "noun_top5", "action_top1", "action_top5"]
+PROBE = {"probe_knn": "knn_top1", "probe_linear": "linear_top1"}  # our column -> probe's key
+RECON = ["recon_ratio", "recon_ratio_inbox", "recon_ratio_outbox"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One variant at one seed and the files it produced (None = does not apply)."""
+
+    variant: str
+    masking: str
+    head: str
+    seed: int
+    metrics: str | Path | None = None
+    validation: str | Path | None = None
+    probe: str | Path | None = None
 
 
 def variant_name(masking: str, head: str) -> str:
@@ -48,7 +82,7 @@ def variant_name(masking: str, head: str) -> str:
     return VARIANTS.get((masking, head), f"{masking}+{head}")
 
 
-def _read_metrics(path: str | Path) -> dict:
+def _read_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"metrics file not found: {path}")
@@ -58,75 +92,154 @@ def _read_metrics(path: str | Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def collect_rows(variant_metric_jsons: Mapping[str, str | Path] | Sequence[str | Path]) -> pd.DataFrame:
-    """One row per metrics.json. A mapping's keys name the variants; for a list the name
-    comes from the file's ``pretrain_masking`` / ``finetune_head``."""
-    items = (list(variant_metric_jsons.items()) if isinstance(variant_metric_jsons, Mapping)
-             else [(None, p) for p in variant_metric_jsons])
+def _number(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def seed_rows(runs: Sequence[Run]) -> pd.DataFrame:
+    """``table_seeds.csv``'s rows: one per run, in the given order."""
     rows = []
-    for name, path in items:
-        m = _read_metrics(path)
-        masking = m.get("pretrain_masking", "unknown")
-        head = m.get("finetune_head", "unknown")
-        row = {"variant": name or variant_name(masking, head), "pretrain_masking": masking,
-               "finetune_head": head}
-        for col in BASE_COLUMNS[3:] + EPIC_COLUMNS:
-            if col in m:
-                row[col] = m[col]
+    for run in runs:
+        row = {"variant": run.variant, "pretrain_masking": run.masking,
+               "finetune_head": run.head if run.metrics is not None else "", "seed": run.seed}
+        if run.metrics is not None:
+            m = _read_json(run.metrics)
+            row.update({c: _number(m[c]) for c in ACCURACY + EPIC_ACCURACY if c in m})
+        if run.probe is not None:
+            p = _read_json(run.probe)
+            row.update({ours: _number(p.get(theirs)) for ours, theirs in PROBE.items()})
+        if run.validation is not None:
+            v = _read_json(run.validation)
+            row["recon_ratio"] = _number(v.get("ratio"))
+            row["recon_ratio_inbox"] = _number((v.get("inbox") or {}).get("ratio"))
+            row["recon_ratio_outbox"] = _number((v.get("outbox") or {}).get("ratio"))
         rows.append(row)
-    order = {label: i for i, label in enumerate(VARIANTS.values())}
-    df = pd.DataFrame(rows)
-    if df.empty:
-        return pd.DataFrame(columns=BASE_COLUMNS)
-    df["_order"] = df["variant"].map(lambda v: order.get(v, len(order)))
-    return df.sort_values(["_order", "variant"], kind="stable").drop(columns="_order")
+    return pd.DataFrame(rows)
 
 
-def _fmt(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def _std(values: pd.Series) -> float:
+    values = values.dropna()
+    return float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+
+
+def summarize(per_seed: pd.DataFrame, epic: bool = False) -> pd.DataFrame:
+    """``table.csv``: per variant (first-seen order), n_seeds and mean/std of each metric."""
+    accuracy = ACCURACY + (EPIC_ACCURACY if epic else [])
+    rows = []
+    for variant, group in per_seed.groupby("variant", sort=False):
+        first = group.iloc[0]
+        row = {"variant": variant, "pretrain_masking": first["pretrain_masking"],
+               "finetune_head": first["finetune_head"], "n_seeds": int(group["seed"].nunique())}
+        for col in accuracy:
+            values = group[col] if col in group else pd.Series(dtype=float)
+            row[f"{col}_mean"] = float(values.mean()) if values.notna().any() else float("nan")
+            row[f"{col}_std"] = _std(values)
+        for col in [*PROBE, *RECON]:
+            values = group[col] if col in group else pd.Series(dtype=float)
+            row[f"{col}_mean"] = float(values.mean()) if values.notna().any() else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _difference(a: pd.Series, b: pd.Series, metric: str) -> tuple[float, float] | None:
+    """(mean difference a - b, its 2-standard-error spread), None without two seeds on both."""
+    if a["n_seeds"] < 2 or b["n_seeds"] < 2 or any(
+            math.isnan(x) for x in (a[f"{metric}_std"], b[f"{metric}_std"])):
+        return None
+    spread = 2 * math.sqrt(a[f"{metric}_std"] ** 2 / a["n_seeds"] + b[f"{metric}_std"] ** 2 / b["n_seeds"])
+    return a[f"{metric}_mean"] - b[f"{metric}_mean"], spread
+
+
+def verdicts(summary: pd.DataFrame, per_seed: pd.DataFrame) -> list[str]:
+    """One sentence per comparison: each variant's top-1 against ``BASELINE``'s, and each
+    encoder's kNN probe against the random encoder's. A difference is "larger than the seed
+    spread" when it exceeds two standard errors of the difference of the two means
+    (2 * sqrt(std_a^2 / n_a + std_b^2 / n_b)); with one seed there is no spread to compare with."""
+    lines = []
+    by_name = {row["variant"]: row for _, row in summary.iterrows()}
+    pairs = [(name, BASELINE, "top1", "top-1") for name in by_name
+             if name != BASELINE and BASELINE in by_name
+             and not math.isnan(by_name[name]["top1_mean"])]
+    for name, ref, metric, words in pairs:
+        diff = _difference(by_name[name], by_name[ref], metric)
+        if diff is None:
+            lines.append(f"- {name} vs {ref} ({words}): fewer than 2 seeds, no spread to judge by.")
+            continue
+        delta, spread = diff
+        judged = "larger than" if abs(delta) > spread else "within"
+        lines.append(f"- {name} vs {ref} ({words}): {delta:+.1f} points, {judged} the seed spread "
+                     f"(±{spread:.1f}).")
+    if RANDOM_ENCODER in by_name:
+        ref = per_seed[per_seed["variant"] == RANDOM_ENCODER]["probe_knn"].mean()
+        for name, row in by_name.items():
+            if name == RANDOM_ENCODER or math.isnan(row["probe_knn_mean"]):
+                continue
+            lines.append(f"- {name}'s encoder, kNN probe: {row['probe_knn_mean'] - ref:+.1f} points "
+                         f"over the randomly initialised encoder.")
+    return lines
+
+
+def _cell(mean: float, std: float = float("nan")) -> str:
+    if mean is None or math.isnan(mean):
         return "–"
-    return f"{float(value):.1f}"
+    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
 
-def markdown_table(df: pd.DataFrame, dataset_name: str) -> str:
-    """Markdown: our numbers, and the paper's beside them when it reports this dataset."""
+def markdown_table(summary: pd.DataFrame, per_seed: pd.DataFrame, dataset_name: str) -> str:
+    """Markdown: mean ± std over seeds, the paper's numbers beside ours when it reports this
+    dataset, the probe and reconstruction columns, then :func:`verdicts`."""
     epic = dataset_name == "epic100"
     metrics = ["verb_top1", "noun_top1", "action_top1"] if epic else ["top1", "top5"]
     paper = PAPER.get(dataset_name)
-    header = ["variant", "pretraining masking", "fine-tuning head"]
+    header = ["variant", "pretraining", "head", "seeds"]
     for m in metrics:
         header += [f"{m} (ours)"] + ([f"{m} (paper)"] if paper else [])
+    header += ["kNN probe", "linear probe", "recon / floor (in box, out)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, row in df.iterrows():
-        cells = [str(row["variant"]), str(row["pretrain_masking"]), str(row["finetune_head"])]
+    for _, row in summary.iterrows():
+        cells = [str(row["variant"]), str(row["pretrain_masking"]), str(row["finetune_head"]),
+                 str(row["n_seeds"])]
         for m in metrics:
-            cells.append(_fmt(row.get(m)))
+            cells.append(_cell(row[f"{m}_mean"], row[f"{m}_std"]))
             if paper:
-                cells.append(_fmt(paper.get(row["variant"], {}).get(m)))
+                cells.append(_cell(paper.get(row["variant"], {}).get(m, float("nan"))))
+        cells += [_cell(row["probe_knn_mean"]), _cell(row["probe_linear_mean"])]
+        recon = row["recon_ratio_mean"]
+        cells.append("–" if math.isnan(recon) else
+                     f"{recon:.2f} ({row['recon_ratio_inbox_mean']:.2f}, {row['recon_ratio_outbox_mean']:.2f})")
         lines.append("| " + " | ".join(cells) + " |")
-    title = f"Variants on {dataset_name} (top-1 / top-5 accuracy in %)"
+    title = f"Variants on {dataset_name} (accuracy in %, mean ± std over seeds)"
     if paper:
-        note = ("Paper numbers: MOFO paper Table 1 (ViT-B, 16 frames at 224x224); ours come "
-                "from this run's configuration (model size, epochs, data), so they are "
-                "comparable with the paper only at the paper's settings.")
+        note = ("Paper numbers: MOFO paper Table 1 (ViT-B, 16 frames at 224x224, one run); ours "
+                "come from this run's configuration, so they are comparable only at the paper's "
+                "settings.")
     else:
         note = (f"The paper reports no numbers for '{dataset_name}' (it reports SSV2 and "
                 "EPIC-KITCHENS-100); only this run's numbers are shown.")
-    return f"## {title}\n\n" + "\n".join(lines) + f"\n\n{note}\n"
+    note += (" recon / floor: held-out reconstruction loss over the predict-the-patch-mean "
+             "loss (1 = nothing learned), inside and outside the motion box.")
+    return (f"## {title}\n\n" + "\n".join(lines) + f"\n\n{note}\n\n"
+            "Which differences are larger than the seed spread:\n\n"
+            + "\n".join(verdicts(summary, per_seed)) + "\n")
 
 
-def make_table(variant_metric_jsons: Mapping[str, str | Path] | Sequence[str | Path],
-               out_csv: str | Path, out_md: str | Path, dataset_name: str) -> pd.DataFrame:
-    """Write ``table.csv`` and ``table.md`` from the variants' ``metrics.json`` files."""
-    df = collect_rows(variant_metric_jsons)
-    columns = BASE_COLUMNS + (EPIC_COLUMNS if dataset_name == "epic100" else [])
-    for col in columns:
-        if col not in df.columns:
-            df[col] = float("nan")
-    df = df[columns]
-    out_csv, out_md = Path(out_csv), Path(out_md)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out_csv, index=False, float_format="%.2f")
-    out_md.write_text(markdown_table(df, dataset_name))
-    return df
+def _write_csv(df: pd.DataFrame, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False, float_format="%.4g")
+
+
+def make_table(runs: Sequence[Run], out_csv: str | Path, out_seeds_csv: str | Path,
+               out_md: str | Path, dataset_name: str) -> pd.DataFrame:
+    """Write ``table.csv``, ``table_seeds.csv`` and ``table.md``; return the summary."""
+    per_seed = seed_rows(runs)
+    epic = dataset_name == "epic100"
+    for col in ["seed", *ACCURACY, *(EPIC_ACCURACY if epic else []), *PROBE, *RECON]:
+        if col not in per_seed:
+            per_seed[col] = np.nan
+    summary = summarize(per_seed, epic)
+    _write_csv(per_seed, out_seeds_csv)
+    _write_csv(summary, out_csv)
+    Path(out_md).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_md).write_text(markdown_table(summary, per_seed, dataset_name))
+    return summary

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mofo.config import load_config
+from mofo.config import deep_merge, load_config
 from mofo.masking.grid import token_grid
 from mofo.models.build import build_model
 from mofo.provenance import inputs_digest, stage_settings
@@ -79,10 +79,16 @@ def provenance(config: dict, head: str, manifest_path: str | Path, results_dir: 
 
 def run(config: dict, manifest_path: str | Path, results_dir: str | Path,
         pretrained_ckpt: str | Path | None, head: str, out_dir: str | Path,
-        metrics_callback: MetricsCallback | None = None, max_steps: int | None = None) -> Path:
-    """Fine-tune and return the path of the final checkpoint (``out_dir/checkpoint.pt``)."""
+        metrics_callback: MetricsCallback | None = None, max_steps: int | None = None,
+        seed: int | None = None) -> Path:
+    """Fine-tune and return the path of the final checkpoint (``out_dir/checkpoint.pt``).
+    ``seed`` (the rule's ``{seed}`` wildcard; None = the first of ``seeds``) decides the head
+    init, mixup draws and the loader order; it becomes ``finetune.seed`` of the stage config
+    (not a config-file key: the ``seeds`` list is its one home)."""
     if head not in HEADS:
         raise ValueError(f"fine-tuning head must be one of {HEADS}, got {head!r}")
+    seed = int(config["seeds"][0] if seed is None else seed)
+    config = deep_merge(config, {"finetune": {"seed": seed}})
     ft, engine_cfg = config["finetune"], config["engine"]
     out_dir = Path(out_dir)
     ctx = init_distributed(engine_cfg)
@@ -128,11 +134,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="pretrained checkpoint (ours or official); omit to train from scratch")
     parser.add_argument("--head", required=True, choices=list(HEADS))
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the head init, mixup and loader order (default: the first "
+                             "of the config's seeds)")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     manifest, results_dir = resolve_paths(config, args)
     print(run(config, manifest, results_dir, args.pretrained, args.head, args.out,
-              max_steps=args.max_steps))
+              max_steps=args.max_steps, seed=args.seed))
     return 0
 
 

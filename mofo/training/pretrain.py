@@ -12,6 +12,7 @@ one process, ``torchrun`` or DeepSpeed::
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from mofo.config import deep_merge, load_config
+from mofo.masking import MASKING_STRATEGIES
 from mofo.models.build import build_pretrain_model
 from mofo.provenance import inputs_digest, stage_settings
 from mofo.stage_args import resolve_paths, stage_arg_parser
@@ -42,11 +44,15 @@ def pretrain_task(model_cfg: dict, normalize_target: bool) -> Callable:
     return task
 
 
-def stage_config(config: dict, masking: str) -> dict:
-    """The config this pretraining runs with: ``masking.strategy`` set to ``masking``."""
-    if masking not in ("tube", "mofo"):
-        raise ValueError(f"pretraining masking must be 'tube' or 'mofo', got {masking!r}")
-    return deep_merge(config, {"masking": {"strategy": masking}})
+def stage_config(config: dict, masking: str, seed: int | None = None) -> dict:
+    """The config this pretraining runs with: ``masking.strategy`` set to ``masking`` and
+    ``pretrain.seed`` to ``seed`` (the rule's ``{seed}`` wildcard; None = the first of
+    ``seeds``). The seed is not a config-file key: the ``seeds`` list is its one home."""
+    if masking not in MASKING_STRATEGIES:
+        raise ValueError(f"pretraining masking must be one of {sorted(MASKING_STRATEGIES)}, "
+                         f"got {masking!r}")
+    seed = int(config["seeds"][0] if seed is None else seed)
+    return deep_merge(config, {"masking": {"strategy": masking}, "pretrain": {"seed": seed}})
 
 
 def provenance(config: dict, manifest_path: str | Path, results_dir: str | Path) -> dict:
@@ -59,9 +65,10 @@ def provenance(config: dict, manifest_path: str | Path, results_dir: str | Path)
 
 def run(config: dict, manifest_path: str | Path, results_dir: str | Path, masking: str,
         out_dir: str | Path, metrics_callback: MetricsCallback | None = None,
-        max_steps: int | None = None) -> Path:
-    """Pretrain and return the path of the final checkpoint (``out_dir/checkpoint.pt``)."""
-    config = stage_config(config, masking)
+        max_steps: int | None = None, seed: int | None = None) -> Path:
+    """Pretrain and return the path of the final checkpoint (``out_dir/checkpoint.pt``).
+    ``seed``: see :func:`stage_config`."""
+    config = stage_config(config, masking, seed)
     pre_cfg, engine_cfg = config["pretrain"], config["engine"]
     out_dir = Path(out_dir)
     ctx = init_distributed(engine_cfg)
@@ -80,9 +87,29 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path, maskin
         if ctx.is_main and result.status == "finished":
             save_reconstructions(unwrap(model), loader.dataset, config, out_dir / "reconstructions",
                                  int(pre_cfg["n_reconstruction_clips"]), ctx.device)
+            write_validation(unwrap(model), config, manifest_path, results_dir, out_dir, ctx.device)
         return _final_path(result)
     finally:
         cleanup_distributed()
+
+
+def write_validation(model: torch.nn.Module, config: dict, manifest_path: str | Path,
+                     results_dir: str | Path, out_dir: Path, device: torch.device) -> Path:
+    """``out_dir/validation.json``: held-out reconstruction vs the predict-the-mean floor
+    (:func:`mofo.training.validation.validation_reconstruction`); without a validation split
+    the numbers are null and ``reason`` says why."""
+    from mofo.training.validation import validation_reconstruction
+
+    manifest = data_io.read_manifest(manifest_path)
+    if (manifest["split"] == "validation").any():
+        result = validation_reconstruction(model, config, manifest_path, results_dir, device)
+    else:
+        result = {"ratio": None, "split": None, "reason": "the manifest has no validation split"}
+    path = out_dir / "validation.json"
+    tmp = path.with_name(".validation.json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    return path
 
 
 def _final_path(result: TrainResult) -> Path:
@@ -114,13 +141,17 @@ def save_reconstructions(model: torch.nn.Module, dataset, config: dict, out_dir:
 
 def main(argv: list[str] | None = None) -> int:
     parser = stage_arg_parser("MOFO / VideoMAE pretraining")
-    parser.add_argument("--masking", required=True, choices=["tube", "mofo"])
+    parser.add_argument("--masking", required=True, choices=sorted(MASKING_STRATEGIES))
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the init, loader order, augmentations and masks "
+                             "(default: the first of the config's seeds)")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop (with a checkpoint) after this many steps")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     manifest, results_dir = resolve_paths(config, args)
-    path = run(config, manifest, results_dir, args.masking, args.out, max_steps=args.max_steps)
+    path = run(config, manifest, results_dir, args.masking, args.out, max_steps=args.max_steps,
+               seed=args.seed)
     print(path)
     return 0
 

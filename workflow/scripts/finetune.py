@@ -8,7 +8,8 @@ sm = snakemake
 with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
     run_stage_module(
         "mofo.training.finetune",
-        ["--head", sm.wildcards.head, "--pretrained", sm.input.pretrained, "--manifest", sm.input.manifest,
+        ["--head", sm.wildcards.head, "--seed", sm.wildcards.seed, "--manifest", sm.input.manifest,
+         *(["--pretrained", sm.input.pretrained] if sm.input.pretrained else []),  # scratch: none
          "--results-dir", sm.config["results_dir"] + "/" + sm.config["dataset"]["name"],
          "--out", sm.params.out_dir],
         sm.config,
