@@ -169,3 +169,24 @@ def test_camera_motion_moves_the_whole_picture(kind):
 def test_odd_frame_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match="even"):
         demo.generate(small_cfg(tmp_path, height=49))
+
+
+def test_gradient_background_patches_are_predictable_from_each_other():
+    """The reason for the gradient background (issue 10): at the model's input scale every
+    normalised patch of it is the same ramp, so masked patches can be predicted from visible
+    ones; the texture background's patches are unrelated noise."""
+    from mofo.data.demo import _background
+
+    def patch_similarity(kind: str) -> float:
+        bg = _background(np.random.default_rng(3), 96, 128, kind)
+        small = cv2.resize(bg, (43, 32), interpolation=cv2.INTER_AREA)  # the demo's 3x downscale
+        patches = np.stack([small[y:y + 8, x:x + 8].ravel() for y in range(0, 32, 8)
+                            for x in range(0, 40, 8)])
+        patches = (patches - patches.mean(1, keepdims=True)) / patches.std(1, keepdims=True)
+        sim = patches @ patches.T / patches.shape[1]
+        return float(np.median(sim[np.triu_indices(len(sim), 1)]))
+
+    assert patch_similarity("gradient") > 0.95
+    assert patch_similarity("texture") < 0.6  # ~0.4: only its low-frequency part is shared
+    with pytest.raises(ValueError, match="gradient or texture"):
+        _background(np.random.default_rng(0), 8, 8, "plaid")

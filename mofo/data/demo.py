@@ -8,9 +8,10 @@ alone defines the class:
 * ``grow`` / ``shrink``: scaling about a fixed centre,
 * ``clockwise`` / ``anticlockwise``: rotation as seen on screen (image y axis points down).
 
-``n_distractors`` static look-alike objects (same shape family and palette) and a textured
-background (smoothed noise + stripes + grid, so optical flow has texture everywhere) make
-appearance useless for finding the object. On ``camera_motion_fraction`` of the clips of each
+``n_distractors`` static look-alike objects (same shape family and palette) make appearance
+useless for finding the object. The background (``background``) is a smooth colour gradient
+(the default: masked reconstruction can learn it) or a texture of noise, stripes and a grid
+(optical flow has texture everywhere; reconstruction cannot beat the floor at 32 px). On ``camera_motion_fraction`` of the clips of each
 split a global camera motion moves the whole picture (``pan``: constant velocity, or
 ``shake``: random jitter), so raw flow magnitude is misleading but motion boundaries are not.
 
@@ -141,8 +142,27 @@ def _make_sprite(
     return rgb, mask.astype(np.float32) / 255.0, verts
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Textured, dull background (float32 RGB 0..1): smoothed noise + stripes + grid."""
+def _background(rng: np.random.Generator, height: int, width: int, kind: str) -> np.ndarray:
+    """Dull background (float32 RGB 0..1) of ``kind`` (``dataset.demo.background``).
+
+    ``gradient``: one linear colour ramp over the whole scene (random direction; per channel a
+    slope of 0.3-0.6 over the scene's long side, random sign) plus faint fine noise. Every patch
+    of it is the same ramp, so an autoencoder that sees a few patches can predict the masked
+    ones; its per-patch normalised target is not noise. ``texture``: smoothed noise + stripes +
+    a checker grid, so optical flow has texture everywhere -- but at the demo's 32-px model
+    input its patches are unpredictable noise and masked reconstruction stays at the floor.
+    """
+    if kind == "gradient":
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        phi = rng.uniform(0, 2 * np.pi)
+        along = (xx * np.cos(phi) + yy * np.sin(phi)) / max(height, width)
+        slope = rng.uniform(0.3, 0.6, size=3) * rng.choice([-1.0, 1.0], size=3)
+        base = rng.uniform(0.3, 0.55, size=3) - slope * along.mean()
+        fine = cv2.GaussianBlur(rng.normal(size=(height, width)).astype(np.float32), (0, 0), 1.0)
+        bg = base + along[..., None] * slope + 0.02 * fine[..., None]
+        return np.clip(bg, 0, 1).astype(np.float32)
+    if kind != "texture":
+        raise ValueError(f"dataset.demo.background must be gradient or texture, got {kind!r}")
     base = rng.uniform(0.3, 0.55, size=3)
     coarse = rng.normal(size=(height // 8 + 2, width // 8 + 2, 3)).astype(np.float32)
     low = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
@@ -350,7 +370,7 @@ def render_clip(
     # The scene canvas is larger than the frame by the camera's largest excursion.
     margin = int(math.ceil(np.abs(camera).max())) + 2
     scene_h, scene_w = height + 2 * margin, width + 2 * margin
-    background = _background(rng, scene_h, scene_w)
+    background = _background(rng, scene_h, scene_w, str(demo_cfg["background"]))
     static = background.copy()
     for sprite, pos, d_scale, d_angle in distractors:
         _paste(static, sprite, _affine(pos + margin, d_scale, d_angle))
