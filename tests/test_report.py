@@ -82,7 +82,7 @@ VISITS = [
     [["5. Variant table"], "table.png", "eye"],
     [["3. Training curves"], None, "eye"],
     [["4. Confusion matrices"], None, "eye"],
-    [["2. Pretraining", "mofo masking"], None, "eye"],
+    [["2. Pretraining", "mofo masking, seed 0"], None, "eye"],
     [["1. Motion boxes", "Motion pictures"], None, "eye"],
 ]
 
@@ -120,8 +120,8 @@ def test_report_renders_the_table_and_the_pictures(tiny_report):
         pytest.skip("no chromium (scripts/install.sh installs it as root: apt-get install chromium)")
     root, report = tiny_report
     res = root / "results" / "demo"
-    for variant in ("tube-mean", "mofo-mean", "tube-mca", "mofo-mca"):
-        assert (res / "report" / variant / "curves.png").stat().st_size > 10_000
+    for variant in ("scratch-mean", "tube-mean", "mofo-mean", "tube-mca", "mofo-mca"):
+        assert (res / "report" / variant / "s0" / "curves.png").stat().st_size > 10_000
     page = root / "probe.html"
     text = report.read_text()
     cut = text.rfind("</body>")
@@ -137,12 +137,13 @@ def test_report_renders_the_table_and_the_pictures(tiny_report):
         assert entry in home, entry
     for visit in seen["visits"]:  # the first click ("Results") does nothing on the home page
         assert all(visit["clicks"][1:]), (visit["path"], visit["clicks"])
-    # The variant table, rendered (the caption reads table.csv): the header and four rows.
+    # The variant table, rendered (the caption reads table.csv): the header and five rows.
     table_text = seen["visits"][0]["text"]
-    assert re.search(r"variant\s+pretrain_masking\s+finetune_head\s+top1\s+top5", table_text)
-    for row in (r"VideoMAE\s+tube\s+mean", r"MOFO\*\s+mofo\s+mean", r"MOFO\*\*\s+tube\s+mca",
-                r"MOFO†\s+mofo\s+mca"):
-        assert re.search(row + r"\s+\d+\.\d\d\s+\d+\.\d\d", table_text), row
+    assert re.search(r"variant\s+pretrain_masking\s+finetune_head\s+n_seeds\s+top1_mean\s+top1_std",
+                     table_text)
+    for row in (r"Scratch\s+scratch\s+mean", r"VideoMAE\s+tube\s+mean", r"MOFO\*\s+mofo\s+mean",
+                r"MOFO\*\*\s+tube\s+mca", r"MOFO†\s+mofo\s+mca"):
+        assert re.search(row + r"\s+1\s+\d+\.\d\d\d", table_text), row  # one seed, top1_mean
     # Every picture visit shows a PNG that the browser decoded (natural size > 0).
     for visit in seen["visits"][1:]:
         images = visit["images"]
@@ -178,7 +179,11 @@ def test_curves_and_table_figure(tmp_path: Path):
     metrics.write_text(json.dumps({"top1": 55.0, "top5": 90.0}))
     out = draw_training_curves(pre, ft, metrics, tmp_path / "curves.png", "t")
     assert out.stat().st_size > 10_000
+    # The scratch variant has no pretraining: no path, an empty panel, no error.
+    assert read_metrics("") == [] and read_metrics(None) == []
+    assert draw_training_curves("", ft, metrics, tmp_path / "scratch.png").stat().st_size > 10_000
     table = tmp_path / "table.csv"
-    table.write_text("variant,pretrain_masking,finetune_head,top1,top5\n"
-                     "VideoMAE,tube,mean,70.0,90.0\nMOFO†,mofo,mca,75.0,95.0\n")
+    table.write_text("variant,pretrain_masking,finetune_head,n_seeds,top1_mean,top1_std,top5_mean,top5_std\n"
+                     "VideoMAE,tube,mean,3,70.0,1.5,90.0,0.5\nMOFO†,mofo,mca,1,75.0,,95.0,\n"
+                     "Random init,random,,3,,,,\n")
     assert draw_table_figure(table, tmp_path / "table.png", "ssv2").stat().st_size > 10_000

@@ -24,9 +24,11 @@ from mofo.evaluation.figures import save_figure
 from mofo.evaluation.table import PAPER
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (none when the file is missing); a resumed run's
-    repeated steps keep their last record."""
+def read_metrics(path: str | Path | None) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (none when the file is missing, or for no path: a
+    variant without pretraining); a resumed run's repeated steps keep their last record."""
+    if not path:
+        return []
     path = Path(path)
     if not path.exists():
         return []
@@ -74,7 +76,7 @@ def accuracy_keys(records: list[dict]) -> list[str]:
 
 
 def draw_training_curves(
-    pretrain_metrics: str | Path,
+    pretrain_metrics: str | Path | None,
     finetune_metrics: str | Path,
     eval_metrics: str | Path | None,
     out_png: str | Path,

@@ -226,7 +226,7 @@ def markdown_table(summary: pd.DataFrame, per_seed: pd.DataFrame, dataset_name: 
 def _write_csv(df: pd.DataFrame, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path, index=False, float_format="%.4g")
+    df.to_csv(path, index=False, float_format="%.3f")
 
 
 def make_table(runs: Sequence[Run], out_csv: str | Path, out_seeds_csv: str | Path,
