@@ -47,8 +47,25 @@ def test_dry_run_lists_every_stage_per_shard(tiny_overlay: Path):
     n_shards = 2  # 16 tiny clips, 8 per shard
     for rule in ("decode", "optical_flow", "motion_map", "motion_boxes", "motion_pictures"):
         assert counts[rule] == n_shards, (rule, counts)
-    assert counts["pretrain"] == 2 and counts["finetune"] == 4 and counts["evaluate"] == 4
+    # 5 variants (scratch + the paper's four) x 1 seed; scratch has no pretraining.
+    assert counts["pretrain"] == 2 and counts["finetune"] == 5 and counts["evaluate"] == 5
     assert counts["table"] == 1
+
+
+def test_dry_run_runs_every_variant_per_seed(tiny_overlay: Path, tmp_path: Path):
+    """seeds: [0, 3] -> every pretraining, fine-tuning and evaluation once per seed, under
+    s<seed>/, and the scratch fine-tuning without a pretrained input."""
+    seeds = tmp_path / "seeds.yaml"
+    seeds.write_text("seeds: [0, 3]\n")
+    result = snakemake("-n", "--configfile", str(TINY), str(tiny_overlay), str(seeds))
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = job_counts(result.stdout)
+    assert counts["pretrain"] == 4 and counts["finetune"] == 10 and counts["evaluate"] == 10
+    for seed in (0, 3):
+        for path in (f"pretrain/mofo/s{seed}/checkpoint.pt", f"finetune/scratch-mean/s{seed}/checkpoint.pt",
+                     f"eval/tube-mca/s{seed}/metrics.json"):
+            assert path in result.stdout, path
+    assert "pretrain/scratch" not in result.stdout
 
 
 def test_lint_is_clean():
