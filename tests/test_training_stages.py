@@ -83,6 +83,22 @@ def test_pretrain_finetune_evaluate_end_to_end(results, tmp_path):
         evaluate.run(cfg, manifest, root, ft, "mean", tmp_path / "ev2")
 
 
+def test_seeds_change_pretraining_and_the_same_seed_reproduces_it(results, tmp_path):
+    """The {seed} wildcard's --seed decides init, loader order, augmentations and masks."""
+    from mofo.training import pretrain
+
+    manifest, root = results
+    cfg = tiny_config()
+
+    def weights(seed, name):
+        ckpt = pretrain.run(cfg, manifest, root, "tube", tmp_path / name, seed=seed, max_steps=2)
+        return torch.load(ckpt, weights_only=True)["model"]
+
+    a, again, other = weights(0, "a"), weights(0, "again"), weights(1, "other")
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    assert not all(torch.equal(a[k], other[k]) for k in a)
+
+
 def test_mixup_pastes_partner_inbox_inside_the_cut():
     cfg = {"label_smoothing": 0.1, "mixup": 0.0, "cutmix": 1.0, "mixup_prob": 1.0,
            "mixup_switch_prob": 0.5}
@@ -199,19 +215,3 @@ def test_an_unfinished_run_resumes_only_with_the_same_inputs(results, tmp_path, 
     finetune.run(cfg, manifest, root, ckpt, "mean", tmp_path / "ft", max_steps=2)
     err = capfd.readouterr().err
     assert "resuming from" not in err and "pretrained" in err
-
-
-def test_seeds_change_pretraining_and_the_same_seed_reproduces_it(results, tmp_path):
-    """The {seed} wildcard's --seed decides init, loader order, augmentations and masks."""
-    from mofo.training import pretrain
-
-    manifest, root = results
-    cfg = tiny_config()
-
-    def weights(seed, name):
-        ckpt = pretrain.run(cfg, manifest, root, "tube", tmp_path / name, seed=seed, max_steps=2)
-        return torch.load(ckpt, weights_only=True)["model"]
-
-    a, again, other = weights(0, "a"), weights(0, "again"), weights(1, "other")
-    assert all(torch.equal(a[k], again[k]) for k in a)
-    assert not all(torch.equal(a[k], other[k]) for k in a)

@@ -464,7 +464,7 @@ def train(
     last_path, final_path = out_dir / LAST_CHECKPOINT, out_dir / FINAL_CHECKPOINT
     log = MetricsLog(out_dir / METRICS_FILE, ctx.is_main, metrics_callback)
     hash_ = digest(hash_config)
-    seed = int(stage_cfg["seed"])
+    seed = int(stage_cfg.get("seed", 0))
     epochs = int(stage_cfg["epochs"])
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
