@@ -9,6 +9,7 @@ two linear layers on the same pooled feature). Sub-module names (``fc_norm``, ``
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -99,27 +100,36 @@ def attend_in_groups(
 ) -> Tensor:
     """Per-clip attention of packed queries ``q (Q, D)`` to packed keys and values
     ``kv (K, 2D)``; ``queries`` = ``(clip, counts, starts)`` of the query rows and ``keys`` =
-    ``(counts, starts)`` of the key rows (:func:`pack_flagged`). Returns ``(Q, D)``.
+    ``(counts, starts)`` of the key rows (:func:`pack_flagged`), the clips sorted by query
+    count. Returns ``(Q, D)`` in the rows' order.
 
-    The clips are sorted by query count and cut into at most :data:`ATTENTION_GROUPS` groups;
-    each group's attention is padded to its own largest query and key counts (a key-padding
-    mask hides the padded keys). One group would pad the whole batch to its largest counts
-    (~1.4x the attention's FLOPs at 25 % in-box tokens); four groups pad ~1.1x. A loop over
-    those few groups, not over the clips.
+    The sorted clips are cut into at most :data:`ATTENTION_GROUPS` runs; each run's attention
+    is padded to its own largest query and key counts (a key-padding mask hides the padded
+    keys). One group would pad the whole batch to its largest counts (~1.4x the attention's
+    FLOPs at 25 % in-box tokens); four groups pad ~1.1x. A run's rows are a contiguous piece
+    of ``q`` and ``kv`` (split, so the backward pass fills no full-size gradient per group).
+    A loop over those few groups, not over the clips.
     """
     q_clip, q_counts, q_starts = queries
     k_counts, k_starts = keys
     b, d = q_counts.shape[0], q.shape[1]
     heads, hd = attn.num_heads, d // attn.num_heads
-    outs, offset = [], 0
-    base = torch.zeros(b, dtype=torch.long, device=q.device)  # first padded row of each clip
-    order = torch.argsort(q_counts, stable=True)
-    for idx in order.tensor_split(min(ATTENTION_GROUPS, b)):
-        q_pad, _ = pad_packed(q, q_counts[idx], q_starts[idx])  # (G, M, D)
-        kv_pad, k_valid = pad_packed(kv, k_counts[idx], k_starts[idx])  # (G, L, 2D)
-        g, m, k_len = idx.numel(), q_pad.shape[1], kv_pad.shape[1]
-        if m == 0:  # no clip of the group has a query
+    runs = min(ATTENTION_GROUPS, b)  # cut as torch.tensor_split cuts b items into runs
+    firsts = [i * (b // runs) + min(i, b % runs) for i in range(runs + 1)]
+    q_rows, k_rows = q_counts.tolist(), k_counts.tolist()
+    cut = list(pairwise(firsts))
+    q_pieces = q.split([sum(q_rows[a:z]) for a, z in cut])
+    kv_pieces = kv.split([sum(k_rows[a:z]) for a, z in cut])
+    clip_pieces = q_clip.split([sum(q_rows[a:z]) for a, z in cut])
+    outs = []
+    for (a, z), q_i, kv_i, clip_i in zip(cut, q_pieces, kv_pieces, clip_pieces, strict=True):
+        if q_i.shape[0] == 0:  # no clip of the run has a query
+            outs.append(q_i)
             continue
+        q_first = q_starts[a:z] - q_starts[a]
+        q_pad, _ = pad_packed(q_i, q_counts[a:z], q_first)  # (G, M, D)
+        kv_pad, k_valid = pad_packed(kv_i, k_counts[a:z], k_starts[a:z] - k_starts[a])
+        g, m, k_len = z - a, q_pad.shape[1], kv_pad.shape[1]
         k_pad, v_pad = kv_pad.reshape(g, k_len, 2, heads, hd).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(
             q_pad.reshape(g, m, heads, hd).transpose(1, 2),
@@ -128,11 +138,10 @@ def attend_in_groups(
             attn_mask=k_valid[:, None, None, :],
             dropout_p=attn.attn_drop if attn.training else 0.0,
         )
-        outs.append(out.transpose(1, 2).reshape(g * m, d))
-        base[idx] = offset + m * torch.arange(g, device=q.device)
-        offset += g * m
-    rank = torch.arange(q_clip.numel(), device=q.device) - q_starts[q_clip]
-    return torch.cat(outs).index_select(0, base[q_clip] + rank)
+        local = clip_i - a
+        rank = torch.arange(q_i.shape[0], device=q.device) - q_first[local]
+        outs.append(out.transpose(1, 2).reshape(g * m, d).index_select(0, local * m + rank))
+    return torch.cat(outs)
 
 
 def cross_attend_packed(
@@ -142,21 +151,24 @@ def cross_attend_packed(
     of the same clip, on packed tokens.
 
     ``tokens (B, N, D)``; ``queries``, ``keys`` bool ``(B, N)``, every clip with at least one
-    key. Returns ``x = query + drop_path(proj(attention))`` packed ``(Q, D)`` in
-    :func:`pack_flagged` order, the clip of each row ``(Q,)`` and the query counts ``(B,)``.
-    The norm and projections run on the packed query and key tokens only (gathered
-    together; k/v for the keys, q for the queries: the FLOPs of a per-clip loop, in big matrix
-    products); only the attention itself is padded, per group of clips
+    key. Returns ``x = query + drop_path(proj(attention))`` packed ``(Q, D)`` (the clips
+    sorted by query count, stable; token order inside), the clip of each row ``(Q,)`` and
+    the query counts ``(B,)``. The norm and projections run on the packed query and key tokens
+    only (gathered together; k/v for the keys, q for the queries: the FLOPs of a per-clip
+    loop, in big matrix products); only the attention itself is padded, per group of clips
     (:func:`attend_in_groups`). Drop path: one draw per clip, the draw ``block(x)`` makes
     first on ``(B, N, D)``.
     """
     attn = block.attn
     b, n, d = tokens.shape
-    q_flat, q_clip, q_counts, q_starts = pack_flagged(queries)
-    k_flat, _, k_counts, k_starts = pack_flagged(keys)
-    # One gather and one norm for queries and keys (they are the same rows only in clips
-    # without out-of-box tokens).
-    x = tokens.reshape(b * n, d).index_select(0, torch.cat((q_flat, k_flat)))
+    counts = queries.sum(1)
+    order = torch.argsort(counts, stable=True)  # the groups' order
+    q_flat, q_clip, q_counts, q_starts = pack_flagged(queries.index_select(0, order))
+    k_flat, k_clip, k_counts, k_starts = pack_flagged(keys.index_select(0, order))
+    # Sorted-clip token indices -> the tokens' own; one gather and one norm for queries and
+    # keys (the same rows only in clips without out-of-box tokens).
+    rows = torch.cat((q_flat + (order[q_clip] - q_clip) * n, k_flat + (order[k_clip] - k_clip) * n))
+    x = tokens.reshape(b * n, d).index_select(0, rows)
     x_q = x[: q_flat.numel()]
     normed_q, normed_k = block.norm1(x).split((q_flat.numel(), k_flat.numel()))
     w_q, w_kv = attn.qkv.weight[:d], attn.qkv.weight[d:]
@@ -170,8 +182,9 @@ def cross_attend_packed(
         (k_counts, k_starts),
     )
     out = attn.proj_drop(attn.proj(out))
+    clip = order[q_clip]
     scale = clip_drop_path(block, b, out)
-    return x_q + (out if scale is None else out * scale.index_select(0, q_clip)), q_clip, q_counts
+    return x_q + (out if scale is None else out * scale.index_select(0, clip)), clip, counts
 
 
 def clip_means(rows: Tensor, clip: Tensor, counts: Tensor) -> Tensor:
