@@ -51,10 +51,12 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "-augment.test_clips", "-augment.test_crops", "engine.precision",
         "finetune", *(f"-finetune.{k}" for k in _TRAIN_IGNORED),
     ),
+    # finetune.mean_drop_ratio: the mean head's EVEREST token drop also runs at test time.
+    # (pretrain reads the whole masking section: masking.everest included.)
     "evaluate": (
         "dataset.name", "dataset.demo.classes", "model", "augment.finetune_sampling",
         "augment.test_clips", "augment.test_crops", "engine.precision",
-        "evaluate", "-evaluate.num_workers",
+        "evaluate", "-evaluate.num_workers", "finetune.mean_drop_ratio",
     ),
     "table": ("variants", "seeds"),
 }

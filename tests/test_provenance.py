@@ -18,7 +18,8 @@ from mofo.provenance import (
 def test_settings_hold_what_a_stage_reads_and_not_what_it_ignores():
     cfg = load_config()
     pre = stage_settings(cfg, "pretrain")
-    assert pre["model"] == cfg["model"] and pre["masking"] == {"ratio": 0.9, "inbox_ratio": 0.75}
+    assert pre["model"] == cfg["model"] and pre["masking"] == {"ratio": 0.9, "inbox_ratio": 0.75,
+                                                          "everest": {"drop_ratio": 0.7}}
     assert "num_workers" not in pre["pretrain"] and "log_interval" not in pre["pretrain"]
     assert pre["pretrain"]["base_lr"] == cfg["pretrain"]["base_lr"]
     assert stage_settings(cfg, "decode") == {"decode": {k: v for k, v in cfg["decode"].items()

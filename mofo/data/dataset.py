@@ -9,7 +9,8 @@ frames          float32 ``(3, T, S, S)``    ImageNet-normalised clip (``S = mode
 boxes           float32 ``(T, 4)``          motion box per sampled frame, crop pixels
                                             ``x1, y1, x2, y2`` (exclusive); empty = all zero
 inbox           bool ``(N,)``               tokens overlapping the box (masking.grid)
-mask            bool ``(N,)``               pretrain only: True = masked (``masking.*``)
+mask            bool ``(N,)``               pretrain only: True = masked (``masking.*``); absent
+                                            for a model-side strategy (``everest``)
 label           int64 ``()``                class (-1 = unknown); EPIC-100: the verb class
 verb, noun      int64 ``()``                EPIC-100 only
 frame_indices   int64 ``(T,)``              which stored frames were sampled
@@ -331,8 +332,9 @@ class VideoClipDataset(Dataset):
             "clip_id": str(row["clip_id"]),
             "index": index,
         }
-        if self.mode == "pretrain":
-            sample["mask"] = torch.from_numpy(mask_from_config(self.masking_cfg, self.grid, inbox, rng))
+        mask = mask_from_config(self.masking_cfg, self.grid, inbox, rng) if self.mode == "pretrain" else None
+        if mask is not None:  # None: a model-side strategy (everest) selects in the model
+            sample["mask"] = torch.from_numpy(mask)
         if self.dataset_name == "epic100":
             sample["verb"] = torch.tensor(int(row["verb_class"]), dtype=torch.int64)
             sample["noun"] = torch.tensor(int(row["noun_class"]), dtype=torch.int64)

@@ -36,11 +36,13 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
 
 def reconstruct_clip(
     frames: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor, patch_size: int,
-    tubelet_size: int, normalized_target: bool = True,
+    tubelet_size: int, normalized_target: bool = True, dropped: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Masked input and reconstruction of one clip as ``(T, H, W, 3)`` arrays in [0, 1].
 
-    ``frames`` (3, T, H, W) normalised, ``mask`` (N,) bool, ``pred`` (N_masked, D). With
+    ``frames`` (3, T, H, W) normalised, ``mask`` (N,) bool (the reconstructed tokens),
+    ``pred`` (N_masked, D); ``dropped`` (N,) bool: tokens neither seen nor reconstructed
+    (EVEREST), black in both pictures (masked tokens are grey in the input). With
     per-patch normalised targets the predicted patches are mapped back to pixels with the
     original patch's mean and std (VideoMAE's visualisation does the same), so the picture
     shows structure, not absolute colour, inside masked patches.
@@ -61,6 +63,10 @@ def reconstruct_clip(
     recon[mask] = pred
     masked = patches.clone()
     masked[mask] = 0.5  # grey
+    if dropped is not None:
+        dropped = dropped.detach().cpu().bool()
+        masked[dropped] = 0.0
+        recon[dropped] = 0.0
     def as_thwc(p: torch.Tensor) -> np.ndarray:
         video = unpatchify(p.flatten(1)[None], patch_size, tubelet_size, grid)[0]
         return video.clamp(0, 1).permute(1, 2, 3, 0).numpy()
@@ -71,11 +77,12 @@ def reconstruct_clip(
 def reconstruction_figure(
     frames: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor, boxes: np.ndarray | None,
     path: str | Path, patch_size: int, tubelet_size: int, normalized_target: bool = True,
-    n_show: int = 4, title: str = "",
+    n_show: int = 4, title: str = "", dropped: torch.Tensor | None = None,
 ) -> Path:
-    """Save original / masked / reconstructed frames of one clip with its motion box."""
+    """Save original / masked / reconstructed frames of one clip with its motion box
+    (``dropped``: tokens neither seen nor reconstructed, drawn black)."""
     masked, recon = reconstruct_clip(frames, mask, pred, patch_size, tubelet_size,
-                                     normalized_target)
+                                     normalized_target, dropped)
     original = denormalize(frames.detach().float().cpu()[None])[0].clamp(0, 1)
     original = original.permute(1, 2, 3, 0).numpy()
     t = original.shape[0]

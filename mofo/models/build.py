@@ -77,6 +77,7 @@ def build_classifier(
     num_heads_out: Mapping[str, int] | None = None,
     fc_dropout: float = 0.0,
     mca_num_heads: int | None = None,
+    mean_drop_ratio: float = 0.0,
     **overrides: Any,
 ) -> VideoClassifier:
     """Fine-tuning classifier from the ``model`` config section.
@@ -85,7 +86,9 @@ def build_classifier(
     ``num_heads_out``: several linear outputs on the same pooled feature, e.g.
     ``{"verb": 97, "noun": 300}`` for EPIC-KITCHENS (``num_classes`` is then ignored).
     ``mca_num_heads``: attention heads of the MCA block (default 3 as in MOFO, or the encoder's
-    head count when the width is not divisible by 3). ``overrides``: :class:`ViTSpec` fields.
+    head count when the width is not divisible by 3). ``mean_drop_ratio``: the mean head's
+    EVEREST option, the fraction of least-moving tokens dropped before the encoder (0 = off;
+    not used by the MCA head). ``overrides``: :class:`ViTSpec` fields.
     """
     overrides = dict(overrides)
     spec = _spec_from_cfg(model_cfg, overrides)
@@ -97,7 +100,9 @@ def build_classifier(
     else:
         raise ValueError(f"build_classifier: num_classes must be > 0, got {num_classes!r}")
     if head == "mean":
-        pool: nn.Module = MeanPoolHead(spec.embed_dim, outputs, fc_dropout, head_init_scale)
+        pool: nn.Module = MeanPoolHead(
+            spec.embed_dim, outputs, fc_dropout, head_init_scale, mean_drop_ratio
+        )
     elif head == "mca":
         heads = mca_num_heads or (3 if spec.embed_dim % 3 == 0 else spec.num_heads)
         pool = MotionCrossAttentionHead(
@@ -120,7 +125,8 @@ def build_classifier(
 def build_model(config: Mapping[str, Any], heads: Mapping[str, int], head: str) -> VideoClassifier:
     """The classifier for ``heads`` (``{"label": C}`` or verb/noun) with the chosen head.
 
-    Drop path, head init scale and dropout come from the ``finetune`` section.
+    Drop path, head init scale, dropout and the mean head's token drop ratio come from the
+    ``finetune`` section.
     """
     ft = config["finetune"]
     multi = None if list(heads) == ["label"] else dict(heads)
@@ -132,4 +138,5 @@ def build_model(config: Mapping[str, Any], heads: Mapping[str, int], head: str) 
         head_init_scale=float(ft["head_init_scale"]),
         num_heads_out=multi,
         fc_dropout=float(ft["fc_dropout"]),
+        mean_drop_ratio=float(ft["mean_drop_ratio"]),
     )

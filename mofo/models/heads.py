@@ -271,7 +271,12 @@ def mca_per_sample(head: MotionCrossAttentionHead, tokens: Tensor, inbox: Tensor
 
 
 class MeanPoolHead(nn.Module):
-    """VideoMAE head: mean over tokens -> ``fc_norm`` -> dropout -> linear."""
+    """VideoMAE head: mean over tokens -> ``fc_norm`` -> dropout -> linear.
+
+    ``drop_ratio`` (EVEREST's fine-tuning option, 0 = off): the classifier keeps only the
+    most-moving tokens for this head, dropping ``round(drop_ratio * N)`` before the encoder
+    (``VideoClassifier.forward``); the head then averages the tokens it is given.
+    """
 
     def __init__(
         self,
@@ -279,8 +284,12 @@ class MeanPoolHead(nn.Module):
         outputs: int | Mapping[str, int],
         fc_dropout: float = 0.0,
         init_scale: float = 0.001,
+        drop_ratio: float = 0.0,
     ):
         super().__init__()
+        if not 0.0 <= drop_ratio < 1.0:
+            raise ValueError(f"mean head drop_ratio must lie in [0, 1), got {drop_ratio}")
+        self.drop_ratio = float(drop_ratio)
         self.fc_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.fc_dropout = nn.Dropout(fc_dropout) if fc_dropout > 0 else nn.Identity()
         self.head = make_output_layers(dim, outputs, init_scale)

@@ -21,6 +21,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from mofo.masking.everest import motion_drop_mask, slice_distances
 from mofo.masking.grid import token_grid
 from mofo.models.layers import (
     LAYER_NORM_EPS,
@@ -145,14 +146,24 @@ class VideoEncoder(PositionTableModule):
                 f"got {tuple(x.shape)}"
             )
 
-    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def embed(self, x: Tensor) -> Tensor:
+        """The tubelet embeddings ``(B, N, D)`` of clips ``(B, C, T, H, W)``, token order
+        (t, h, w), before the position table (what model-side token selection ranks)."""
         self.check_input(x)
-        x = self.patch_embed(x) + self.pos_embed.to(x.dtype)
+        return self.patch_embed(x)
+
+    def encode(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Position table, then the blocks and ``norm`` on the tokens where ``mask`` (bool
+        ``(B, N)``, True = hidden, same count per clip) is False: ``(B, N_visible, D)``."""
+        x = tokens + self.pos_embed.to(tokens.dtype)
         if mask is not None:
             x = x[~mask].reshape(x.shape[0], -1, x.shape[-1])
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.encode(self.embed(x), mask)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         return self.forward_features(x, mask)
@@ -199,10 +210,13 @@ class PretrainDecoder(nn.Module):
 class PretrainVideoMAE(PositionTableModule):
     """Masked video autoencoder (VideoMAE): encoder on visible tokens, decoder predicts pixels.
 
-    ``forward(x, mask)`` with clips ``(B, 3, T, H, W)`` and ``mask`` bool ``(B, N)`` (True =
-    masked, same count in every clip) returns ``(B, N_masked, tubelet*patch*patch*3)``: the
-    predictions for the masked tokens in ascending token order, i.e. aligned with
-    ``patchify(x, ...)[mask].reshape(B, N_masked, -1)``.
+    ``forward(x, mask, target=None)`` with clips ``(B, 3, T, H, W)``, ``mask`` bool ``(B, N)``
+    (True = hidden from the encoder, same count in every clip) and ``target`` bool ``(B, N)``
+    (True = reconstructed; a subset of ``mask``, same count in every clip; None = ``mask``)
+    returns ``(B, N_target, tubelet*patch*patch*3)``: the predictions for the target tokens in
+    ascending token order, i.e. aligned with ``patchify(x, ...)[target].reshape(B, N_target,
+    -1)``. Hidden tokens outside ``target`` are DROPPED: the decoder gets no mask token for
+    them (EVEREST), so it runs on ``N_visible + N_target`` tokens.
     """
 
     def __init__(
@@ -248,8 +262,13 @@ class PretrainVideoMAE(PositionTableModule):
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        n_masked = check_equal_mask_counts(mask, self.num_patches)
+    def forward(self, x: Tensor, mask: Tensor, target: Tensor | None = None) -> Tensor:
+        check_equal_mask_counts(mask, self.num_patches)
+        if target is None:
+            target = mask
+        n_target = check_equal_mask_counts(target, self.num_patches)
+        if bool((target & ~mask).any()):
+            raise ValueError("reconstruction targets must be hidden tokens (target within mask)")
         visible = self.encoder_to_decoder(self.encoder.forward_features(x, mask))
         b, _, d = visible.shape
         pos = self.pos_embed.to(visible.dtype).expand(b, -1, -1)
@@ -258,11 +277,11 @@ class PretrainVideoMAE(PositionTableModule):
         tokens = torch.cat(
             [
                 visible + pos[~mask].reshape(b, -1, d),
-                self.mask_token.to(visible.dtype) + pos[mask].reshape(b, -1, d),
+                self.mask_token.to(visible.dtype) + pos[target].reshape(b, -1, d),
             ],
             dim=1,
         )
-        return self.decoder(tokens, n_masked)
+        return self.decoder(tokens, n_target)
 
 
 class VideoClassifier(VideoEncoder):
@@ -275,6 +294,11 @@ class VideoClassifier(VideoEncoder):
     ``forward(x, inbox=None)``: ``inbox`` bool ``(B, N)`` marks in-box tokens (needed by the
     MCA head, ignored by mean pooling). Returns logits ``(B, classes)``, or a dict of logits
     (e.g. ``{"verb": ..., "noun": ...}``) for a multi-output head.
+
+    A head with a ``drop_ratio`` > 0 (the mean head's EVEREST option) gets only the
+    ``N - round(drop_ratio * N)`` most-moving tokens: the others (lowest
+    :func:`mofo.masking.everest.slice_distances` of the patch embeddings) are dropped
+    before the encoder, in training and evaluation alike.
     """
 
     def __init__(
@@ -311,4 +335,9 @@ class VideoClassifier(VideoEncoder):
         return self._pool_head[0]
 
     def forward(self, x: Tensor, inbox: Tensor | None = None) -> Tensor | dict[str, Tensor]:
-        return self.pool_head(self.forward_features(x), inbox)
+        drop_ratio = float(getattr(self.pool_head, "drop_ratio", 0.0))
+        if drop_ratio <= 0:
+            return self.pool_head(self.forward_features(x), inbox)
+        tokens = self.embed(x)
+        dropped = motion_drop_mask(slice_distances(tokens, self.grid), drop_ratio)
+        return self.pool_head(self.encode(tokens, dropped), None)

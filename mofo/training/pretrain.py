@@ -1,7 +1,8 @@
 """Stage entry point: VideoMAE / MOFO masked-autoencoder pretraining.
 
 ``run(config, manifest_path, results_dir, masking, out_dir)`` trains on the manifest's train
-split with the given masking strategy (``tube`` or ``mofo``) and writes into ``out_dir``:
+split with the given masking strategy (``tube``, ``mofo`` or ``everest``; the last selected
+inside the training step from the patch embeddings) and writes into ``out_dir``:
 ``checkpoint-last.pt`` (resumable), ``checkpoint.pt`` (final weights, VideoMAE layout, with
 ``meta``), ``metrics.jsonl`` and ``reconstructions/*.png``. As a module it runs the same under
 one process, ``torchrun`` or DeepSpeed::
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mofo.config import deep_merge, load_config
-from mofo.masking import MASKING_STRATEGIES
+from mofo.masking import STRATEGY_NAMES, is_model_side, select_from_config
 from mofo.models.build import build_pretrain_model
 from mofo.provenance import inputs_digest, stage_settings
 from mofo.stage_args import resolve_paths, stage_arg_parser
@@ -30,14 +31,36 @@ from mofo.training.engine import MetricsCallback, TrainResult, seed_everything, 
 from mofo.training.losses import masked_reconstruction_loss
 
 
-def pretrain_task(model_cfg: dict, normalize_target: bool) -> Callable:
-    """``task(model, batch) -> (loss, extras)``: masked-token MSE on per-patch targets."""
+def pretrain_masks(model: torch.nn.Module, batch: dict,
+                   masking_cfg: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden, target)`` bool ``(B, N)`` of one batch: hidden from the encoder, and
+    reconstructed. A loader-side strategy: both are the batch's ``mask``. A model-side one
+    (``masking_cfg`` names it, e.g. everest): selected now from the model's patch embeddings
+    (no gradient; the forward pass embeds the clips again, one Conv3d), hidden minus target
+    being the dropped tokens. ``model`` may be wrapped (DDP / DeepSpeed)."""
+    if masking_cfg is not None and is_model_side(masking_cfg["strategy"]):
+        inner = unwrap(model)
+        with torch.no_grad():
+            embeddings = inner.encoder.embed(batch["frames"])
+        return select_from_config(masking_cfg, embeddings, inner.grid)
+    if "mask" not in batch:
+        raise ValueError("the batch has no 'mask' and no model-side masking strategy is set")
+    mask = batch["mask"].bool()
+    return mask, mask
+
+
+def pretrain_task(model_cfg: dict, normalize_target: bool,
+                  masking_cfg: dict | None = None) -> Callable:
+    """``task(model, batch) -> (loss, extras)``: MSE on per-patch targets over the
+    reconstructed tokens only (:func:`pretrain_masks`; dropped tokens are not in the loss).
+    ``masking_cfg``: the ``masking`` section, needed for a model-side strategy (None: the
+    batch's loader mask)."""
     patch, tubelet = int(model_cfg["patch_size"]), int(model_cfg["tubelet_size"])
 
     def task(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        mask = batch["mask"].bool()
-        pred = model(batch["frames"], mask)
-        loss = masked_reconstruction_loss(pred, batch["frames"], mask, patch, tubelet,
+        hidden, target = pretrain_masks(model, batch, masking_cfg)
+        pred = model(batch["frames"], hidden, target)
+        loss = masked_reconstruction_loss(pred, batch["frames"], target, patch, tubelet,
                                           normalize_target)
         return loss, {}
 
@@ -48,8 +71,8 @@ def stage_config(config: dict, masking: str, seed: int | None = None) -> dict:
     """The config this pretraining runs with: ``masking.strategy`` set to ``masking`` and
     ``pretrain.seed`` to ``seed`` (the rule's ``{seed}`` wildcard; None = the first of
     ``seeds``). The seed is not a config-file key: the ``seeds`` list is its one home."""
-    if masking not in MASKING_STRATEGIES:
-        raise ValueError(f"pretraining masking must be one of {sorted(MASKING_STRATEGIES)}, "
+    if masking not in STRATEGY_NAMES:
+        raise ValueError(f"pretraining masking must be one of {sorted(STRATEGY_NAMES)}, "
                          f"got {masking!r}")
     seed = int(config["seeds"][0] if seed is None else seed)
     return deep_merge(config, {"masking": {"strategy": masking}, "pretrain": {"seed": seed}})
@@ -79,7 +102,8 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path, maskin
         model = build_pretrain_model(config["model"], drop_path=float(pre_cfg["drop_path"]))
         meta = {"stage": "pretrain", "masking": masking, "dataset": config["dataset"]["name"],
                 "model_size": config["model"]["size"]}
-        result = train(model, loader, pretrain_task(config["model"], pre_cfg["normalize_target"]),
+        task = pretrain_task(config["model"], pre_cfg["normalize_target"], config["masking"])
+        result = train(model, loader, task,
                        stage_cfg=pre_cfg, engine_cfg=engine_cfg, ctx=ctx, out_dir=out_dir,
                        hash_config=provenance(config, manifest_path, results_dir), meta=meta,
                        metrics_callback=metrics_callback, max_steps=max_steps,
@@ -119,7 +143,8 @@ def _final_path(result: TrainResult) -> Path:
 @torch.no_grad()
 def save_reconstructions(model: torch.nn.Module, dataset, config: dict, out_dir: Path,
                          n_clips: int, device: torch.device) -> list[Path]:
-    """Original / masked / reconstructed frames (motion box drawn) of the first clips."""
+    """Original / masked / reconstructed frames (motion box drawn) of the first clips;
+    tokens a model-side strategy dropped are drawn black."""
     from mofo.evaluation.figures import reconstruction_figure
 
     model.eval()
@@ -127,21 +152,24 @@ def save_reconstructions(model: torch.nn.Module, dataset, config: dict, out_dir:
     model_cfg = config["model"]
     for i in range(min(n_clips, len(dataset))):
         item = dataset[i]
-        frames, mask = item["frames"], item["mask"].bool()
-        pred = model(frames[None].to(device), mask[None].to(device))[0]
+        frames = item["frames"][None].to(device)
+        batch = {"frames": frames, **({"mask": item["mask"][None]} if "mask" in item else {})}
+        hidden, target = (m.to(device) for m in pretrain_masks(model, batch, config["masking"]))
+        pred = model(frames, hidden, target)[0]
         boxes = item.get("boxes")
         boxes = boxes.numpy() if isinstance(boxes, torch.Tensor) else boxes
         paths.append(reconstruction_figure(
-            frames, mask, pred, boxes, out_dir / f"{item['clip_id']}.png",
+            item["frames"], target[0], pred, boxes, out_dir / f"{item['clip_id']}.png",
             int(model_cfg["patch_size"]), int(model_cfg["tubelet_size"]),
             bool(config["pretrain"]["normalize_target"]),
-            title=f"{item['clip_id']} ({config['masking']['strategy']} masking)"))
+            title=f"{item['clip_id']} ({config['masking']['strategy']} masking)",
+            dropped=(hidden & ~target)[0]))
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = stage_arg_parser("MOFO / VideoMAE pretraining")
-    parser.add_argument("--masking", required=True, choices=sorted(MASKING_STRATEGIES))
+    parser.add_argument("--masking", required=True, choices=sorted(STRATEGY_NAMES))
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the init, loader order, augmentations and masks "
                              "(default: the first of the config's seeds)")
