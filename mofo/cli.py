@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from mofo.config import ConfigError, load_config
+from mofo.masking import STRATEGY_NAMES
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +88,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from mofo.training.bench import run_training_benchmark
 
     config = _config(args)
-    result = run_training_benchmark(config, steps=args.steps)
+    strategies = [s for s in args.strategies.split(",") if s]
+    result = run_training_benchmark(config, steps=args.steps, strategies=strategies)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
@@ -233,11 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bench_sub.add_parser(
         "train",
-        help="clips/s and peak memory of pretraining and fine-tuning steps, and the data "
-        "loader's clip rate, on the CPU (and the GPU when there is one)",
+        help="clips/s and peak memory of pretraining and fine-tuning steps, tokens per clip "
+        "(encoder, decoder) and step time of pretraining with each masking strategy side by "
+        "side, and the data loader's clip rate, on the CPU (and the GPU when there is one)",
     )
     _add_config_args(p)
     p.add_argument("--steps", type=int, default=5, help="timed steps per figure (default: %(default)s)")
+    p.add_argument("--strategies", default=",".join(STRATEGY_NAMES),
+                   help="masking strategies timed side by side (default: %(default)s)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_train)
 

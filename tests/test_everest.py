@@ -181,3 +181,22 @@ def test_mean_head_drop_keeps_the_most_moving_tokens():
     assert not torch.allclose(out, full)
     torch.testing.assert_close(full, plain.pool_head(plain.forward_features(frames)))
     assert build_classifier(cfg, 3, head="mean").pool_head.drop_ratio == 0.0  # off by default
+
+
+def test_bench_prints_tokens_and_step_time_per_strategy():
+    from mofo.training.bench import format_strategy_table, time_pretrain_strategies
+
+    cfg = load_config(overrides={"model": model_cfg(), "engine": {"device": "cpu"}})
+    result = time_pretrain_strategies(cfg, steps=1, batch_size=2)
+    rows = result["strategies"]
+    assert list(rows) == ["tube", "mofo", "everest"]
+    for name in ("tube", "mofo"):  # 14 of 16 tubes hidden: 2 x 4 slices visible, all decoded
+        assert rows[name]["encoder_tokens"] == 8 and rows[name]["decoder_tokens"] == 64
+        assert rows[name]["target_tokens"] == 56 and rows[name]["dropped_tokens"] == 0
+    n_drop, n_visible, n_target = everest_counts(64, 0.9, 0.7)
+    assert rows["everest"]["encoder_tokens"] == n_visible
+    assert rows["everest"]["decoder_tokens"] == n_visible + n_target
+    assert rows["everest"]["dropped_tokens"] == n_drop
+    assert all(r["step_s"] > 0 for r in rows.values()) and rows["tube"]["step_vs_first"] == 1.0
+    table = format_strategy_table(result)
+    assert all(name in table for name in rows) and "decoder_tokens" in table

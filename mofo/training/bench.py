@@ -1,7 +1,9 @@
 """Training throughput benchmark: model clips/s and peak memory, beside the loader's clip rate.
 
 ``run_training_benchmark(config)`` times ``steps`` optimizer steps of the configured model
-(pretraining and fine-tuning with each head) on synthetic clips of the right shape, and --
+(pretraining and fine-tuning with each head) on synthetic clips of the right shape,
+pretraining once per masking strategy side by side (tokens per clip through the encoder and
+the decoder, step time: ``time_pretrain_strategies``), and --
 when the manifest and frame stores exist -- how many clips/s the real data loader delivers
 in pretraining and fine-tuning mode. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU
 (reset per row); on CPU the process's peak resident set size (``resource.getrusage``), which
@@ -19,18 +21,22 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from mofo.config import dataset_results_dir, load_config
-from mofo.models.build import build_model
+from mofo.masking import STRATEGY_NAMES, is_model_side, mask_from_config
+from mofo.masking.grid import token_grid
+from mofo.models.build import build_model, build_pretrain_model
 from mofo.training.distributed import rank_info, select_device
 from mofo.training.engine import autocast_context, seed_everything, to_device
 from mofo.training.finetune import finetune_task
 from mofo.training.mixup import VideoMixup
 from mofo.training.optim import build_optimizer
-from mofo.training.pretrain import pretrain_task
+from mofo.training.pretrain import pretrain_masks, pretrain_task
 from mofo.training.synthetic import SyntheticClipDataset
 
 
@@ -39,6 +45,22 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def timed_step(model: torch.nn.Module, task, batch: dict, optimizer, engine_cfg: dict,
+               device: torch.device) -> float:
+    """Seconds of one forward + backward + optimizer step (device synchronised)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with autocast_context(engine_cfg, device):
+        loss, _ = task(model, batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
 
 def time_model_steps(model: torch.nn.Module, task, batch: dict, stage_cfg: dict,
@@ -51,18 +73,9 @@ def time_model_steps(model: torch.nn.Module, task, batch: dict, stage_cfg: dict,
         torch.cuda.reset_peak_memory_stats(device)
     timings = []
     for i in range(steps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        with autocast_context(engine_cfg, device):
-            loss, _ = task(model, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        seconds = timed_step(model, task, batch, optimizer, engine_cfg, device)
         if i > 0:  # the first step pays for allocations and kernel selection
-            timings.append(time.perf_counter() - t0)
+            timings.append(seconds)
     n = int(batch["frames"].shape[0])
     return {"clips_per_s": n * len(timings) / sum(timings), "step_s": sum(timings) / len(timings),
             "batch": n, "peak_memory_mb": peak_memory_mb(device)}
@@ -173,6 +186,85 @@ def mca_head_summary(result: dict) -> str:
             "faster than the loop at its FLOP rate)")
 
 
+def strategy_batch(config: dict, strategy: str, frames: torch.Tensor, inbox: torch.Tensor,
+                   seed: int = 0) -> dict:
+    """A pretraining batch for ``strategy``: the clips, their in-box flags and, for a
+    loader-side strategy, one mask per clip drawn as the loader draws it
+    (``mask_from_config``, generator seeded by ``(seed, clip)``); a model-side strategy gets
+    no mask (the task selects). A loader-side strategy that needs more than the in-box flags
+    adds its input here."""
+    masking_cfg = {**config["masking"], "strategy": strategy}
+    batch = {"frames": frames, "inbox": inbox}
+    if is_model_side(strategy):
+        return batch
+    grid = token_grid(config["model"])
+    masks = [mask_from_config(masking_cfg, grid, flags.numpy(), np.random.default_rng([seed, i]))
+             for i, flags in enumerate(inbox)]
+    return {**batch, "mask": torch.from_numpy(np.stack(masks))}
+
+
+def time_pretrain_strategies(config: dict, steps: int = 5,
+                             strategies: Sequence[str] = STRATEGY_NAMES,
+                             batch_size: int | None = None) -> dict:
+    """Tokens per clip and step time of pretraining with each masking strategy, side by side.
+
+    The same initial weights, clips and in-box flags (synthetic, one box per clip) for every
+    strategy; one optimizer step per strategy in turn, ``steps + 1`` rounds (so that a busy
+    machine slows all alike), the first round dropped; medians. Per strategy:
+    ``encoder_tokens`` (visible), ``target_tokens`` (reconstructed, in the loss),
+    ``dropped_tokens`` (neither), ``decoder_tokens`` (visible + target), ``step_s`` and
+    ``step_vs_first`` (its median over the first strategy's).
+    """
+    device = select_device(config["engine"], rank_info())
+    pre, model_cfg = config["pretrain"], config["model"]
+    n = int(batch_size or pre["batch_size"])
+    grid = token_grid(model_cfg)
+    seed_everything(0)
+    frames = synthetic_batch(config, n, {"label": 2})["frames"]
+    inbox = box_flags(n, grid, 0.25)
+    runs = {}
+    for strategy in strategies:
+        seed_everything(0)  # the same initial weights for every strategy
+        model = build_pretrain_model(model_cfg).to(device).train()
+        masking_cfg = {**config["masking"], "strategy": strategy}
+        batch = to_device(strategy_batch(config, strategy, frames, inbox), device)
+        with torch.no_grad():
+            hidden, target = pretrain_masks(model, batch, masking_cfg)
+        runs[strategy] = {
+            "model": model, "batch": batch, "optimizer": build_optimizer(model, pre, n),
+            "task": pretrain_task(model_cfg, bool(pre["normalize_target"]), masking_cfg),
+            "tokens": {"encoder_tokens": int((~hidden[0]).sum()),
+                       "target_tokens": int(target[0].sum()),
+                       "dropped_tokens": int((hidden[0] & ~target[0]).sum()),
+                       "decoder_tokens": int((~hidden[0]).sum() + target[0].sum())}}
+    times: dict[str, list[float]] = {s: [] for s in runs}
+    for i in range(steps + 1):
+        for strategy, r in runs.items():
+            seconds = timed_step(r["model"], r["task"], r["batch"], r["optimizer"],
+                                 config["engine"], device)
+            if i > 0:
+                times[strategy].append(seconds)
+    first = statistics.median(times[next(iter(runs))])
+    return {"device": str(device), "batch": n, "tokens_per_clip": math.prod(grid),
+            "threads": torch.get_num_threads(), "steps": steps,
+            "strategies": {s: {**r["tokens"], "step_s": statistics.median(times[s]),
+                               "step_vs_first": statistics.median(times[s]) / first}
+                           for s, r in runs.items()}}
+
+
+def format_strategy_table(result: dict) -> str:
+    """The :func:`time_pretrain_strategies` figures as a text table, one row per strategy."""
+    head = (f"pretraining by masking strategy ({result['tokens_per_clip']} tokens per clip, "
+            f"batch {result['batch']}, {result['device']}, median of {result['steps']} steps)")
+    cols = ["encoder_tokens", "decoder_tokens", "target_tokens", "dropped_tokens"]
+    lines = [head, f"{'strategy':<10}" + "".join(f"{c:>16}" for c in cols)
+             + f"{'step_s':>10}{'vs first':>10}"]
+    for name, row in result["strategies"].items():
+        lines.append(f"{name:<10}" + "".join(f"{row[c]:>16}" for c in cols)
+                     + f"{row['step_s']:>10.4f}{row['step_vs_first']:>10.2f}")
+    return "\n".join(lines)
+
+
 def time_loader(config: dict, mode: str, batch_size: int, num_workers: int, batches: int) -> dict:
     """clips/s the real loader delivers (first batch excluded: worker start-up)."""
     from mofo.training import data as data_io
@@ -203,8 +295,10 @@ def synthetic_batch(config: dict, batch_size: int, heads: dict[str, int]) -> dic
     return batch
 
 
-def run_training_benchmark(config: dict, steps: int = 5, loader_batches: int = 4) -> dict:
-    """Model and loader throughput for the configured model; prints and returns a dict."""
+def run_training_benchmark(config: dict, steps: int = 5, loader_batches: int = 4,
+                           strategies: Sequence[str] = STRATEGY_NAMES) -> dict:
+    """Model and loader throughput for the configured model, and pretraining per masking
+    strategy side by side (:func:`time_pretrain_strategies`); prints and returns a dict."""
     device = select_device(config["engine"], rank_info())
     engine_cfg = config["engine"]
     heads = ({"verb": 97, "noun": 300} if config["dataset"]["name"] == "epic100" else
@@ -213,25 +307,21 @@ def run_training_benchmark(config: dict, steps: int = 5, loader_batches: int = 4
     out: dict = {"device": str(device), "model_size": config["model"]["size"],
                  "input": [config["model"]["num_frames"], config["model"]["input_size"]],
                  "threads": torch.get_num_threads()}
-    from mofo.models.build import build_pretrain_model
-
     pre = config["pretrain"]
     seed_everything(0)
     batch = synthetic_batch(config, int(pre["batch_size"]), heads)
     out["pretrain_model"] = time_model_steps(
         build_pretrain_model(config["model"]), pretrain_task(config["model"], True), batch,
         pre, engine_cfg, device, steps)
+    out["pretrain_strategies"] = time_pretrain_strategies(config, steps, strategies)
     ft = config["finetune"]
     batch = synthetic_batch(config, int(ft["batch_size"]), heads)
     for head in ("mean", "mca"):
-        from mofo.masking.grid import token_grid
-
         mixer = VideoMixup(ft, heads, token_grid(config["model"]), config["model"]["patch_size"])
         out[f"finetune_{head}_model"] = time_model_steps(
             build_model(config, heads, head), finetune_task(heads, mixer, 0.1), batch, ft,
             engine_cfg, device, steps)
     # The MCA head alone, batched vs a per-clip loop of the same weights (fine-tuning shapes).
-    from mofo.masking.grid import token_grid
     from mofo.models.vit import model_spec
 
     spec = model_spec(config["model"]["size"], **dict(config["model"].get("dims") or {}))
@@ -252,6 +342,7 @@ def run_training_benchmark(config: dict, steps: int = 5, loader_batches: int = 4
         out["loader"] = f"skipped: no {root}/manifest.csv and boxes (run the pipeline first)"
     print(json.dumps(out, indent=1))
     print(mca_line)
+    print(format_strategy_table(out["pretrain_strategies"]))
     return out
 
 
@@ -259,8 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="training throughput benchmark")
     parser.add_argument("--config", action="append", default=[])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--strategies", default=",".join(STRATEGY_NAMES))
     args = parser.parse_args(argv)
-    run_training_benchmark(load_config(args.config), steps=args.steps)
+    run_training_benchmark(load_config(args.config), steps=args.steps,
+                           strategies=[s for s in args.strategies.split(",") if s])
     return 0
 
 
