@@ -4,7 +4,7 @@
 
 
 rule pretrain:
-    """Masked-autoencoder pretraining with `tube` (VideoMAE) or `mofo` (box-guided) masking."""
+    """Masked-autoencoder pretraining with `tube` (VideoMAE), `mofo` (box-guided) or `everest` (token selection) masking."""
     input:
         manifest=f"{RESULTS}/manifest.csv",
         frames=expand(f"{RESULTS}/frames/{{shard}}.jpgpack", shard=SHARDS),
