@@ -212,7 +212,8 @@ def test_evaluation_uses_the_learned_pos_embed_of_a_finetuned_checkpoint(tmp_pat
     model_cfg = {**TINY, "size": "demo"}
     config = {
         "model": model_cfg,
-        "finetune": {"drop_path": 0.0, "head_init_scale": 0.001, "fc_dropout": 0.0},
+        "finetune": {"drop_path": 0.0, "head_init_scale": 0.001, "fc_dropout": 0.0,
+                     "mean_drop_ratio": 0.0},
     }
     torch.manual_seed(0)
     clf = build_classifier(model_cfg, 3, head="mean")
