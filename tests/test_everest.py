@@ -200,3 +200,25 @@ def test_bench_prints_tokens_and_step_time_per_strategy():
     assert all(r["step_s"] > 0 for r in rows.values()) and rows["tube"]["step_vs_first"] == 1.0
     table = format_strategy_table(result)
     assert all(name in table for name in rows) and "decoder_tokens" in table
+
+
+def test_pretrain_stage_and_mean_head_drop_run_end_to_end(tmp_path):
+    """The stage on a tiny real frame store: the loader gives no mask, the model selects; the
+    reconstruction pictures are drawn; fine-tuning with the mean head's drop trains."""
+    from mofo.training import finetune, pretrain
+    from tests.test_dataset import make_results
+
+    root = tmp_path / "demo"
+    manifest = make_results(root)
+    manifest.to_csv(root / "manifest.csv", index=False)
+    fast = {"epochs": 1, "warmup_epochs": 0, "batch_size": 2, "num_workers": 0, "log_interval": 1}
+    cfg = load_config(overrides={
+        "model": {**model_cfg(), "sampling_rate": 2}, "engine": {"device": "cpu"},
+        "pretrain": {**fast, "n_reconstruction_clips": 1},
+        "finetune": {**fast, "mean_drop_ratio": 0.4},
+        "dataset": {"demo": {"classes": ["left", "right", "up"]}}})
+    ckpt = pretrain.run(cfg, root / "manifest.csv", root, "everest", tmp_path / "pre")
+    assert torch.load(ckpt, weights_only=True)["meta"]["masking"] == "everest"
+    assert len(list((tmp_path / "pre" / "reconstructions").glob("*.png"))) == 1
+    ft = finetune.run(cfg, root / "manifest.csv", root, ckpt, "mean", tmp_path / "ft")
+    assert torch.load(ft, weights_only=True)["meta"]["finetune_head"] == "mean"
