@@ -4,6 +4,8 @@ region moves, any number of temporal slices, a loss and a decoder that ignore dr
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -220,5 +222,8 @@ def test_pretrain_stage_and_mean_head_drop_run_end_to_end(tmp_path):
     ckpt = pretrain.run(cfg, root / "manifest.csv", root, "everest", tmp_path / "pre")
     assert torch.load(ckpt, weights_only=True)["meta"]["masking"] == "everest"
     assert len(list((tmp_path / "pre" / "reconstructions").glob("*.png"))) == 1
+    held_out = json.loads((tmp_path / "pre" / "validation.json").read_text())
+    assert held_out["masking"] == "everest" and held_out["n_clips"] == 1
+    assert held_out["tokens"] == everest_counts(64, 0.9, 0.7)[2]  # the reconstructed ones and np.isfinite(held_out["ratio"])
     ft = finetune.run(cfg, root / "manifest.csv", root, ckpt, "mean", tmp_path / "ft")
     assert torch.load(ft, weights_only=True)["meta"]["finetune_head"] == "mean"

@@ -12,6 +12,11 @@ because MOFO's claim is about the motion region.
 
 ``ratio`` = loss / floor: 1 = nothing learned, 0 = perfect; the sums are over all masked
 tokens of all clips (a token-weighted mean, not a mean of per-clip ratios).
+
+A model-side strategy (``everest``) selects from the model's own embeddings, so its masks
+depend on the weights; only its random draw is fixed (a generator seeded by the clip's
+position), and the tokens scored are its reconstructed ones (the most-moving tokens, not the
+dropped ones), so its ratio is not comparable one to one with a loader-side strategy's.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mofo.masking import mask_from_config
+from mofo.masking import is_model_side, mask_from_config, select_from_config
 from mofo.masking.grid import token_grid
 from mofo.training import data as data_io
 from mofo.training.losses import patch_normalized_target
@@ -32,6 +37,27 @@ MASK_SEED = 20231215  # one fixed base seed for the validation masks of every ru
 def _part(loss: float, floor: float, tokens: int) -> dict:
     return {"loss": loss / max(tokens, 1), "floor": floor / max(tokens, 1),
             "ratio": loss / floor if floor > 0 else float("nan"), "tokens": int(tokens)}
+
+
+def validation_masks(model: torch.nn.Module, masking_cfg: dict, frames: torch.Tensor,
+                     items: list[dict], inbox: np.ndarray, grid: tuple[int, int, int],
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden, target)`` bool ``(B, N)`` on ``frames``' device for the clips ``items``: a
+    loader-side strategy's mask from a generator seeded by ``(MASK_SEED, index)`` (hidden =
+    target), or a model-side one selected clip by clip with a torch generator seeded by
+    ``MASK_SEED + index``."""
+    if is_model_side(masking_cfg["strategy"]):
+        embeddings = model.encoder.embed(frames)
+        pairs = [select_from_config(
+            masking_cfg, embeddings[i:i + 1], grid,
+            torch.Generator(device=frames.device).manual_seed(MASK_SEED + int(it["index"])))
+            for i, it in enumerate(items)]
+        return torch.cat([h for h, _ in pairs]), torch.cat([t for _, t in pairs])
+    masks = np.stack([
+        mask_from_config(masking_cfg, grid, box, np.random.default_rng([MASK_SEED, it["index"]]))
+        for it, box in zip(items, inbox, strict=True)])
+    mask = torch.from_numpy(masks).to(frames.device)
+    return mask, mask
 
 
 @torch.no_grad()
@@ -56,11 +82,9 @@ def validation_reconstruction(model: torch.nn.Module, config: dict, manifest_pat
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         frames = torch.stack([it["frames"] for it in items]).to(device)
         inbox = torch.stack([it["inbox"] for it in items]).numpy()
-        masks = np.stack([
-            mask_from_config(config["masking"], grid, box, np.random.default_rng([MASK_SEED, it["index"]]))
-            for it, box in zip(items, inbox)])
-        mask = torch.from_numpy(masks).to(device)
-        pred = model(frames, mask).float()
+        hidden, mask = validation_masks(model, config["masking"], frames, items, inbox, grid)
+        masks = mask.cpu().numpy()
+        pred = model(frames, hidden, mask).float()
         target = patch_normalized_target(frames, patch, tubelet, bool(pre["normalize_target"]))
         target = target[mask].reshape(pred.shape)
         err = ((pred - target) ** 2).mean(-1).flatten().cpu().numpy()
