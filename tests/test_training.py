@@ -9,6 +9,7 @@ import signal
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import DataLoader
 
 from mofo.config import load_config
@@ -28,9 +29,9 @@ def cpu_ctx() -> DistContext:
 
 
 def stage_cfg(**kw) -> dict:
-    cfg = {"epochs": 3, "warmup_epochs": 1, "batch_size": 4, "base_lr": 1e-2, "min_lr": 1e-5,
-               "warmup_lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.95], "clip_grad": 1.0,
-               "checkpoint_every": 1, "log_interval": 1, "seed": 3}
+    cfg = {"epochs": 3, "warmup_epochs": 1, "batch_size": 4, "accum_steps": 1, "base_lr": 1e-2,
+           "min_lr": 1e-5, "warmup_lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.95],
+           "clip_grad": 1.0, "checkpoint_every": 1, "log_interval": 1, "seed": 3}
     cfg.update(kw)
     return cfg
 
@@ -265,3 +266,84 @@ def test_default_config_has_training_sections():
         assert key in cfg
     labels = {v["label"]: (v["masking"], v["head"]) for v in cfg["variants"].values()}
     assert labels["VideoMAE"] == ("tube", "mean") and labels["MOFO†"] == ("mofo", "mca")
+
+
+# ----------------------------------------------------------------- gradient accumulation
+def grads_of_first_step(batch_size: int, accum_steps: int, tmp_path) -> tuple[dict, float]:
+    """The gradients the optimizer sees at its first step and its scaled peak lr, training
+    the tiny model (dropout and drop path off, no clipping) on 16 clips."""
+    from mofo.models.build import build_pretrain_model
+
+    torch.manual_seed(0)
+    model = build_pretrain_model(TINY_MODEL, depth=1, decoder_depth=1, drop_path=0.0)
+    loader = DataLoader(SyntheticClipDataset(16, TINY_MODEL, mask_ratio=0.75),
+                        batch_size=batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator())
+    seen: dict = {}
+
+    def capture(optimizer, _args, _kwargs):
+        if not seen:
+            seen["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                             if p.grad is not None}
+            seen["lr"] = optimizer.param_groups[0]["initial_lr"]
+
+    handle = register_optimizer_step_pre_hook(capture)
+    try:
+        cfg = stage_cfg(batch_size=batch_size, accum_steps=accum_steps, clip_grad=0.0, epochs=1)
+        engine.train(model, loader, pretrain_task(), stage_cfg=cfg, engine_cfg={"resume": False},
+                     ctx=cpu_ctx(), out_dir=tmp_path, hash_config={"cfg": cfg}, max_steps=1,
+                     stage="test")
+    finally:
+        handle.remove()
+    return seen["grads"], seen["lr"]
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_one_large_batch(tmp_path):
+    big, lr_big = grads_of_first_step(8, 1, tmp_path / "big")
+    acc, lr_acc = grads_of_first_step(2, 4, tmp_path / "acc")
+    assert big.keys() == acc.keys() and len(big) > 10
+    for name, g in big.items():
+        rel = float((acc[name] - g).norm() / g.norm().clamp_min(1e-12))
+        assert rel <= 1e-5, f"{name}: relative difference {rel:.2e}"
+    # The lr follows the effective batch (8 clips per optimizer step in both runs) ...
+    assert lr_acc == pytest.approx(lr_big) == pytest.approx(1e-2 * 8 / 256)
+    # ... and a run without accumulation on the same micro-batch is a different run.
+    small, lr_small = grads_of_first_step(2, 1, tmp_path / "small")
+    assert lr_small == pytest.approx(1e-2 * 2 / 256)
+    assert max(float((small[n] - g).norm() / g.norm()) for n, g in big.items()) > 1e-2
+
+
+def test_effective_batch_is_batch_times_processes_times_accumulation():
+    assert engine.effective_batch({"batch_size": 32, "accum_steps": 8}, 8) == 2048
+    assert engine.effective_batch({"batch_size": 4, "accum_steps": 1}, 2) == 8
+    ds = engine.deepspeed_config({"clip_grad": 1.0}, {}, batch_size=4, world=2, accum_steps=3)
+    assert ds["gradient_accumulation_steps"] == 3 and ds["train_batch_size"] == 24
+
+
+def test_accumulation_resumes_at_optimizer_steps_only(tmp_path):
+    """5 micro-batches of 4 per epoch, accum 2: 2 optimizer steps per epoch (the 5th
+    micro-batch is not drawn); a stop signal inside a window checkpoints after the window."""
+    cfg = stage_cfg(accum_steps=2)
+    full = run_train(tmp_path / "full", cfg)
+    assert full.status == "finished" and full.global_step == 3 * 2
+    calls = {"n": 0}
+    base = pretrain_task()
+
+    def task(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:  # first micro-batch of optimizer step 3 (epoch 1, step 1)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return base(model, batch)
+
+    with pytest.raises(SystemExit):
+        run_train(tmp_path / "part", cfg, task=task)
+    assert calls["n"] == 6  # the window was finished before the checkpoint
+    ckpt = torch.load(tmp_path / "part" / "checkpoint-last.pt", weights_only=False)
+    assert (ckpt["global_step"], ckpt["epoch"], ckpt["step_in_epoch"]) == (3, 1, 1)
+    resumed = run_train(tmp_path / "part", cfg)
+    assert resumed.global_step == 6
+    assert resumed.losses == pytest.approx(full.losses[3:], abs=1e-6)
+    steps = [json.loads(line)["step"] for line in
+             (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "step"]
+    assert steps == list(range(1, 7))

@@ -5,8 +5,18 @@ nccl on GPU) and under DeepSpeed (``engine.kind: deepspeed``). A stage supplies 
 ``task(model, batch) -> (loss, extras)``; the engine does everything else:
 
 - optimizer (timm AdamW) and per-iteration cosine schedule (``mofo.training.optim``);
+- gradient accumulation (``accum_steps`` = k of the stage section): one optimizer step is k
+  micro-batches of ``batch_size`` clips per process, each loss scaled by 1/k, so the step's
+  gradient is the mean over ``batch_size x processes x k`` clips -- the effective batch that
+  the lr scaling (``base_lr x effective batch / 256``) uses. DDP all-reduces the gradients
+  only on the k-th backward (``no_sync`` on the others); DeepSpeed gets
+  ``gradient_accumulation_steps: k``. An epoch has ``len(loader) // k`` optimizer steps (the
+  last ``len(loader) % k`` micro-batches are not drawn). ``step`` (the global step of metrics,
+  checkpoints, ``max_steps`` and the schedule) counts optimizer steps, and checkpoints are
+  written only between two optimizer steps, never inside an accumulation window;
 - bf16 autocast on GPU (``engine.precision``), fp32 on CPU; gradient clipping;
-- one small all-reduce per step of ``[loss, non-finite flag, stop flag, clips]`` so every
+- one small all-reduce per optimizer step of ``[loss, non-finite flag, stop flag, clips]``
+  (before the last micro-batch's backward) so every
   rank sees the same mean loss, stops together on a NaN/inf loss (``NonFiniteLossError``
   naming the step) and checkpoints together on SIGUSR1/SIGTERM;
 - checkpoints (``checkpoint-last.pt``) every ``checkpoint_every`` epochs, at the end, on a
@@ -25,6 +35,7 @@ that resuming and ``load_pretrained`` work the same whichever engine wrote the f
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import signal
@@ -156,6 +167,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def effective_batch(stage_cfg: dict, world_size: int) -> int:
+    """Clips per optimizer step: ``batch_size x processes x accum_steps`` (what the linear
+    lr scaling rule is applied to)."""
+    return int(stage_cfg["batch_size"]) * world_size * int(stage_cfg["accum_steps"])
+
+
 def count_batch(batch: Any) -> int:
     """Clips in a batch (first dimension of its ``frames``)."""
     frames = batch["frames"] if isinstance(batch, dict) else batch[0]
@@ -209,13 +226,15 @@ class Wrapped:
     ds_engine: Any | None
 
 
-def deepspeed_config(stage_cfg: dict, engine_cfg: dict, batch_size: int, world: int) -> dict:
-    """DeepSpeed's JSON config: fp32 weights, ZeRO 0, our client optimizer, clipping."""
+def deepspeed_config(stage_cfg: dict, engine_cfg: dict, batch_size: int, world: int,
+                     accum_steps: int) -> dict:
+    """DeepSpeed's JSON config: fp32 weights, ZeRO 0, our client optimizer, clipping, and
+    ``accum_steps`` micro-batches of ``batch_size`` per optimizer step."""
     ds_cfg = engine_cfg.get("deepspeed", {})
     return {
         "train_micro_batch_size_per_gpu": batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": batch_size * world,
+        "gradient_accumulation_steps": accum_steps,
+        "train_batch_size": batch_size * world * accum_steps,
         "gradient_clipping": float(stage_cfg.get("clip_grad") or 0.0),
         "zero_optimization": {"stage": int(ds_cfg.get("zero_stage", 0))},
         "zero_allow_untested_optimizer": True,
@@ -226,7 +245,7 @@ def deepspeed_config(stage_cfg: dict, engine_cfg: dict, batch_size: int, world: 
 
 def wrap_model(
     model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext, stage_cfg: dict,
-    engine_cfg: dict, batch_size: int,
+    engine_cfg: dict, batch_size: int, accum_steps: int,
 ) -> Wrapped:
     """DDP for several torch processes, ``deepspeed.initialize`` for DeepSpeed, else as is."""
     if ctx.kind == "deepspeed":
@@ -240,7 +259,8 @@ def wrap_model(
         ds_model, _ds_opt, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
-            config=deepspeed_config(stage_cfg, engine_cfg, batch_size, ctx.world_size),
+            config=deepspeed_config(stage_cfg, engine_cfg, batch_size, ctx.world_size,
+                                    accum_steps),
         )
         return Wrapped(ds_model, optimizer, ds_model)
     if ctx.distributed and ctx.world_size > 1:
@@ -285,14 +305,15 @@ def _save_last(
 def _iterate_epoch(
     loader: Any, skip: int, restore_rng: dict | None
 ) -> Iterator[Any]:
-    """The epoch's batches, dropping the first ``skip`` (already trained on) and restoring
-    the step's RNG state just before the first batch that is used."""
+    """The epoch's batches, dropping the first ``skip`` (already trained on) and then
+    restoring the step's RNG state -- both at once, before any batch is used, even when no
+    batch of the epoch is left (a run stopped at the epoch's last optimizer step)."""
     iterator = iter(loader)
     for _ in range(skip):
         next(iterator)
     if restore_rng is not None:
         ckpt_io.restore_rng_state(restore_rng)
-    yield from iterator
+    return iterator
 
 
 @dataclass
@@ -364,42 +385,75 @@ class _Loop:
     stop: StopFlag
     clip_grad: float
     stage: str
+    accum_steps: int = 1
 
 
-def _step(loop: _Loop, batch: Any, global_step: int, epoch: int, step_in_epoch: int,
-          steps_per_epoch: int) -> tuple[float, float, bool, dict]:
-    """One forward/backward/update on ``batch``; returns (loss sum, clips, stop requested)
-    summed over ranks, and the task's extras (this rank's). Raises NonFiniteLossError (naming the step) on a NaN/inf loss on any rank."""
-    ctx = loop.ctx
-    batch = to_device(batch, ctx.device)
-    with autocast_context(loop.engine_cfg, ctx.device):
-        loss, extras = loop.task(loop.wrapped.model, batch)
-    n = count_batch(batch)
-    local = float(loss.detach().float().item())
-    finite = math.isfinite(local)
-    stats = all_reduce_sum(torch.tensor(
-        [local * n if finite else 0.0, 0.0 if finite else 1.0,
-         1.0 if loop.stop.requested else 0.0, float(n)], dtype=torch.float64,
-    ).to(ctx.device if ctx.backend == "nccl" else "cpu"))
-    loss_sum, bad, stop_votes, clips = (float(v) for v in stats.cpu())
-    if bad > 0:
-        raise NonFiniteLossError(
-            f"{loop.stage}: loss is {local if not finite else 'non-finite on another rank'}"
-            f" at global step {global_step + 1} (epoch {epoch}, step "
-            f"{step_in_epoch + 1} of {steps_per_epoch}); stopping"
-        )
-    wrapped = loop.wrapped
+def _sync_context(wrapped: Wrapped, last: bool) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` on every micro-batch of an accumulation window but the last: the
+    gradients add up locally and are all-reduced once, by the last backward."""
+    if not last and isinstance(wrapped.model, nn.parallel.DistributedDataParallel):
+        return wrapped.model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _backward(wrapped: Wrapped, loss: torch.Tensor, accum_steps: int) -> None:
+    """Add this micro-batch's gradient: ``loss / accum_steps`` (DeepSpeed divides by its
+    ``gradient_accumulation_steps`` itself and steps only at the window's end)."""
     if wrapped.ds_engine is not None:
         wrapped.ds_engine.backward(loss)
         wrapped.ds_engine.step()
     else:
-        loss.backward()
+        (loss / accum_steps).backward()
+
+
+def _reduce_stats(loop: _Loop, loss_sum: float, bad: bool, clips: int) -> list[float]:
+    """``[loss sum, non-finite flag, stop votes, clips]`` summed over ranks."""
+    ctx = loop.ctx
+    stats = all_reduce_sum(torch.tensor(
+        [0.0 if bad else loss_sum, 1.0 if bad else 0.0,
+         1.0 if loop.stop.requested else 0.0, float(clips)], dtype=torch.float64,
+    ).to(ctx.device if ctx.backend == "nccl" else "cpu"))
+    return [float(v) for v in stats.cpu()]
+
+
+def _step(loop: _Loop, micro_batches: Iterator[Any], global_step: int, epoch: int,
+          step_in_epoch: int, steps_per_epoch: int) -> tuple[float, float, bool, dict]:
+    """One optimizer step on ``loop.accum_steps`` micro-batches (forward + backward each);
+    returns (loss sum, clips, stop requested) summed over the window and the ranks, and the
+    task's extras (this rank's, last micro-batch). The ranks' statistics are all-reduced
+    before the last backward, so every rank raises NonFiniteLossError (naming the optimizer
+    step) on a NaN/inf loss of any micro-batch on any rank, and no update is made."""
+    ctx, wrapped, accum = loop.ctx, loop.wrapped, loop.accum_steps
+    loss_sum, clips, first_bad, extras = 0.0, 0, None, {}
+    for i, batch in enumerate(micro_batches):
+        last = i == accum - 1
+        batch = to_device(batch, ctx.device)
+        with _sync_context(wrapped, last):
+            with autocast_context(loop.engine_cfg, ctx.device):
+                loss, extras = loop.task(wrapped.model, batch)
+            n = count_batch(batch)
+            local = float(loss.detach().float().item())
+            if not math.isfinite(local):
+                first_bad = local if first_bad is None else first_bad
+            loss_sum, clips = loss_sum + local * n, clips + n
+            if last:
+                total, bad, stop_votes, all_clips = _reduce_stats(
+                    loop, loss_sum, first_bad is not None, clips)
+                if bad > 0:
+                    raise NonFiniteLossError(
+                        f"{loop.stage}: loss is "
+                        f"{first_bad if first_bad is not None else 'non-finite on another rank'}"
+                        f" at global step {global_step + 1} (epoch {epoch}, step "
+                        f"{step_in_epoch + 1} of {steps_per_epoch}); stopping")
+            if first_bad is None:  # a bad micro-batch is not backpropagated (raised above)
+                _backward(wrapped, loss, accum)
+    if wrapped.ds_engine is None:
         if loop.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(unwrap(wrapped.model).parameters(), loop.clip_grad)
         wrapped.optimizer.step()
         wrapped.optimizer.zero_grad(set_to_none=True)
     loop.scheduler.step_update(global_step + 1)
-    return loss_sum, clips, stop_votes > 0, extras
+    return total, all_clips, stop_votes > 0, extras
 
 
 def _requeue(loop: _Loop, marker: Path, last_path: Path, global_step: int) -> RequeueRequested:
@@ -450,9 +504,11 @@ def train(
 ) -> TrainResult:
     """Train ``model`` for ``stage_cfg['epochs']`` epochs of ``loader`` with ``task``.
 
-    ``stage_cfg`` keys used: epochs, warmup_epochs, batch_size, base_lr, min_lr, warmup_lr,
-    weight_decay, betas, clip_grad, layer_decay (optional), checkpoint_every, log_interval,
-    seed. ``hash_config`` is the run's provenance (the settings the stage reads and digests
+    ``stage_cfg`` keys used: epochs, warmup_epochs, batch_size, accum_steps, base_lr, min_lr,
+    warmup_lr, weight_decay, betas, clip_grad, layer_decay (optional), checkpoint_every,
+    log_interval, seed. ``loader`` yields micro-batches; an optimizer step takes
+    ``accum_steps`` of them (global steps, ``max_steps`` and checkpoints count optimizer
+    steps). ``hash_config`` is the run's provenance (the settings the stage reads and digests
     of its input files, ``mofo.provenance``): ``checkpoint-last.pt`` is resumed only when its
     provenance is the same, and it is deleted when the run finishes, so a finished run is
     never resumed. ``max_steps`` stops after that many global steps with a checkpoint
@@ -466,17 +522,18 @@ def train(
     hash_ = digest(hash_config)
     seed = int(stage_cfg.get("seed", 0))
     epochs = int(stage_cfg["epochs"])
-    steps_per_epoch = len(loader)
+    accum = int(stage_cfg["accum_steps"])
+    steps_per_epoch = len(loader) // accum  # optimizer steps
     if steps_per_epoch == 0:
         raise ValueError(
-            f"{stage}: the training loader has no batches (dataset of {len(loader.dataset)} "
-            f"clips, batch size {stage_cfg['batch_size']} with drop_last)"
+            f"{stage}: the training loader has {len(loader)} batches, fewer than one "
+            f"optimizer step of accum_steps={accum} (dataset of {len(loader.dataset)} clips, "
+            f"batch size {stage_cfg['batch_size']} with drop_last)"
         )
 
     seed_everything(seed + ctx.info.rank)
     model.to(ctx.device)
-    total_batch = int(stage_cfg["batch_size"]) * ctx.world_size
-    optimizer = build_optimizer(model, stage_cfg, total_batch)
+    optimizer = build_optimizer(model, stage_cfg, effective_batch(stage_cfg, ctx.world_size))
     scheduler = build_scheduler(optimizer, stage_cfg, steps_per_epoch)
     start = _resume_point(last_path, hash_config, hash_, model, optimizer, scheduler, ctx,
                           engine_cfg, stage)
@@ -487,14 +544,14 @@ def train(
         log.truncate_after(global_step)
 
     wrapped = wrap_model(model, optimizer, ctx, stage_cfg, engine_cfg,
-                         int(stage_cfg["batch_size"]))
+                         int(stage_cfg["batch_size"]), accum)
     log_interval = max(1, int(stage_cfg.get("log_interval", 10)))
     checkpoint_every = max(1, int(stage_cfg.get("checkpoint_every", 1)))
     marker = out_dir / REQUEUE_MARKER
     if ctx.is_main and marker.exists():
         marker.unlink()
     loop = _Loop(wrapped, scheduler, task, engine_cfg, ctx, StopFlag().install(),
-                 float(stage_cfg.get("clip_grad") or 0.0), stage)
+                 float(stage_cfg.get("clip_grad") or 0.0), stage, accum)
     losses: list[float] = []
     status = "finished"
     wrapped.model.train()
@@ -515,15 +572,17 @@ def train(
             epoch_start_rng = ckpt_io.capture_rng_state()
             set_loader_epoch(loader, epoch, seed)
             skip = start.step_in_epoch if resuming_mid_epoch else 0
-            batches = _iterate_epoch(loader, skip, start.rng if resuming_mid_epoch else None)
+            micro = _iterate_epoch(loader, skip * accum,
+                                   start.rng if resuming_mid_epoch else None)
             step_in_epoch = skip
             epoch_loss, epoch_clips, t0 = 0.0, 0, time.perf_counter()
             bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"{stage} epoch {epoch}",
                        disable=not ctx.is_main, file=sys.stderr, leave=False)
-            for batch in batches:
+            for _ in range(skip, steps_per_epoch):
                 t_step = time.perf_counter()
                 loss_sum, clips, stop_requested, extras = _step(
-                    loop, batch, global_step, epoch, step_in_epoch, steps_per_epoch)
+                    loop, itertools.islice(micro, accum), global_step, epoch, step_in_epoch,
+                    steps_per_epoch)
                 global_step += 1
                 step_in_epoch += 1
                 mean_loss = loss_sum / max(clips, 1.0)

@@ -42,9 +42,10 @@ def run_selfcheck(out_dir: str | Path, engine_kind: str = "torch", epochs: int =
     engine_cfg = {"kind": engine_kind, "device": "auto", "precision": "auto", "resume": False}
     ctx = init_distributed(engine_cfg)
     try:
-        stage_cfg = {"epochs": epochs, "warmup_epochs": 0.5, "batch_size": batch_size, "base_lr": 1e-2,
-                         "min_lr": 1e-5, "warmup_lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.95],
-                         "clip_grad": 1.0, "checkpoint_every": 1, "log_interval": 1, "seed": 0}
+        stage_cfg = {"epochs": epochs, "warmup_epochs": 0.5, "batch_size": batch_size,
+                     "accum_steps": 1, "base_lr": 1e-2, "min_lr": 1e-5, "warmup_lr": 1e-4,
+                     "weight_decay": 0.05, "betas": [0.9, 0.95], "clip_grad": 1.0,
+                     "checkpoint_every": 1, "log_interval": 1, "seed": 0}
         dataset = SyntheticClipDataset(n_clips, TINY_MODEL, mask_ratio=0.75)
         loader = make_loader(dataset, batch_size, 0, shuffle=True, seed=0, drop_last=True,
                              distributed=ctx.world_size > 1)
