@@ -64,3 +64,20 @@ def test_deepspeed_engine_takes_optimizer_steps_on_cpu(tmp_path):
     assert s["checksum"] != pytest.approx(initial_checksum(), rel=1e-9)
     final = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert final["global_step"] == 8
+
+
+def test_ddp_accumulation_all_reduces_once_per_optimizer_step(tmp_path):
+    """2 ranks x 1 micro-batch of 4 vs 2 ranks x 2 micro-batches of 2 (accum_steps 2): the same
+    clips per optimizer step, so the same weights; DDP's gradient all-reduces (counted by a
+    communication hook) happen once per optimizer step, not once per micro-batch."""
+    probe = os.path.join(os.path.dirname(__file__), "cluster", "accum_probe.py")
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         probe, str(tmp_path)], timeout=300)
+    ranks = [json.loads((tmp_path / f"accum-rank{r}.json").read_text()) for r in range(2)]
+    for rec in ranks:
+        plain, acc = rec["plain"], rec["accumulated"]
+        assert rec["world_size"] == 2 and plain["steps"] == acc["steps"] == 4
+        assert plain["allreduces"] > 0 and acc["allreduces"] == plain["allreduces"]
+        assert acc["checksum"] == pytest.approx(plain["checksum"], rel=1e-6)
+        assert acc["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    assert ranks[0]["accumulated"]["checksum"] == ranks[1]["accumulated"]["checksum"]
