@@ -39,12 +39,14 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/motion.smk"
 include: "rules/training.smk"
+include: "rules/probe.smk"
 
 
 # Seconds of plotting each: on a cluster they run where snakemake runs, not as SLURM jobs.
 localrules:
     all,
     motion,
+    probes,
     figures,
     pretrain_figures,
     variant_figures,

@@ -58,6 +58,10 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "augment.test_clips", "augment.test_crops", "engine.precision",
         "evaluate", "-evaluate.num_workers", "finetune.mean_drop_ratio",
     ),
+    # Features of one encoder: its weights (the checkpoint, an input file; for the random
+    # reference the {seed} wildcard); one centre view per clip (model grid, temporal sampling).
+    "features": ("dataset.name", "model", "augment.finetune_sampling", "engine.precision"),
+    "probe": ("probe", "-probe.batch_size", "-probe.num_workers"),
     "table": ("variants", "seeds"),
 }
 

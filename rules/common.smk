@@ -102,3 +102,15 @@ def nodes_per_job(resources):
 # Local runs (--cores N, no executor plugin) ignore groups. Snakemake combines the group's
 # resources: the largest CPUs / memory of its rules, the SUM of their runtimes.
 SHARD_GROUP = "motion_chain"
+
+
+# Probes (rules/probe.smk): every pretraining of the variants, and `random` -- the pretraining's
+# initial weights under pretrain.seed, the reference row.
+PROBE_ENCODERS = sorted({v["masking"] for v in VARIANTS.values()}) + ["random"]
+
+
+def features_checkpoint(wildcards):
+    """The pretrained checkpoint an encoder's features come from; none for `random`."""
+    if wildcards.masking == "random":
+        return []
+    return [f"{RESULTS}/pretrain/{wildcards.masking}/checkpoint.pt"]

@@ -30,6 +30,10 @@ reproducible for any number of workers. The epoch lives in shared memory, so
 the loader for that epoch; :func:`mofo.data.loader.set_loader_epoch` does it with the
 sampler's).
 
+``with_boxes=False`` reads no box files (a stage that pools all tokens, e.g. the features
+stage, needs none, so it runs on decoded frames alone): every frame's box is then the whole
+frame and every token is in-box.
+
 Frame stores and box files are opened lazily and cached per worker process, one per shard;
 only the sampled frames are decoded. Clips that are not in their shard's frame store (decode
 failed) are skipped when the dataset is built, counted in ``n_skipped`` and logged once.
@@ -120,6 +124,7 @@ class VideoClipDataset(Dataset):
             None enumerates every view (``num_clips * num_crops`` items per clip).
         seed: base seed of the per-sample generators.
         num_clips, num_crops: test views; default ``augment.test_clips`` / ``test_crops``.
+        with_boxes: False = read no box files; boxes are the whole frame (see the module doc).
     """
 
     def __init__(
@@ -134,11 +139,13 @@ class VideoClipDataset(Dataset):
         seed: int = 0,
         num_clips: int | None = None,
         num_crops: int | None = None,
+        with_boxes: bool = True,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.results_dir = Path(results_dir)
         self.split, self.mode, self.seed = split, mode, int(seed)
+        self.with_boxes = bool(with_boxes)
         self.model_cfg = dict(config["model"])
         self.masking_cfg = dict(config["masking"])
         self.augment_cfg = dict(config["augment"])
@@ -278,6 +285,9 @@ class VideoClipDataset(Dataset):
         unique, inverse = np.unique(indices, return_inverse=True)  # decode each frame once
         frames = store.read(clip_id, unique)[inverse]
         meta = store.meta(clip_id)
+        if not self.with_boxes:
+            whole = np.array([0, 0, meta["width"], meta["height"]], dtype=np.float32)
+            return frames, np.tile(whole, (len(indices), 1))
         src = self._clip_boxes(shard, clip_id)
         boxes = src[np.minimum(indices, len(src) - 1)].astype(np.float32)
         sx, sy = meta["width"] / meta["src_width"], meta["height"] / meta["src_height"]

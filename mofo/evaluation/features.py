@@ -1,0 +1,159 @@
+"""Stage entry point: pooled encoder features per clip, for probes and for users' own use.
+
+``run(config, manifest_path, results_dir, source, out_dir, splits)`` embeds every decoded clip
+of each split with a pretraining encoder and writes one file per split, ``<out_dir>/<split>.npz``.
+
+The encoder is ``source``: a pretraining checkpoint (ours, an official VideoMAE / MOFO file
+or a Hugging Face folder; its ``encoder.*`` weights, the decoder is dropped), or ``random``:
+the pretraining model's own initialisation under ``pretrain.seed`` (the same weights a
+pretraining run starts from), the reference row of the probes.
+
+One view per clip, deterministic, as evaluation's single view: the temporal view of
+``augment.test_clips = 1`` (the middle frame of each segment, or the centred window for dense
+sampling; ``augment.finetune_sampling``), the short side resized to ``model.input_size`` and
+the centre square crop. No box files are read (``with_boxes=False``): only decoded frames.
+
+Feature = the mean over all ``N = t x h x w`` tokens (nothing masked) of the encoder's output
+after its final LayerNorm (the pretraining encoder's ``norm``), float32 ``(D,)``.
+
+File layout (``numpy.load(path)``, no pickle needed): one row per clip, aligned arrays
+
+- ``clip_id``: str ``(N,)``; ``label``: int64 ``(N,)`` (-1 = unknown; EPIC: the verb class);
+  ``split``: str ``(N,)``; ``features``: float32 ``(N, D)``;
+- ``meta``: a 0-d str array holding JSON (source, encoder, pooling, model size, dataset).
+
+``python -m mofo.evaluation.features --checkpoint <ckpt | random> --out <dir>`` is the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mofo.config import load_config
+from mofo.models.build import build_encoder, build_pretrain_model
+from mofo.models.checkpoint import load_pretrained
+from mofo.models.vit import VideoEncoder
+from mofo.stage_args import resolve_paths, stage_arg_parser
+from mofo.training import data as data_io
+from mofo.training.distributed import apply_cpu_threads, rank_info, select_device
+from mofo.training.engine import autocast_context, seed_everything, to_device
+from mofo.training.finetune import pretrained_meta
+
+RANDOM = "random"
+POOLING = "mean over all tokens of the encoder output after its final LayerNorm"
+
+
+@dataclass
+class FeatureTable:
+    """One features file: aligned per-clip rows and the file's ``meta``."""
+
+    clip_id: np.ndarray  # str (N,)
+    label: np.ndarray  # int64 (N,)
+    split: np.ndarray  # str (N,)
+    features: np.ndarray  # float32 (N, D)
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.clip_id)
+
+
+def load_encoder(config: dict, source: str | Path) -> tuple[VideoEncoder, dict]:
+    """The encoder (final LayerNorm kept) for ``source``, and what it is (``meta``)."""
+    model_cfg = config["model"]
+    if str(source) == RANDOM:
+        seed = int(config["pretrain"]["seed"])
+        seed_everything(seed)  # as mofo.training.pretrain does before building its model
+        encoder = build_pretrain_model(model_cfg).encoder
+        return encoder, {"source": RANDOM, "encoder": RANDOM, "seed": seed}
+    encoder = build_encoder(model_cfg, final_norm=True)
+    report = load_pretrained(encoder, source)
+    masking = pretrained_meta(source).get("masking", "external")  # official files: no meta
+    return encoder, {"source": str(source), "encoder": masking,
+                     "checkpoint_format": report.checkpoint_format}
+
+
+@torch.no_grad()
+def pooled_features(encoder: VideoEncoder, loader, device: torch.device,
+                    engine_cfg: dict) -> tuple[list[str], np.ndarray]:
+    """Clip ids and float32 ``(clips, D)`` mean-pooled features, in loader order."""
+    encoder.eval().to(device)
+    ids: list[str] = []
+    chunks: list[np.ndarray] = []
+    for batch in tqdm(loader, desc="features", file=sys.stderr, leave=False):
+        batch = to_device(batch, device)
+        with autocast_context(engine_cfg, device):
+            tokens = encoder.forward_features(batch["frames"])
+        chunks.append(tokens.float().mean(dim=1).cpu().numpy())
+        ids.extend(batch["clip_id"])
+    return ids, np.concatenate(chunks).astype(np.float32)
+
+
+def write_features(path: str | Path, table: FeatureTable) -> Path:
+    """Write ``table`` as ``path`` (.npz, the layout of the module doc)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, clip_id=np.asarray(table.clip_id, dtype=str),
+             label=np.asarray(table.label, dtype=np.int64),
+             split=np.asarray(table.split, dtype=str),
+             features=np.asarray(table.features, dtype=np.float32),
+             meta=np.asarray(json.dumps(table.meta)))
+    tmp.replace(path)
+    return path
+
+
+def read_features(path: str | Path) -> FeatureTable:
+    """A features file written by :func:`write_features`."""
+    with np.load(path, allow_pickle=False) as data:
+        return FeatureTable(data["clip_id"], data["label"], data["split"], data["features"],
+                            json.loads(str(data["meta"])))
+
+
+def run(config: dict, manifest_path: str | Path, results_dir: str | Path, source: str | Path,
+        out_dir: str | Path, splits: tuple[str, ...] = ("train", "validation")) -> dict[str, Path]:
+    """Embed every decoded clip of each of ``splits``; returns ``{split: <out_dir>/<split>.npz}``."""
+    probe_cfg, engine_cfg = config["probe"], config["engine"]
+    encoder, meta = load_encoder(config, source)
+    apply_cpu_threads(engine_cfg)
+    device = select_device(engine_cfg, rank_info())
+    meta.update({"pooling": POOLING, "dataset": config["dataset"]["name"],
+                 "model_size": config["model"]["size"], "feature_dim": encoder.embed_dim})
+    written = {}
+    for split in splits:
+        dataset = data_io.build_dataset(config, manifest_path, results_dir, split, "test",
+                                        num_clips=1, num_crops=1, with_boxes=False)
+        loader = data_io.build_loader(dataset, int(probe_cfg["batch_size"]),
+                                      int(probe_cfg["num_workers"]), shuffle=False, seed=0,
+                                      drop_last=False, distributed=False)
+        ids, feats = pooled_features(encoder, loader, device, engine_cfg)
+        labels = dataset.clips.set_index("clip_id")["label"].loc[ids].to_numpy(np.int64)
+        table = FeatureTable(np.asarray(ids), labels, np.full(len(ids), split), feats,
+                             {**meta, "split": split, "n_skipped_clips": int(dataset.n_skipped)})
+        written[split] = write_features(Path(out_dir) / f"{split}.npz", table)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_arg_parser("pooled encoder features per clip (one .npz per split)")
+    parser.add_argument("--checkpoint", required=True,
+                        help=f"pretraining checkpoint (file or Hugging Face folder), or {RANDOM!r}")
+    parser.add_argument("--splits", nargs="+", default=["train", "validation"],
+                        choices=["train", "validation", "test"])
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    manifest, results_dir = resolve_paths(config, args)
+    for split, path in run(config, manifest, results_dir, args.checkpoint, args.out,
+                           tuple(args.splits)).items():
+        print(f"{split}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

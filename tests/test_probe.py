@@ -1,0 +1,181 @@
+"""The features stage on a list dataset of real videos, and the kNN / linear probes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mofo.config import load_config
+from mofo.data.decode import decode_shard
+from mofo.data.manifest import build_manifest, shard_name
+from mofo.evaluation import features, probe
+from mofo.evaluation.features import FeatureTable
+from tests.videofixtures import make_frames, write_video
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROBE_CFG = {"knn_k": 10, "knn_temperature": 0.07, "linear_l2": 1e-3, "linear_max_iter": 200}
+
+
+# ----------------------------------------------------------------- probes on synthetic features
+def synthetic(n: int, dim: int, n_classes: int, seed: int, random_labels: bool = False
+              ) -> FeatureTable:
+    """Each class points in its own direction, at norms from 0.2 to 10, plus small noise.
+    ``random_labels``: labels drawn independently of the features."""
+    rng = np.random.default_rng(seed)
+    directions = np.random.default_rng(99).normal(size=(n_classes, dim))
+    y = rng.integers(0, n_classes, n)
+    x = directions[y] * rng.uniform(0.2, 10.0, (n, 1)) + rng.normal(0, 0.05, (n, dim))
+    if random_labels:
+        y = rng.integers(0, n_classes, n)
+    return FeatureTable(np.array([f"c{i}" for i in range(n)]), y.astype(np.int64),
+                        np.full(n, "train"), x.astype(np.float32), {})
+
+
+def test_probes_separate_separable_features():
+    train, val = synthetic(300, 32, 4, seed=1), synthetic(200, 32, 4, seed=2)
+    m = probe.probe_metrics(train, val, PROBE_CFG)
+    assert m["knn_top1"] >= 99.0 and m["linear_top1"] >= 97.0, m
+    assert (m["n_train"], m["n_val"], m["feature_dim"], m["n_classes"]) == (300, 200, 32, 4)
+    assert m["majority_top1"] < 40.0
+    # The linear probe standardises with the train statistics: a per-dimension scale and
+    # offset of the features (both splits alike) changes nothing.
+    rng = np.random.default_rng(3)
+    scale, offset = rng.uniform(0.1, 10.0, 32), rng.normal(0.0, 50.0, 32)
+    train_x, train_y = probe.labelled(train)
+    val_x, val_y = probe.labelled(val)
+    pred = probe.linear_probe(train_x * scale + offset, train_y, val_x * scale + offset, 4,
+                              1e-3, 200)
+    assert probe.top1(pred, val_y) >= 97.0
+
+
+def test_probes_sit_at_chance_on_random_labels():
+    train = synthetic(300, 32, 4, seed=1, random_labels=True)
+    val = synthetic(400, 32, 4, seed=2, random_labels=True)
+    m = probe.probe_metrics(train, val, PROBE_CFG)
+    # chance is 25 %; 400 clips give a standard deviation of ~2.2 points
+    assert 14.0 <= m["knn_top1"] <= 36.0 and 14.0 <= m["linear_top1"] <= 36.0, m
+
+
+def test_knn_votes_by_weighted_neighbours_and_skips_unknown_labels():
+    train_x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    train_y = torch.tensor([0, 0, 1])
+    # the one nearest neighbour (class 1) outweighs two far ones at a low temperature ...
+    test_x = torch.tensor([[0.3, 1.0]])
+    assert probe.knn_predict(train_x, train_y, test_x, 3, 0.01, 2).tolist() == [1]
+    # ... while at a high temperature the votes are near equal and the majority wins
+    assert probe.knn_predict(train_x, train_y, test_x, 3, 100.0, 2).tolist() == [0]
+    # similarity is the cosine: the direction counts, not the Euclidean distance ...
+    pred = probe.knn_predict(torch.tensor([[10.0, 0.0], [0.1, 0.1]]), torch.tensor([0, 1]),
+                             torch.tensor([[1.0, 0.05]]), 1, 0.07, 2)
+    assert pred.tolist() == [0]
+    # ... nor the dot product
+    pred = probe.knn_predict(torch.tensor([[10.0, 10.0], [0.1, 0.0]]), torch.tensor([0, 1]),
+                             torch.tensor([[1.0, 0.0]]), 1, 0.07, 2)
+    assert pred.tolist() == [1]
+    table = FeatureTable(np.array(["a", "b"]), np.array([3, -1]), np.array(["train"] * 2),
+                         np.ones((2, 2), np.float32), {})
+    x, y = probe.labelled(table)
+    assert y.tolist() == [3] and x.shape == (1, 2)
+
+
+# ----------------------------------------------------------------- the features stage
+@pytest.fixture(scope="module")
+def list_dataset(tmp_path_factory) -> tuple[dict, Path, Path]:
+    """Six real mp4 files in a train list (4) and a validation list (2), decoded into frame
+    stores as the decode stage does; no motion boxes are made (features need none)."""
+    root = tmp_path_factory.mktemp("listdata")
+    videos = root / "videos"
+    lists = {"train": [], "validation": []}
+    for i in range(6):
+        path = videos / f"cls{i % 2}" / f"clip {i}.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_video(path, make_frames(12, 60, 80, seed=i, speed=2 + i))
+        lists["train" if i < 4 else "validation"].append(f"cls{i % 2}/clip {i}.mp4 {i % 2}")
+    files = {}
+    for split, lines in lists.items():
+        files[split] = str(root / f"{split}.txt")
+        Path(files[split]).write_text("\n".join(lines) + "\n")
+    config = load_config(overrides={
+        "results_dir": str(root / "results"),
+        "dataset": {"name": "list", "list": {"root": str(videos), "files": files}},
+        "probe": {"batch_size": 3}})
+    results = root / "results" / "list"
+    manifest = build_manifest(config)
+    results.mkdir(parents=True)
+    manifest.to_csv(results / "manifest.csv", index=False)
+    for shard, rows in manifest.groupby("shard"):
+        decode_shard(rows, results / "frames" / shard_name(int(shard)), config["decode"])
+    return config, results / "manifest.csv", results
+
+
+def test_features_write_one_row_per_clip_of_a_list_dataset(list_dataset, tmp_path):
+    config, manifest_path, results = list_dataset
+    written = features.run(config, manifest_path, results, "random", tmp_path)
+    assert set(written) == {"train", "validation"}
+    manifest = pd.read_csv(manifest_path)
+    for split, path in written.items():
+        assert path == tmp_path / f"{split}.npz"
+        table = features.read_features(path)
+        rows = manifest[manifest["split"] == split]
+        assert sorted(table.clip_id.tolist()) == sorted(rows["clip_id"].tolist())
+        assert len(set(table.clip_id.tolist())) == len(rows)
+        expected = dict(zip(rows["clip_id"], rows["label"]))
+        assert [expected[c] for c in table.clip_id] == table.label.tolist()
+        assert set(table.split.tolist()) == {split}
+        assert table.features.shape == (len(rows), 96) and table.features.dtype == np.float32
+        assert np.isfinite(table.features).all()
+        assert table.meta["encoder"] == "random" and table.meta["split"] == split
+    # the random reference is probed like any encoder
+    metrics = probe.run_probe(written["train"], written["validation"], PROBE_CFG,
+                              tmp_path / "probe" / "metrics.json")
+    saved = json.loads((tmp_path / "probe" / "metrics.json").read_text())
+    assert saved == metrics and (saved["n_train"], saved["n_val"]) == (4, 2)
+    assert saved["feature_dim"] == 96 and 0.0 <= saved["knn_top1"] <= 100.0
+
+
+def test_random_reference_is_seeded_by_the_pretraining_seed(list_dataset, tmp_path):
+    config, manifest_path, results = list_dataset
+
+    def feats(seed: int, out: str) -> np.ndarray:
+        cfg = {**config, "pretrain": {**config["pretrain"], "seed": seed}}
+        path = features.run(cfg, manifest_path, results, "random", tmp_path / out, ("train",))
+        return features.read_features(path["train"]).features
+
+    a, b, c = feats(0, "a"), feats(0, "b"), feats(1, "c")
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, c, atol=1e-3)
+
+
+def test_features_of_a_checkpoint_are_its_encoders_mean_token(list_dataset, tmp_path):
+    """A pretraining checkpoint's encoder, not a fresh one: the file's row equals the mean
+    over all tokens of the checkpoint model's encoder output (after its norm) on the same
+    centre view, computed here by hand."""
+    from mofo.models.build import build_pretrain_model
+    from mofo.training import data as data_io
+
+    config, manifest_path, results = list_dataset
+    torch.manual_seed(5)
+    model = build_pretrain_model(config["model"])
+    with torch.no_grad():
+        model.encoder.norm.weight.uniform_(0.5, 2.0)  # a norm that is not the identity
+        model.encoder.norm.bias.uniform_(-1.0, 1.0)
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "meta": {"masking": "tube"}}, ckpt)
+    path = features.run(config, manifest_path, results, ckpt, tmp_path / "f", ("validation",))
+    table = features.read_features(path["validation"])
+    assert table.meta["encoder"] == "tube"
+    view = data_io.build_dataset(config, manifest_path, results, "validation", "test",
+                                 num_clips=1, num_crops=1, with_boxes=False)
+    model.eval()
+    for i in range(len(view)):
+        item = view[i]
+        with torch.no_grad():
+            want = model.encoder.forward_features(item["frames"][None]).mean(dim=1)[0]
+        row = table.clip_id.tolist().index(item["clip_id"])
+        assert np.allclose(table.features[row], want.numpy(), atol=1e-5)

@@ -1,0 +1,14 @@
+"""Snakemake adapter: kNN and linear probe of one encoder's features (mofo.evaluation.probe)."""
+
+import json
+
+from mofo.evaluation.probe import run_probe
+from mofo.logs import job_log
+from mofo.tracking import stage_run_from_snakemake
+
+sm = snakemake
+with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]) as log:
+    metrics = run_probe(sm.input.train, sm.input.validation, sm.params.probe, sm.output.metrics)
+    log.info("%s", json.dumps(metrics))
+    tracker.log_summary(sm.output.metrics)
+    tracker.log_artifact(sm.output.metrics, "results")
