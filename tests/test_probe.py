@@ -14,7 +14,7 @@ from mofo.config import load_config
 from mofo.data.decode import decode_shard
 from mofo.data.manifest import build_manifest, shard_name
 from mofo.evaluation import features, probe
-from mofo.evaluation.features import FeatureTable
+from mofo.evaluation.featurefile import FeatureTable, read_features
 from tests.videofixtures import make_frames, write_video
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -121,7 +121,7 @@ def test_features_write_one_row_per_clip_of_a_list_dataset(list_dataset, tmp_pat
     manifest = pd.read_csv(manifest_path)
     for split, path in written.items():
         assert path == tmp_path / f"{split}.npz"
-        table = features.read_features(path)
+        table = read_features(path)
         rows = manifest[manifest["split"] == split]
         assert sorted(table.clip_id.tolist()) == sorted(rows["clip_id"].tolist())
         assert len(set(table.clip_id.tolist())) == len(rows)
@@ -145,7 +145,7 @@ def test_random_reference_is_seeded_by_the_pretraining_seed(list_dataset, tmp_pa
     def feats(seed: int, out: str) -> np.ndarray:
         cfg = {**config, "pretrain": {**config["pretrain"], "seed": seed}}
         path = features.run(cfg, manifest_path, results, "random", tmp_path / out, ("train",))
-        return features.read_features(path["train"]).features
+        return read_features(path["train"]).features
 
     a, b, c = feats(0, "a"), feats(0, "b"), feats(1, "c")
     assert np.array_equal(a, b)
@@ -168,7 +168,7 @@ def test_features_of_a_checkpoint_are_its_encoders_mean_token(list_dataset, tmp_
     ckpt = tmp_path / "checkpoint.pt"
     torch.save({"model": model.state_dict(), "meta": {"masking": "tube"}}, ckpt)
     path = features.run(config, manifest_path, results, ckpt, tmp_path / "f", ("validation",))
-    table = features.read_features(path["validation"])
+    table = read_features(path["validation"])
     assert table.meta["encoder"] == "tube"
     view = data_io.build_dataset(config, manifest_path, results, "validation", "test",
                                  num_clips=1, num_crops=1, with_boxes=False)

@@ -16,20 +16,15 @@ the centre square crop. No box files are read (``with_boxes=False``): only decod
 Feature = the mean over all ``N = t x h x w`` tokens (nothing masked) of the encoder's output
 after its final LayerNorm (the pretraining encoder's ``norm``), float32 ``(D,)``.
 
-File layout (``numpy.load(path)``, no pickle needed): one row per clip, aligned arrays
-
-- ``clip_id``: str ``(N,)``; ``label``: int64 ``(N,)`` (-1 = unknown; EPIC: the verb class);
-  ``split``: str ``(N,)``; ``features``: float32 ``(N, D)``;
-- ``meta``: a 0-d str array holding JSON (source, encoder, pooling, model size, dataset).
+File layout: :mod:`mofo.evaluation.featurefile` (one row per clip: clip_id, label, split,
+features; ``meta`` JSON).
 
 ``python -m mofo.evaluation.features --checkpoint <ckpt | random> --out <dir>`` is the CLI.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from mofo.config import load_config
+from mofo.evaluation.featurefile import FeatureTable, write_features
 from mofo.models.build import build_encoder, build_pretrain_model
 from mofo.models.checkpoint import load_pretrained
 from mofo.models.vit import VideoEncoder
@@ -48,20 +44,6 @@ from mofo.training.finetune import pretrained_meta
 
 RANDOM = "random"
 POOLING = "mean over all tokens of the encoder output after its final LayerNorm"
-
-
-@dataclass
-class FeatureTable:
-    """One features file: aligned per-clip rows and the file's ``meta``."""
-
-    clip_id: np.ndarray  # str (N,)
-    label: np.ndarray  # int64 (N,)
-    split: np.ndarray  # str (N,)
-    features: np.ndarray  # float32 (N, D)
-    meta: dict
-
-    def __len__(self) -> int:
-        return len(self.clip_id)
 
 
 def load_encoder(config: dict, source: str | Path) -> tuple[VideoEncoder, dict]:
@@ -93,27 +75,6 @@ def pooled_features(encoder: VideoEncoder, loader, device: torch.device,
         chunks.append(tokens.float().mean(dim=1).cpu().numpy())
         ids.extend(batch["clip_id"])
     return ids, np.concatenate(chunks).astype(np.float32)
-
-
-def write_features(path: str | Path, table: FeatureTable) -> Path:
-    """Write ``table`` as ``path`` (.npz, the layout of the module doc)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, clip_id=np.asarray(table.clip_id, dtype=str),
-             label=np.asarray(table.label, dtype=np.int64),
-             split=np.asarray(table.split, dtype=str),
-             features=np.asarray(table.features, dtype=np.float32),
-             meta=np.asarray(json.dumps(table.meta)))
-    tmp.replace(path)
-    return path
-
-
-def read_features(path: str | Path) -> FeatureTable:
-    """A features file written by :func:`write_features`."""
-    with np.load(path, allow_pickle=False) as data:
-        return FeatureTable(data["clip_id"], data["label"], data["split"], data["features"],
-                            json.loads(str(data["meta"])))
 
 
 def run(config: dict, manifest_path: str | Path, results_dir: str | Path, source: str | Path,
