@@ -81,3 +81,21 @@ def test_ddp_accumulation_all_reduces_once_per_optimizer_step(tmp_path):
         assert acc["checksum"] == pytest.approx(plain["checksum"], rel=1e-6)
         assert acc["losses"] == pytest.approx(plain["losses"], rel=1e-5)
     assert ranks[0]["accumulated"]["checksum"] == ranks[1]["accumulated"]["checksum"]
+
+
+@pytest.mark.slow
+def test_deepspeed_accumulation_matches_one_larger_micro_batch(tmp_path):
+    """DeepSpeed with gradient_accumulation_steps 2 on micro-batches of 2 trains the same
+    weights as micro-batches of 4: its backward divides by the accumulation steps and its
+    step() updates only at the window's end."""
+    out = {}
+    for batch, accum in ((4, 1), (2, 2)):
+        out[accum] = tmp_path / f"accum{accum}"
+        run([sys.executable, "-m", "mofo.training.selfcheck", "--engine", "deepspeed",
+             "--batch-size", str(batch), "--accum-steps", str(accum), "--out", str(out[accum])],
+            timeout=900)
+    (plain,), (acc,) = summaries(out[1], 1), summaries(out[2], 1)
+    assert plain["steps"] == acc["steps"] == 8
+    assert acc["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    assert acc["checksum"] == pytest.approx(plain["checksum"], rel=1e-7)
+    assert acc["checksum"] != pytest.approx(initial_checksum(), rel=1e-7)

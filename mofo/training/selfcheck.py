@@ -33,8 +33,9 @@ def weights_checksum(model: torch.nn.Module) -> float:
 
 
 def run_selfcheck(out_dir: str | Path, engine_kind: str = "torch", epochs: int = 2,
-                  n_clips: int = 16, batch_size: int = 4) -> dict:
-    """Train the tiny pretraining model; return (and write) this rank's summary."""
+                  n_clips: int = 16, batch_size: int = 4, accum_steps: int = 1) -> dict:
+    """Train the tiny pretraining model; return (and write) this rank's summary.
+    ``accum_steps`` micro-batches of ``batch_size`` make one optimizer step."""
     from mofo.data.loader import make_loader
     from mofo.models.build import build_pretrain_model
 
@@ -43,7 +44,7 @@ def run_selfcheck(out_dir: str | Path, engine_kind: str = "torch", epochs: int =
     ctx = init_distributed(engine_cfg)
     try:
         stage_cfg = {"epochs": epochs, "warmup_epochs": 0.5, "batch_size": batch_size,
-                     "accum_steps": 1, "base_lr": 1e-2, "min_lr": 1e-5, "warmup_lr": 1e-4,
+                     "accum_steps": accum_steps, "base_lr": 1e-2, "min_lr": 1e-5, "warmup_lr": 1e-4,
                      "weight_decay": 0.05, "betas": [0.9, 0.95], "clip_grad": 1.0,
                      "checkpoint_every": 1, "log_interval": 1, "seed": 0}
         dataset = SyntheticClipDataset(n_clips, TINY_MODEL, mask_ratio=0.75)
@@ -70,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--engine", default="torch", choices=["torch", "deepspeed"])
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4, help="clips per micro-batch")
+    parser.add_argument("--accum-steps", type=int, default=1,
+                        help="micro-batches per optimizer step (gradient accumulation)")
     args = parser.parse_args(argv)
-    summary = run_selfcheck(args.out, args.engine, args.epochs)
+    summary = run_selfcheck(args.out, args.engine, args.epochs, batch_size=args.batch_size,
+                            accum_steps=args.accum_steps)
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"}))
     return 0
 
