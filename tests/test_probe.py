@@ -179,3 +179,34 @@ def test_features_of_a_checkpoint_are_its_encoders_mean_token(list_dataset, tmp_
             want = model.encoder.forward_features(item["frames"][None]).mean(dim=1)[0]
         row = table.clip_id.tolist().index(item["clip_id"])
         assert np.allclose(table.features[row], want.numpy(), atol=1e-5)
+
+
+# ----------------------------------------------------------------- the rules
+def test_probes_target_runs_features_and_a_probe_per_encoder(tmp_path):
+    """`snakemake -n probes`: features and probe once per pretraining and once for the random
+    reference, which needs no pretraining (nor motion boxes)."""
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    overlay = tmp_path / "paths.yaml"
+    overlay.write_text(yaml.safe_dump({
+        "results_dir": str(tmp_path / "results"), "tracking": {"mlflow": {"enabled": False}},
+        "dataset": {"demo": {"root": str(tmp_path / "demo")}}}))
+    cmd = [sys.executable, "-m", "snakemake", "--nolock", "-n", "probes", "--configfile",
+           str(root / ".test" / "config" / "tiny.yaml"), str(overlay)]
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout.split("Job stats:")[1]
+    counts = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, flags=re.M)}
+    assert counts["features"] == 3 and counts["probe"] == 3 and counts["pretrain"] == 2
+    assert "finetune" not in counts
+    for encoder in ("tube", "mofo", "random"):
+        assert f"probe/{encoder}/metrics.json" in result.stdout
+    jobs = [block for block in result.stdout.split("\nrule ") if block.startswith("features:")]
+    (random_job,) = [job for job in jobs if "masking=random" in job]
+    assert "pretrain/" not in random_job  # the reference needs no checkpoint
+    assert all("pretrain/" in job for job in jobs if job is not random_job)
