@@ -385,7 +385,7 @@ class _Loop:
     stop: StopFlag
     clip_grad: float
     stage: str
-    accum_steps: int = 1
+    accum_steps: int
 
 
 def _sync_context(wrapped: Wrapped, last: bool) -> contextlib.AbstractContextManager:
