@@ -104,13 +104,14 @@ def nodes_per_job(resources):
 SHARD_GROUP = "motion_chain"
 
 
-# Probes (rules/probe.smk): every pretraining of the variants, and `random` -- the pretraining's
-# initial weights under pretrain.seed, the reference row.
-PROBE_ENCODERS = sorted({v["masking"] for v in VARIANTS.values()}) + ["random"]
+# Probes (rules/probe.smk), per seed: every pretraining of the variants, and `random` -- the
+# pretraining's initial weights under the {seed} wildcard, the reference row.
+RANDOM_INIT = "random"
+PROBE_ENCODERS = PRETRAININGS + [RANDOM_INIT]
 
 
 def features_checkpoint(wildcards):
     """The pretrained checkpoint an encoder's features come from; none for `random`."""
-    if wildcards.masking == "random":
+    if wildcards.masking == RANDOM_INIT:
         return []
-    return [f"{RESULTS}/pretrain/{wildcards.masking}/checkpoint.pt"]
+    return [f"{RESULTS}/pretrain/{wildcards.masking}/s{wildcards.seed}/checkpoint.pt"]

@@ -1,6 +1,6 @@
 # Probes of the frozen pretrained encoders: pooled features per clip -> kNN and linear probe.
-# {masking} is a pretraining (tube, mofo) or `random`: the pretraining's initial weights
-# under pretrain.seed, the reference row. Target: `probes` (every encoder of the variants).
+# {masking} is a pretraining (tube, mofo) or `random`: the pretraining's initial weights under
+# the {seed} wildcard, the reference row. Target: `probes` (every encoder x every seed).
 
 
 rule features:
@@ -11,16 +11,16 @@ rule features:
         frames=expand(f"{RESULTS}/frames/{{shard}}.jpgpack", shard=SHARDS),
         checkpoint=features_checkpoint,
     output:
-        train=f"{RESULTS}/features/{{masking}}/train.npz",
-        validation=f"{RESULTS}/features/{{masking}}/validation.npz",
+        train=f"{RESULTS}/features/{{masking}}/s{{seed}}/train.npz",
+        validation=f"{RESULTS}/features/{{masking}}/s{{seed}}/validation.npz",
     params:
-        out_dir=lambda wildcards: f"{RESULTS}/features/{wildcards.masking}",
-        source=lambda wildcards, input: input.checkpoint[0] if input.checkpoint else "random",
+        out_dir=lambda wildcards: f"{RESULTS}/features/{wildcards.masking}/s{wildcards.seed}",
+        source=lambda wildcards, input: input.checkpoint[0] if input.checkpoint else RANDOM_INIT,
         config_hash=stage_hash(config, "features"),
     log:
-        f"{LOGS}/features/{{masking}}.log",
+        f"{LOGS}/features/{{masking}}-s{{seed}}.log",
     benchmark:
-        f"{BENCH}/features/{{masking}}.tsv"
+        f"{BENCH}/features/{{masking}}-s{{seed}}.tsv"
     threads: training_threads()
     resources:
         mem_mb=8000,
@@ -34,15 +34,15 @@ rule features:
 rule probe:
     """kNN and linear probe of one encoder's features: top-1 on the validation split."""
     input:
-        train=f"{RESULTS}/features/{{masking}}/train.npz",
-        validation=f"{RESULTS}/features/{{masking}}/validation.npz",
+        train=f"{RESULTS}/features/{{masking}}/s{{seed}}/train.npz",
+        validation=f"{RESULTS}/features/{{masking}}/s{{seed}}/validation.npz",
     output:
-        metrics=f"{RESULTS}/probe/{{masking}}/metrics.json",
+        metrics=f"{RESULTS}/probe/{{masking}}/s{{seed}}/metrics.json",
     params:
         probe=config["probe"],
         config_hash=stage_hash(config, "probe"),
     log:
-        f"{LOGS}/probe/{{masking}}.log",
+        f"{LOGS}/probe/{{masking}}-s{{seed}}.log",
     threads: 1
     resources:
         mem_mb=4000,
@@ -56,4 +56,5 @@ rule probe:
 rule probes:
     """Every encoder's probe: the pretrainings of the variants and the random reference."""
     input:
-        expand(f"{RESULTS}/probe/{{masking}}/metrics.json", masking=PROBE_ENCODERS),
+        expand(f"{RESULTS}/probe/{{masking}}/s{{seed}}/metrics.json", masking=PROBE_ENCODERS,
+               seed=SEEDS),

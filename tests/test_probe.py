@@ -139,17 +139,27 @@ def test_features_write_one_row_per_clip_of_a_list_dataset(list_dataset, tmp_pat
     assert saved["feature_dim"] == 96 and 0.0 <= saved["knn_top1"] <= 100.0
 
 
-def test_random_reference_is_seeded_by_the_pretraining_seed(list_dataset, tmp_path):
+def test_random_reference_is_the_pretrainings_init_for_the_seed(list_dataset, tmp_path):
+    from mofo.models.build import build_pretrain_model
+    from mofo.training.engine import seed_everything
+
     config, manifest_path, results = list_dataset
 
-    def feats(seed: int, out: str) -> np.ndarray:
-        cfg = {**config, "pretrain": {**config["pretrain"], "seed": seed}}
-        path = features.run(cfg, manifest_path, results, "random", tmp_path / out, ("train",))
+    def feats(seed: int | None, out: str) -> np.ndarray:
+        path = features.run(config, manifest_path, results, "random", tmp_path / out,
+                            ("train",), seed=seed)
         return read_features(path["train"]).features
 
-    a, b, c = feats(0, "a"), feats(0, "b"), feats(1, "c")
+    a, b, c = feats(3, "a"), feats(3, "b"), feats(4, "c")
     assert np.array_equal(a, b)
     assert not np.allclose(a, c, atol=1e-3)
+    assert np.array_equal(feats(None, "d"), feats(config["seeds"][0], "e"))
+    # the weights are those a pretraining with seed 3 starts from (mofo.training.pretrain)
+    encoder, meta = features.load_encoder(config, "random", 3)
+    seed_everything(3)
+    start = build_pretrain_model(config["model"], drop_path=0.1).encoder.state_dict()
+    assert meta["seed"] == 3
+    assert all(torch.equal(v, start[k]) for k, v in encoder.state_dict().items())
 
 
 def test_features_of_a_checkpoint_are_its_encoders_mean_token(list_dataset, tmp_path):
@@ -183,8 +193,8 @@ def test_features_of_a_checkpoint_are_its_encoders_mean_token(list_dataset, tmp_
 
 # ----------------------------------------------------------------- the rules
 def test_probes_target_runs_features_and_a_probe_per_encoder(tmp_path):
-    """`snakemake -n probes`: features and probe once per pretraining and once for the random
-    reference, which needs no pretraining (nor motion boxes)."""
+    """`snakemake -n probes` with seeds [0, 3]: features and probe per seed for each
+    pretraining and for the random reference, which needs no pretraining."""
     import re
     import subprocess
     import sys
@@ -195,6 +205,7 @@ def test_probes_target_runs_features_and_a_probe_per_encoder(tmp_path):
     overlay = tmp_path / "paths.yaml"
     overlay.write_text(yaml.safe_dump({
         "results_dir": str(tmp_path / "results"), "tracking": {"mlflow": {"enabled": False}},
+        "seeds": [0, 3],
         "dataset": {"demo": {"root": str(tmp_path / "demo")}}}))
     cmd = [sys.executable, "-m", "snakemake", "--nolock", "-n", "probes", "--configfile",
            str(root / ".test" / "config" / "tiny.yaml"), str(overlay)]
@@ -202,11 +213,13 @@ def test_probes_target_runs_features_and_a_probe_per_encoder(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout.split("Job stats:")[1]
     counts = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, flags=re.M)}
-    assert counts["features"] == 3 and counts["probe"] == 3 and counts["pretrain"] == 2
+    assert counts["features"] == 6 and counts["probe"] == 6 and counts["pretrain"] == 4
     assert "finetune" not in counts
     for encoder in ("tube", "mofo", "random"):
-        assert f"probe/{encoder}/metrics.json" in result.stdout
+        for seed in (0, 3):
+            assert f"probe/{encoder}/s{seed}/metrics.json" in result.stdout
     jobs = [block for block in result.stdout.split("\nrule ") if block.startswith("features:")]
-    (random_job,) = [job for job in jobs if "masking=random" in job]
-    assert "pretrain/" not in random_job  # the reference needs no checkpoint
-    assert all("pretrain/" in job for job in jobs if job is not random_job)
+    random_jobs = [job for job in jobs if "masking=random" in job]
+    assert len(random_jobs) == 2  # one per seed, and they need no checkpoint
+    assert all("pretrain/" not in job for job in random_jobs)
+    assert all("pretrain/" in job for job in jobs if job not in random_jobs)

@@ -1,12 +1,14 @@
 """Stage entry point: pooled encoder features per clip, for probes and for users' own use.
 
-``run(config, manifest_path, results_dir, source, out_dir, splits)`` embeds every decoded clip
-of each split with a pretraining encoder and writes one file per split, ``<out_dir>/<split>.npz``.
+``run(config, manifest_path, results_dir, source, out_dir, splits, seed)`` embeds every
+decoded clip of each split with a pretraining encoder and writes one file per split,
+``<out_dir>/<split>.npz``.
 
 The encoder is ``source``: a pretraining checkpoint (ours, an official VideoMAE / MOFO file
 or a Hugging Face folder; its ``encoder.*`` weights, the decoder is dropped), or ``random``:
-the pretraining model's own initialisation under ``pretrain.seed`` (the same weights a
-pretraining run starts from), the reference row of the probes.
+the pretraining model's own initialisation under ``seed`` (the same weights a pretraining run
+with that seed starts from; None = the first of the config's ``seeds``, as for pretraining),
+the reference row of the probes.
 
 One view per clip, deterministic, as evaluation's single view: the temporal view of
 ``augment.test_clips = 1`` (the middle frame of each segment, or the centred window for dense
@@ -46,11 +48,13 @@ RANDOM = "random"
 POOLING = "mean over all tokens of the encoder output after its final LayerNorm"
 
 
-def load_encoder(config: dict, source: str | Path) -> tuple[VideoEncoder, dict]:
-    """The encoder (final LayerNorm kept) for ``source``, and what it is (``meta``)."""
+def load_encoder(config: dict, source: str | Path,
+                 seed: int | None = None) -> tuple[VideoEncoder, dict]:
+    """The encoder (final LayerNorm kept) for ``source``, and what it is (``meta``);
+    ``seed`` only matters for ``random`` (module doc)."""
     model_cfg = config["model"]
     if str(source) == RANDOM:
-        seed = int(config["pretrain"]["seed"])
+        seed = int(config["seeds"][0] if seed is None else seed)
         seed_everything(seed)  # as mofo.training.pretrain does before building its model
         encoder = build_pretrain_model(model_cfg).encoder
         return encoder, {"source": RANDOM, "encoder": RANDOM, "seed": seed}
@@ -78,10 +82,11 @@ def pooled_features(encoder: VideoEncoder, loader, device: torch.device,
 
 
 def run(config: dict, manifest_path: str | Path, results_dir: str | Path, source: str | Path,
-        out_dir: str | Path, splits: tuple[str, ...] = ("train", "validation")) -> dict[str, Path]:
+        out_dir: str | Path, splits: tuple[str, ...] = ("train", "validation"),
+        seed: int | None = None) -> dict[str, Path]:
     """Embed every decoded clip of each of ``splits``; returns ``{split: <out_dir>/<split>.npz}``."""
     probe_cfg, engine_cfg = config["probe"], config["engine"]
-    encoder, meta = load_encoder(config, source)
+    encoder, meta = load_encoder(config, source, seed)
     apply_cpu_threads(engine_cfg)
     device = select_device(engine_cfg, rank_info())
     meta.update({"pooling": POOLING, "dataset": config["dataset"]["name"],
@@ -107,11 +112,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"pretraining checkpoint (file or Hugging Face folder), or {RANDOM!r}")
     parser.add_argument("--splits", nargs="+", default=["train", "validation"],
                         choices=["train", "validation", "test"])
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"{RANDOM!r} only: the init seed (default: the first of the "
+                             "config's seeds)")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     manifest, results_dir = resolve_paths(config, args)
     for split, path in run(config, manifest, results_dir, args.checkpoint, args.out,
-                           tuple(args.splits)).items():
+                           tuple(args.splits), args.seed).items():
         print(f"{split}: {path}")
     return 0
 

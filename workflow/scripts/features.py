@@ -8,7 +8,7 @@ sm = snakemake
 with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
     run_stage_module(
         "mofo.evaluation.features",
-        ["--checkpoint", sm.params.source, "--manifest", sm.input.manifest,
+        ["--checkpoint", sm.params.source, "--seed", sm.wildcards.seed, "--manifest", sm.input.manifest,
          "--results-dir", sm.config["results_dir"] + "/" + sm.config["dataset"]["name"],
          "--out", sm.params.out_dir, "--splits", "train", "validation"],
         sm.config,
