@@ -2,6 +2,7 @@
 # from the annotation files (or the demo config), never from decoding video.
 from mofo.data.adapters import annotation_files
 from mofo.data.manifest import shard_names
+from mofo.evaluation.table import RANDOM_ENCODER as RANDOM_INIT_LABEL  # the random encoder's row
 from mofo.provenance import stage_hash  # a rule's rerun trigger: what its stage reads
 
 RESULTS = f"{config['results_dir']}/{config['dataset']['name']}"
@@ -54,7 +55,9 @@ def pretrained_input(wildcards):
 
 def table_runs():
     """One entry per variant and seed (mofo.evaluation.table.Run): the evaluation's
-    metrics.json and, for pretrained variants, the pretraining's held-out reconstruction."""
+    metrics.json and, for pretrained variants, the pretraining's held-out reconstruction and
+    the probe of its encoder; then the randomly initialised encoder's probe (a probe-only
+    row, the reference of every kNN figure)."""
     runs = []
     for v in VARIANTS.values():
         for seed in SEEDS:
@@ -64,7 +67,11 @@ def table_runs():
                 "metrics": f"{RESULTS}/eval/{v['masking']}-{v['head']}/s{seed}/metrics.json",
                 "validation": (f"{RESULTS}/pretrain/{v['masking']}/s{seed}/validation.json"
                                if pretrained else None),
+                "probe": (f"{RESULTS}/probe/{v['masking']}/s{seed}/metrics.json"
+                          if pretrained else None),
             })
+    runs += [{"variant": RANDOM_INIT_LABEL, "masking": RANDOM_INIT, "head": "", "seed": seed,
+              "probe": f"{RESULTS}/probe/{RANDOM_INIT}/s{seed}/metrics.json"} for seed in SEEDS]
     return runs
 
 
