@@ -530,6 +530,9 @@ def train(
             f"optimizer step of accum_steps={accum} (dataset of {len(loader.dataset)} clips, "
             f"batch size {stage_cfg['batch_size']} with drop_last)"
         )
+    # One line per process: the job log shows how the launch (torchrun / srun) placed it.
+    print(f"[mofo] {stage}: rank {ctx.info.rank} of {ctx.world_size} ({ctx.info.source}) on "
+          f"{ctx.device}, {steps_per_epoch} steps per epoch", file=sys.stderr, flush=True)
 
     seed_everything(seed + ctx.info.rank)
     model.to(ctx.device)
