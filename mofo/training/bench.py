@@ -181,8 +181,8 @@ def mca_head_summary(result: dict) -> str:
             f"{result['per_clip_loop_s']:.3f} s (CPU {result['per_clip_loop_cpu_s']:.3f} s); "
             f"loop / batched = {result['loop_over_batched']:.2f} "
             f"(CPU time {result['loop_over_batched_cpu']:.2f}); GFLOP loop "
-            f"{result['loop_gflop']:.0f}, batched {result['batched_gflop']:.0f}, least exact "
-            f"{result['irreducible_gflop']:.0f} (at most {result['loop_over_irreducible']:.2f}x "
+            f"{result['loop_gflop']:.3g}, batched {result['batched_gflop']:.3g}, least exact "
+            f"{result['irreducible_gflop']:.3g} (at most {result['loop_over_irreducible']:.2f}x "
             "faster than the loop at its FLOP rate)")
 
 
