@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,10 @@ from tests.cluster.slurm import LocalSlurm, local_profile
 pytestmark = pytest.mark.slurm
 
 PROFILE = REPO_ROOT / "profiles" / "slurm"
-PROBE = REPO_ROOT / "tests" / "cluster" / "dist_probe.py"
+#: The tube pretraining of seed 0 (config `seeds: [0]`): its folder, checkpoint and log.
+PRETRAIN_DIR = "results/demo/pretrain/tube/s0"
+PRETRAIN_TARGET = f"{PRETRAIN_DIR}/checkpoint.pt"
+PRETRAIN_LOG = "results/demo/logs/pretrain/tube-s0.log"
 
 
 def snakemake(
@@ -117,174 +122,34 @@ def test_profile_threads_equal_the_cpus_each_job_requests():
 
 
 SNAKEFILE = """
-REPO = config["repo"]
-SHARDS = ["shard-0000", "shard-0001"]
-
 rule all:
-    input:
-        expand("out/decode/{shard}.txt", shard=SHARDS),
-        "out/pretrain/done.txt",
-        "out/finetune/done.txt",
+    input: expand("out/decode/{shard}.txt", shard=["shard-0000", "shard-0001"])
 
 rule decode:  # a CPU shard job
     output: "out/decode/{shard}.txt"
     shell: "echo job=$SLURM_JOB_ID cpus=$SLURM_CPUS_PER_TASK threads={threads} > {output}"
-
-rule pretrain:  # GPU job: one task with resources.gpu GPUs, torchrun starts one process each
-    output: "out/pretrain/done.txt"
-    log: "logs/pretrain.log"
-    shell:
-        "echo $SLURM_JOB_ID >> out/pretrain/starts.txt; "
-        "torchrun --standalone --nproc-per-node={resources.gpu} {REPO}/tests/cluster/dist_probe.py "
-        "out/pretrain > {log} 2>&1 && touch {output}"
-
-rule finetune:  # the several-nodes path: srun starts one task per GPU, SLURM gives the ranks
-    output: "out/finetune/done.txt"
-    log: "logs/finetune.log"
-    shell:
-        # Snakemake's job step keeps only SLURM_JOB_ID of the SLURM variables; srun gives each
-        # task SLURM_JOB_NODELIST again, so the first host is looked up inside the task.
-        "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000)); "
-        "{resources.mpi} --ntasks-per-node={resources.tasks_per_node} --kill-on-bad-exit=1 "
-        "bash -c 'MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1) "
-        "exec python3 {REPO}/tests/cluster/dist_probe.py out/finetune' > {log} 2>&1 "
-        "&& touch {output}"
 """
 
 
-def read_ranks(folder: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))]
-
-
-def test_profile_runs_cpu_and_gpu_rules_through_slurm(slurm_cluster, tmp_path):
-    """decode shards as CPU jobs; pretrain as ONE job with 2 GPUs running torchrun with 2
-    processes; finetune on the several-nodes path (srun, one task per GPU) on our one node."""
+def test_profile_runs_cpu_rules_through_slurm(slurm_cluster, tmp_path):
+    """Shard rules become CPU jobs whose {threads} equal the CPUs SLURM gave them. (The GPU
+    rules are run for real below: the pretrain rule with 2 GPUs, the several-node launch.)"""
     (tmp_path / "Snakefile").write_text(SNAKEFILE)
-    profile = local_profile(
-        PROFILE,
-        tmp_path / "profile",
-        slurm_cluster,
-        extra={"retries": 0},
-        resources={
-            "pretrain": {"gpu": 2},
-            "finetune": {
-                "gpu": None,
-                "cpus_per_gpu": None,
-                "nodes": 1,
-                "gres": "gpu:2",
-                "tasks_per_node": 2,
-                "mpi": "srun",
-                "cpus_per_task": 1,
-            },
-        },
-    )
+    profile = local_profile(PROFILE, tmp_path / "profile", slurm_cluster, extra={"retries": 0})
     work = tmp_path / "work"
     proc = snakemake(
         slurm_cluster,
-        [
-            "--profile",
-            str(profile),
-            "-s",
-            str(tmp_path / "Snakefile"),
-            "-d",
-            str(work),
-            "--config",
-            f"repo={REPO_ROOT}",
-        ],
+        ["--profile", str(profile), "-s", str(tmp_path / "Snakefile"), "-d", str(work)],
     )
     assert_ok(proc)
-
     for shard in ("shard-0000", "shard-0001"):
         fields = dict(
             kv.split("=") for kv in (work / f"out/decode/{shard}.txt").read_text().split()
         )
         assert fields["job"], "decode did not run inside a SLURM job"
         assert fields["cpus"] == fields["threads"]
-    assert len(run_jobs(slurm_cluster, work, "decode")) == 2
-
-    # One task with both GPUs (plugin >= 2.7.1), not the script started once per GPU.
-    starts = (work / "out/pretrain/starts.txt").read_text().split()
-    assert len(starts) == 1
-    assert "TresPerJob=gres:gpu:2" in slurm_cluster.job_info(int(starts[0]))
-    ranks = read_ranks(work / "out/pretrain")
-    assert [r["rank"] for r in ranks] == [0, 1]
-    assert all(r["source"] == "torchrun" and r["world_size"] == 2 for r in ranks)
-    assert all(r["all_reduce_sum"] == 3.0 for r in ranks)
-    assert all(r["cuda_visible_devices"] == "0,1" for r in ranks)
-
-    ranks = read_ranks(work / "out/finetune")
-    assert [r["rank"] for r in ranks] == [0, 1]
-    assert all(r["source"] == "slurm" and r["world_size"] == 2 for r in ranks)
-    assert all(r["all_reduce_sum"] == 3.0 for r in ranks)
-    assert ranks[0]["master_addr"] == slurm_cluster.nodename
-
-    for rule in ("decode", "pretrain", "finetune"):
-        jobs = run_jobs(slurm_cluster, work, rule)
-        assert jobs and all(j["state"] == "COMPLETED" for j in jobs), jobs
-
-
-WORKER = """
-import json, os, signal, sys, time
-out, ckpt, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-delay = float(os.environ.get("WORKER_DELAY", "0.25"))
-start = json.load(open(ckpt))["step"] if os.path.exists(ckpt) else 0
-print(f"starting at step {start}", flush=True)
-stop = []
-signal.signal(signal.SIGUSR1, lambda s, f: stop.append(s))
-signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
-for step in range(start, steps):
-    if stop:
-        json.dump({"step": step}, open(ckpt + ".tmp", "w"))
-        os.replace(ckpt + ".tmp", ckpt)
-        print(f"signal {stop[0]} at step {step}: checkpoint written", flush=True)
-        sys.exit(75)
-    time.sleep(delay)
-open(out, "w").write(f"resumed_from={start}\\n")
-"""
-
-PREEMPT_SNAKEFILE = """
-rule pretrain:
-    output: "out/pretrain.txt"
-    log: "logs/pretrain.log"
-    shell: "python3 worker.py {output} ckpt.json 600 >> {log} 2>&1"
-"""
-
-
-@pytest.mark.slow
-def test_time_limit_signal_checkpoints_and_rerun_resumes(slurm_cluster, tmp_path):
-    """The profile's --signal=USR1@<s> reaches the training process inside the job step
-    before the time limit; the rerun continues from the checkpoint, not from step 0."""
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "worker.py").write_text(WORKER)
-    (tmp_path / "Snakefile").write_text(PREEMPT_SNAKEFILE)
-    # 2 minute limit, signal 80 s before it: SLURM checks limits every ~30 s, so the signal
-    # comes 40-70 s into the job -- after Snakemake inside the job has started the worker even
-    # on a loaded machine (at 10-40 s it could hit Snakemake itself) -- and the worker would
-    # need 150 s.
-    short = local_profile(
-        PROFILE,
-        tmp_path / "short",
-        slurm_cluster,
-        resources={"pretrain": {"runtime": 2, "slurm_extra": "'--signal=USR1@80'"}},
-        extra={"retries": 0},
-    )
-    base = ["-s", str(tmp_path / "Snakefile"), "-d", str(work)]
-    first = snakemake(slurm_cluster, ["--profile", str(short), *base], timeout=360)
-    assert first.returncode != 0, "the job should have been stopped by the time-limit signal"
-    log = (work / "logs/pretrain.log").read_text()
-    assert "checkpoint written" in log, log
-    step = json.loads((work / "ckpt.json").read_text())["step"]
-    assert step > 0
-    assert not (work / "out/pretrain.txt").exists()
-
-    full = local_profile(PROFILE, tmp_path / "full", slurm_cluster, extra={"retries": 0})
-    second = snakemake(
-        slurm_cluster, ["--profile", str(full), *base], timeout=240, env={"WORKER_DELAY": "0.001"}
-    )
-    assert_ok(second)
-    assert (work / "out/pretrain.txt").read_text().strip() == f"resumed_from={step}"
-    assert f"starting at step {step}" in (work / "logs/pretrain.log").read_text()
+    jobs = run_jobs(slurm_cluster, work, "decode")
+    assert len(jobs) == 2 and all(j["state"] == "COMPLETED" for j in jobs), jobs
 
 
 @pytest.mark.mlflow
@@ -422,17 +287,17 @@ def test_slurm_results_equal_local_results(slurm_pipeline, local_reference):
     )
     # Training on the CPU with the same seeds and thread count: same losses, same accuracies.
     # Both runs have the same metric files (else the loops below could compare nothing).
-    train_metrics = sorted(p.relative_to(local_res) for p in local_res.glob("*/*/metrics.jsonl"))
-    eval_metrics = sorted(p.relative_to(local_res) for p in local_res.glob("eval/*/metrics.json"))
+    train_metrics = sorted(p.relative_to(local_res) for p in local_res.glob("*/*/s*/metrics.jsonl"))
+    eval_metrics = sorted(p.relative_to(local_res) for p in local_res.glob("eval/*/s*/metrics.json"))
     assert {p.parts[0] for p in train_metrics} == {"pretrain", "finetune"}, train_metrics
     assert eval_metrics, "the local run wrote no evaluation metrics"
     assert train_metrics == sorted(
-        p.relative_to(slurm_res) for p in slurm_res.glob("*/*/metrics.jsonl")
+        p.relative_to(slurm_res) for p in slurm_res.glob("*/*/s*/metrics.jsonl")
     )
     assert eval_metrics == sorted(
-        p.relative_to(slurm_res) for p in slurm_res.glob("eval/*/metrics.json")
+        p.relative_to(slurm_res) for p in slurm_res.glob("eval/*/s*/metrics.json")
     )
-    for metrics in sorted(local_res.glob("*/*/metrics.jsonl")):
+    for metrics in sorted(local_res.glob("*/*/s*/metrics.jsonl")):
         rel = metrics.relative_to(local_res)
         ours = [json.loads(x) for x in (slurm_res / rel).read_text().splitlines()]
         ref = [json.loads(x) for x in metrics.read_text().splitlines()]
@@ -444,7 +309,7 @@ def test_slurm_results_equal_local_results(slurm_pipeline, local_reference):
         assert [r["loss"] for r in steps] == pytest.approx(
             [r["loss"] for r in ref_steps], rel=1e-5
         ), rel
-    for metrics in sorted(local_res.glob("eval/*/metrics.json")):
+    for metrics in sorted(local_res.glob("eval/*/s*/metrics.json")):
         rel = metrics.relative_to(local_res)
         ours, ref = json.loads((slurm_res / rel).read_text()), json.loads(metrics.read_text())
         assert {"top1", "top5"} <= ref.keys() and {"top1", "top5"} <= ours.keys(), rel
@@ -471,8 +336,8 @@ def test_preempted_training_resumes_from_checkpoint(slurm_cluster, slurm_pipelin
     shutil.rmtree(work / ".snakemake" / "slurm_logs")  # the copy's logs are the new jobs'
     longer = tmp_path / "longer.yaml"  # long enough to be caught mid-run
     longer.write_text(yaml.safe_dump({"pretrain": {"epochs": EPOCHS}}))
-    target = "results/demo/pretrain/tube/checkpoint.pt"
-    out_dir = work / "results/demo/pretrain/tube"
+    target = PRETRAIN_TARGET
+    out_dir = work / PRETRAIN_DIR
     metrics = out_dir / "metrics.jsonl"
     metrics.unlink()  # the earlier run's; the new job's file is what we watch
     cmd = [
@@ -494,7 +359,7 @@ def test_preempted_training_resumes_from_checkpoint(slurm_cluster, slurm_pipelin
             cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
         try:
-            job = wait_for_training_steps(slurm_cluster, before, metrics, steps=5)
+            job = wait_for_training_steps(slurm_cluster, before, metrics, steps=5, proc=first)
             slurm_cluster.run("scancel", "--signal=USR1", job)
             first.wait(timeout=600)
         finally:
@@ -511,11 +376,11 @@ def test_preempted_training_resumes_from_checkpoint(slurm_cluster, slurm_pipelin
         ["timeout", "-s", "INT", "900", *cmd], capture_output=True, text=True, env=env, check=False
     )
     assert second.returncode == 0, second.stderr[-5000:]
-    log = (work / "results/demo/logs/pretrain/tube.log").read_text()
-    assert f"resuming from {out_dir.relative_to(work) / 'checkpoint-last.pt'} at epoch" in log, log[
-        -3000:
-    ]
-    assert f"step {marker['step']}" in log
+    log = (work / PRETRAIN_LOG).read_text()
+    # Snakemake removes a job's log before it runs: this log is the rerun's own.
+    last = out_dir.relative_to(work) / "checkpoint-last.pt"
+    resumed = re.findall(rf"resuming from {re.escape(str(last))} at epoch (\d+), step (\d+)", log)
+    assert resumed == [(str((marker["step"] - 1) // 3), str(marker["step"]))], log[-3000:]
     steps = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     step_ids = [r["step"] for r in steps if r.get("type") == "step"]
     assert step_ids == sorted(set(step_ids)), "steps repeated after the resume"
@@ -523,13 +388,15 @@ def test_preempted_training_resumes_from_checkpoint(slurm_cluster, slurm_pipelin
 
 
 def wait_for_training_steps(
-    cluster: LocalSlurm, old_jobs: set, metrics: Path, steps: int, timeout: float = 600
+    cluster: LocalSlurm, old_jobs: set, metrics: Path, steps: int, timeout: float = 600,
+    proc: subprocess.Popen | None = None,
 ) -> str:
-    """The id of the new running pretrain job once its metrics file has ``steps`` step records."""
-    import time
-
+    """The id of the new running pretrain job once its metrics file has ``steps`` step records
+    (an error as soon as ``proc``, the Snakemake that submits it, has exited)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"snakemake exited ({proc.returncode}) before training began")
         jobs = [j for j in rule_jobs(cluster, "pretrain") if j["id"] not in old_jobs]
         running = [j for j in jobs if j["state"] == "RUNNING"]
         if running and metrics.exists():
@@ -540,3 +407,188 @@ def wait_for_training_steps(
             raise AssertionError(f"pretrain job ended before it could be signalled: {jobs}")
         time.sleep(0.5)
     raise AssertionError("pretraining did not start in time")
+
+
+# ---------------------------------------------------------------------------------------------
+# The training rules' launch and preemption paths, for real: rules/training.smk through the
+# profile, mofo.stages.stage_command's srun line, SLURM's own time-limit signal.
+
+def copy_pipeline(shared: Path, work: Path) -> Path:
+    """A private copy of the SLURM pipeline's directory, for a test that retrains in it.
+
+    symlinks=True keeps config/ a link to the repository's; copy2 keeps the mtimes, so
+    Snakemake sees the same up-to-date outputs as in the shared directory. The copy's
+    slurm_logs are removed: the logs left in it are its own jobs' (see run_jobs)."""
+    shutil.copytree(shared, work, symlinks=True)
+    shutil.rmtree(work / ".snakemake" / "slurm_logs")
+    return work
+
+
+def step_records(metrics: Path) -> list[int]:
+    """The global step of every ``step`` record of a metrics.jsonl, in file order."""
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    return [r["step"] for r in records if r.get("type") == "step"]
+
+
+def rank_lines(log: str) -> set[tuple[int, int, str]]:
+    """(rank, world size, source) of the engine's one line per training process."""
+    found = re.findall(r"\] pretrain-tube: rank (\d+) of (\d+) \((\w+)\) on cpu", log)
+    return {(int(r), int(w), source) for r, w, source in found}
+
+
+def train_clips(work: Path) -> int:
+    manifest = (work / "results/demo/manifest.csv").read_text().splitlines()
+    header = manifest[0].split(",")
+    split = header.index("split")
+    return sum(1 for row in manifest[1:] if row.split(",")[split] == "train")
+
+
+def test_pretrain_rule_with_two_gpus_trains_two_ranks(slurm_cluster, slurm_pipeline, tmp_path):
+    """The real pretrain rule (rules/training.smk) through the profile with ``gpu: 2``: one
+    job, one task holding both GPUs; ``processes_per_job`` makes it 2 processes, so the stage
+    runs under ``torchrun --standalone --nproc-per-node=2`` and both ranks train.
+
+    Fake GPUs: the local node declares ``Gres=gpu:2`` backed by two character devices
+    (tests/cluster/slurm.py), so ``gpu: 2`` schedules exactly as on a GPU cluster (--gpus=2,
+    CUDA_VISIBLE_DEVICES=0,1); torch finds no CUDA there, and the two processes train on the
+    CPU over gloo. Nothing else is overridden: the rule reads ``resources.gpu`` as on a cluster."""
+    shared, _, _ = slurm_pipeline
+    work = copy_pipeline(shared, tmp_path / "work")
+    profile = local_profile(
+        PROFILE, tmp_path / "profile", slurm_cluster, extra={"retries": 0},
+        resources={"pretrain": {"gpu": 2}},
+    )
+    proc = snakemake(
+        slurm_cluster,
+        ["--profile", str(profile), *pipeline_args(work), "--forcerun", "pretrain", "--",
+         PRETRAIN_TARGET],
+        env=clean_env(),
+    )
+    assert_ok(proc)
+    [job] = run_jobs(slurm_cluster, work, "pretrain")
+    assert job["state"] == "COMPLETED", job
+    assert "TresPerJob=gres:gpu:2" in slurm_cluster.job_info(int(job["id"])).split()
+    log = (work / PRETRAIN_LOG).read_text()
+    assert "torch.distributed.run --standalone --nproc-per-node=2 -m mofo.training.pretrain" in log
+    assert rank_lines(log) == {(0, 2, "torchrun"), (1, 2, "torchrun")}, log[-3000:]
+    # DistributedSampler: each rank gets half of the clips, so an epoch has half the steps.
+    steps_per_epoch = train_clips(work) // 2 // 4  # tiny config: batch 4 per process
+    assert steps_per_epoch >= 1
+    assert step_records(work / PRETRAIN_DIR / "metrics.jsonl") == list(
+        range(1, 2 * steps_per_epoch + 1)  # tiny config: 2 epochs
+    )
+
+
+def test_several_node_launch_line_trains_with_srun_tasks(slurm_cluster, slurm_pipeline, tmp_path):
+    """The command line ``mofo.stages.stage_command`` builds for a several-node job (srun, one
+    task per GPU, ranks from SLURM_PROCID / SLURM_NTASKS, MASTER_ADDR looked up in the task),
+    run as the batch step of a job with 2 tasks on our one node: both ranks train together.
+    The only change to the line is ``--nodes=1``: this cluster has one node."""
+    from mofo.config import load_config
+    from mofo.stages import stage_command, write_stage_config
+
+    shared, _, _ = slurm_pipeline
+    results = shared / "results/demo"
+    out = tmp_path / "pretrain"
+    config = write_stage_config(load_config([pipeline.TINY]), out)
+    cmd = stage_command(
+        "mofo.training.pretrain",
+        ["--config", str(config), "--masking", "tube", "--manifest", str(results / "manifest.csv"),
+         "--results-dir", str(results), "--out", str(out)],
+        nproc=2, nodes=2,
+    )
+    assert cmd[:3] == ["srun", "--nodes=2", "--ntasks-per-node=2"], cmd
+    cmd[1] = "--nodes=1"
+    job = slurm_cluster.sbatch(
+        "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gres=gpu:2",
+        f"--chdir={tmp_path}", f"--output={tmp_path / 'job.log'}", "--wrap", shlex.join(cmd),
+    )
+    state = slurm_cluster.wait_job(job, timeout=600)
+    log = (tmp_path / "job.log").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert rank_lines(log) == {(0, 2, "slurm"), (1, 2, "slurm")}, log[-3000:]
+    assert (out / "checkpoint.pt").exists()
+    steps_per_epoch = train_clips(shared) // 2 // 4
+    assert step_records(out / "metrics.jsonl") == list(range(1, 2 * steps_per_epoch + 1))
+
+
+#: Preemption by the time limit: SLURM sends the profile's USR1 this many seconds before it.
+SIGNAL_LEAD = 60
+#: Long enough that a tiny pretraining is still running when the signal comes (SLURM checks
+#: time limits every 30 s, and a step takes ~0.1 s on a free core): 450 steps.
+PREEMPT_EPOCHS = 150
+
+
+def elapsed_seconds(cluster: LocalSlurm, job: str) -> int:
+    """Run time so far of a running job, from squeue's ``[[D-]H:]M:S``."""
+    text = cluster.run("squeue", "-h", "-j", job, "-o", "%M").strip()
+    days, _, clock = text.rpartition("-")
+    seconds = 0
+    for part in clock.split(":"):
+        seconds = 60 * seconds + int(part)
+    return seconds + 86400 * int(days or 0)
+
+
+def end_job_in(cluster: LocalSlurm, job: str, seconds: int) -> None:
+    """Set the job's time limit so that it ends ``seconds`` from now (minutes:seconds)."""
+    limit = elapsed_seconds(cluster, job) + seconds
+    cluster.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit // 60}:{limit % 60:02d}")
+
+
+@pytest.mark.slow
+def test_time_limit_signal_requeues_and_the_retry_resumes(slurm_cluster, slurm_pipeline, tmp_path):
+    """README "Time limits and preemption", end to end in ONE ``snakemake --profile`` run: a
+    real pretraining job gets SLURM's ``--signal=USR1@<s>`` before its time limit, writes
+    checkpoint-last.pt and exits 75; ``retries: 1`` resubmits it and the second job resumes at
+    the step the first saved; the invocation exits 0 and no step is trained twice.
+
+    The time limit is lowered (``scontrol update``) once the first job trains, to end
+    SIGNAL_LEAD + 5 s later: SLURM's own warning signal then comes at its next time-limit check
+    (every 30 s), while training runs -- a fixed limit from the submission would signal a job
+    that is still starting on a loaded machine. The retry keeps the profile's 10-minute limit."""
+    shared, _, _ = slurm_pipeline
+    work = copy_pipeline(shared, tmp_path / "work")
+    out_dir = work / PRETRAIN_DIR
+    (out_dir / "metrics.jsonl").unlink()  # the earlier run's; the new job's file is watched
+    (out_dir / "checkpoint.pt").unlink()  # the job to rerun
+    longer = tmp_path / "longer.yaml"
+    longer.write_text(yaml.safe_dump({"pretrain": {"epochs": PREEMPT_EPOCHS}}))
+    profile = local_profile(
+        PROFILE, tmp_path / "profile", slurm_cluster, extra={"retries": 1},
+        resources={"pretrain": {"runtime": 10, "slurm_extra": f"'--signal=USR1@{SIGNAL_LEAD}'"}},
+    )
+    cmd = ["timeout", "-s", "INT", "900", sys.executable, "-m", "snakemake", "--profile",
+           str(profile), *pipeline_args(work, longer), "--", PRETRAIN_TARGET]
+    before = {j["id"] for j in rule_jobs(slurm_cluster, "pretrain")}
+    saved = []  # what the first job's requeue marker said (the retry deletes it)
+    with open(tmp_path / "snakemake.log", "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=slurm_cluster.env({**os.environ, **clean_env()}))
+        try:
+            first = wait_for_training_steps(
+                slurm_cluster, before, out_dir / "metrics.jsonl", 3, proc=proc
+            )
+            end_job_in(slurm_cluster, first, SIGNAL_LEAD + 5)
+            while proc.poll() is None:
+                if not saved and (out_dir / "requeue.json").exists():
+                    saved.append(json.loads((out_dir / "requeue.json").read_text()))
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+                proc.wait(timeout=60)
+    output = (tmp_path / "snakemake.log").read_text()
+    assert proc.returncode == 0, output[-5000:]
+    jobs = sorted(run_jobs(slurm_cluster, work, "pretrain"), key=lambda j: int(j["id"]))
+    assert [j["state"] for j in jobs] == ["FAILED", "COMPLETED"], jobs
+    assert jobs[0]["id"] == first
+    assert saved, "the first job left no requeue marker (was it signalled?)"
+    total = PREEMPT_EPOCHS * 3  # 12 clips / batch 4
+    assert 3 <= saved[0]["step"] < total, saved
+    # Snakemake removes a job's log before it runs: this log is the retry's own.
+    log = (work / PRETRAIN_LOG).read_text()
+    resumed = re.findall(r"resuming from \S+checkpoint-last\.pt at epoch (\d+), step (\d+)", log)
+    step = saved[0]["step"]
+    assert resumed == [(str((step - 1) // 3), str(step))], log[-3000:]  # 3 steps per epoch
+    assert step_records(out_dir / "metrics.jsonl") == list(range(1, total + 1))
+    assert (out_dir / "checkpoint.pt").exists() and not (out_dir / "checkpoint-last.pt").exists()
