@@ -9,6 +9,6 @@ test: .installed
 
 install: .installed
 
-.installed: pyproject.toml scripts/install.sh
-	bash scripts/install.sh
+.installed: pyproject.toml tools/install.sh
+	bash tools/install.sh
 	touch .installed

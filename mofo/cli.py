@@ -122,7 +122,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
             model = build_pretrain_model(config["model"])
         elif "head.weight" in state:
             head = "mca" if any(k.startswith("cross_block.") for k in state) else "mean"
-            model = build_classifier(config["model"], int(state["head.weight"].shape[0]), head=head)
+            model = build_classifier(config["model"], int(state["head.weight"].shape[0]), pooling=head)
         else:
             raise CheckpointError(f"{source}: neither a pretraining nor a one-output classifier")
         report = load_pretrained(model, state)
@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         "defaults: TV-L1 at scale 0.5, short side 256); repeatable, later files win",
     )
     p.add_argument("--videos", default="data/real",
-                   help="folder with the videos (scripts/fetch_real_clips.sh; default: %(default)s)")
+                   help="folder with the videos (tools/fetch_real_clips.sh; default: %(default)s)")
     p.add_argument("--out", default="results/bench-boxes-real",
                    help="folder for boxes-real.md / .json, per-frame CSV, pictures (default: %(default)s)")
     p.add_argument("--flow", choices=["tvl1", "dis", "farneback"],

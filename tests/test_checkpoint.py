@@ -117,7 +117,7 @@ def test_vit_b_finetune_checkpoint_loads_completely():
 
 def test_vit_b_pretrain_checkpoint_into_classifier_and_pretrain_model():
     with torch.device("meta"):
-        clf = build_classifier(BASE_CFG, 174, head="mca")
+        clf = build_classifier(BASE_CFG, 174, pooling="mca")
         pre = build_pretrain_model(BASE_CFG)
     state = meta_state(official_vit_b_pretrain())
     report = load_pretrained(clf, {"module": state})
@@ -216,7 +216,7 @@ def test_evaluation_uses_the_learned_pos_embed_of_a_finetuned_checkpoint(tmp_pat
                      "mean_drop_ratio": 0.0},
     }
     torch.manual_seed(0)
-    clf = build_classifier(model_cfg, 3, head="mean")
+    clf = build_classifier(model_cfg, 3, pooling="mean")
     learned = torch.randn_like(clf.pos_embed)
     load_pretrained(clf, {**clf.state_dict(), "pos_embed": learned})
     path = tmp_path / "checkpoint.pt"

@@ -167,9 +167,9 @@ def test_mean_head_drop_keeps_the_most_moving_tokens():
     moving = region_tokens(4)
     ratio = 1 - float(moving.sum()) / 64  # exactly the static tokens
     torch.manual_seed(0)
-    plain = build_classifier(cfg, 3, head="mean", drop_path=0.0).eval()
+    plain = build_classifier(cfg, 3, pooling="mean", drop_path=0.0).eval()
     torch.manual_seed(0)
-    dropping = build_classifier(cfg, 3, head="mean", drop_path=0.0, mean_drop_ratio=ratio).eval()
+    dropping = build_classifier(cfg, 3, pooling="mean", drop_path=0.0, mean_drop_ratio=ratio).eval()
     frames = torch.stack([moving_region_clip(8, s) for s in range(2)])
     seen = []
     dropping.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
@@ -182,7 +182,7 @@ def test_mean_head_drop_keeps_the_most_moving_tokens():
     torch.testing.assert_close(out, expected)
     assert not torch.allclose(out, full)
     torch.testing.assert_close(full, plain.pool_head(plain.forward_features(frames)))
-    assert build_classifier(cfg, 3, head="mean").pool_head.drop_ratio == 0.0  # off by default
+    assert build_classifier(cfg, 3, pooling="mean").pool_head.drop_ratio == 0.0  # off by default
 
 
 def test_bench_prints_tokens_and_step_time_per_strategy():

@@ -83,7 +83,7 @@ def test_hf_pretraining_folder_loads_into_mofo(tmp_path: Path):
     assert got.shape == want.shape and max_diff(got, want) <= 1e-5
     # The same folder as a pretrained encoder for fine-tuning: the decoder is dropped and
     # listed, as for a .pth pretraining checkpoint.
-    clf = build_classifier(MODEL_CFG, 5, head="mca")
+    clf = build_classifier(MODEL_CFG, 5, pooling="mca")
     report = load_pretrained(clf, tmp_path / "hf")
     assert "decoder.head.weight" in report.dropped and "encoder.norm.weight" in report.dropped
     assert not report.missing and "fc_norm.weight" in report.initialised
@@ -95,7 +95,7 @@ def test_hf_classifier_folder_loads_into_mofo(tmp_path: Path):
     torch.manual_seed(1)
     hf = perturb(VideoMAEForVideoClassification(hf_config(num_labels=5)))
     hf.save_pretrained(tmp_path / "hf")
-    ours = build_classifier(MODEL_CFG, 5, head="mean").eval()
+    ours = build_classifier(MODEL_CFG, 5, pooling="mean").eval()
     report = load_pretrained(ours, tmp_path / "hf")
     assert report.checkpoint_format == "finetune" and not report.missing and not report.unexpected
     x = clips()
@@ -120,7 +120,7 @@ def test_old_bias_names_and_a_load_report_of_unknown_keys(tmp_path: Path):
                 state[key[: -len(new)] + old] = state.pop(key)
     state["videomae.extra.weight"] = torch.zeros(2)
     save_file(state, str(path))
-    ours = build_classifier(MODEL_CFG, 3, head="mean").eval()
+    ours = build_classifier(MODEL_CFG, 3, pooling="mean").eval()
     with pytest.raises(CheckpointError, match="extra.weight"):
         load_pretrained(ours, tmp_path / "hf")
     report = load_pretrained(ours, tmp_path / "hf", strict_report=False)
@@ -155,7 +155,7 @@ def test_mofo_classifier_exports_to_transformers_via_the_cli(tmp_path: Path):
     from transformers import VideoMAEForVideoClassification
 
     torch.manual_seed(5)
-    ours = perturb(build_classifier(MODEL_CFG, 4, head="mean", head_init_scale=1.0))
+    ours = perturb(build_classifier(MODEL_CFG, 4, pooling="mean", head_init_scale=1.0))
     torch.save({"model": ours.state_dict(), "epoch": 2}, tmp_path / "checkpoint.pt")
     overlay = tmp_path / "model.yaml"
     overlay.write_text(json.dumps({"model": MODEL_CFG}))
@@ -173,8 +173,8 @@ def test_mofo_classifier_exports_to_transformers_via_the_cli(tmp_path: Path):
 
 def test_what_cannot_be_exported(tmp_path: Path):
     with pytest.raises(HFCheckpointError, match="mean pooling only"):
-        export_hf(build_classifier(MODEL_CFG, 4, head="mca"), tmp_path / "mca")
-    model = build_classifier(MODEL_CFG, 4, head="mean")
+        export_hf(build_classifier(MODEL_CFG, 4, pooling="mca"), tmp_path / "mca")
+    model = build_classifier(MODEL_CFG, 4, pooling="mean")
     model.keep_pos_embed()  # a learned position table
     with pytest.raises(HFCheckpointError, match="position table"):
         export_hf(model, tmp_path / "pos")

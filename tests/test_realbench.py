@@ -163,4 +163,4 @@ def test_cli_names_the_fetch_script_when_videos_are_missing(tmp_path, capsys):
     rc = main(["bench", "boxes-real", "--flow", "dis", "--videos", str(tmp_path / "none"),
                "--out", str(tmp_path / "out")])
     assert rc == 2
-    assert "scripts/fetch_real_clips.sh" in capsys.readouterr().err
+    assert "tools/fetch_real_clips.sh" in capsys.readouterr().err

@@ -117,7 +117,7 @@ def tiny_report(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.browser
 def test_report_renders_the_table_and_the_pictures(tiny_report):
     if CHROMIUM is None:
-        pytest.skip("no chromium (scripts/install.sh installs it as root: apt-get install chromium)")
+        pytest.skip("no chromium (tools/install.sh installs it as root: apt-get install chromium)")
     root, report = tiny_report
     res = root / "results" / "demo"
     for variant in ("scratch-mean", "tube-mean", "mofo-mean", "tube-mca", "mofo-mca"):

@@ -115,7 +115,7 @@ def test_optimizer_excludes_biases_norms_and_tokens_from_weight_decay():
 def test_layer_decay_scales_blocks_geometrically():
     from mofo.models.build import build_classifier
 
-    model = build_classifier(TINY_MODEL, 3, head="mca", depth=2)
+    model = build_classifier(TINY_MODEL, 3, pooling="mca", depth=2)
     opt = build_optimizer(model, stage_cfg(layer_decay=0.5, betas=[0.9, 0.999]), 256)
     scale = {}
     names = {id(p): n for n, p in model.named_parameters()}

@@ -143,7 +143,7 @@ def test_finetune_resume_with_mixup_reproduces_losses(tmp_path):
 
     def go(out, max_steps=None):
         torch.manual_seed(0)
-        model = build_classifier(model_cfg, 4, head="mca", depth=1)
+        model = build_classifier(model_cfg, 4, pooling="mca", depth=1)
         loader = DataLoader(SyntheticClipDataset(16, model_cfg, global_rng_jitter=0.1),
                             batch_size=4, shuffle=True, drop_last=True,
                             generator=torch.Generator())

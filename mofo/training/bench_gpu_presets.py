@@ -113,6 +113,6 @@ def build_finetuner(preset: BenchPreset, head: str, finetune_cfg: dict,
     from mofo.models.build import build_classifier
 
     scale = float(finetune_cfg["head_init_scale"]) if head_init_scale is None else head_init_scale
-    return build_classifier(preset.model, NUM_CLASSES, head=head,
+    return build_classifier(preset.model, NUM_CLASSES, pooling=head,
                             drop_path=float(finetune_cfg["drop_path"]),
                             head_init_scale=scale, **preset.overrides)

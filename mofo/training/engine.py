@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from mofo.data.loader import set_loader_epoch
 from mofo.provenance import digest
-from mofo.training import checkpointing as ckpt_io
+from mofo.training import resume_state as ckpt_io
 from mofo.training.distributed import (
     DistContext,
     all_gather_objects,

