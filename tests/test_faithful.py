@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mofo.config import ConfigError, load_config
+from mofo.config import REPO_ROOT, ConfigError, load_config
 from mofo.motion.boundaries import motion_map_from_cfg
 from mofo.motion.boxes import boxes_for_clip, centre_box
 from mofo.motion.faithful import (
@@ -189,7 +189,7 @@ def test_static_clip_is_a_whole_clip_fallback():
 
 
 def test_faithful_overlay_loads_and_half_a_switch_is_refused():
-    cfg = load_config(["config/faithful.yaml"])
+    cfg = load_config([REPO_ROOT / "config" / "faithful.yaml"])
     assert cfg["motion_map"]["method"] == cfg["motion_boxes"]["method"] == "faithful"
     assert cfg["optical_flow"]["method"] == "tvl1" and cfg["optical_flow"]["bound"] == 20
     with pytest.raises(ConfigError, match="motion_boxes.method"):
