@@ -21,12 +21,22 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 # Settings of a training section that change neither the weights nor the metrics.
 _TRAIN_IGNORED = ("num_workers", "log_interval", "checkpoint_every")
+
+# What every pretraining reads, whatever its target. The rule's wildcard (the pretraining
+# name, see pretraining_spec) sets masking.strategy and pretrain.target.
+_PRETRAIN_READS = (
+    "dataset.name", "model", "masking", "-masking.strategy",
+    "augment.pretrain_sampling", "augment.multi_scale_crop", "engine.precision",
+    "pretrain", "-pretrain.n_reconstruction_clips", "-pretrain.target",
+    *(f"-pretrain.{k}" for k in _TRAIN_IGNORED),
+)
 
 STAGE_READS: dict[str, tuple[str, ...]] = {
     "demo_data": ("dataset.demo",),
@@ -39,12 +49,10 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "motion_boxes": ("motion_boxes",),
     "motion_pictures": ("pictures",),
     "box_quality": ("model",),
-    "pretrain": (
-        "dataset.name", "model", "masking", "-masking.strategy",  # the rule's wildcard sets it
-        "augment.pretrain_sampling", "augment.multi_scale_crop", "engine.precision",
-        "pretrain", "-pretrain.n_reconstruction_clips",
-        *(f"-pretrain.{k}" for k in _TRAIN_IGNORED),
-    ),
+    # MME's trajectories, from the flow (read by pretrainings with target mme only).
+    "trajectories": ("trajectories", "optical_flow.bound"),
+    "pretrain": (*_PRETRAIN_READS, "-pretrain.mme"),
+    "pretrain_mme": (*_PRETRAIN_READS, "trajectories"),
     "finetune": (
         "dataset.name", "dataset.demo.classes", "dataset.list.horizontal_flip", "model",
         "augment", "-augment.pretrain_sampling", "-augment.multi_scale_crop",
@@ -64,6 +72,32 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "probe": ("probe", "-probe.batch_size", "-probe.num_workers"),
     "table": ("variants", "seeds"),
 }
+
+
+PRETRAIN_TARGETS = ("pixels", "mme")
+
+
+def pretraining_spec(name: str) -> tuple[str, str]:
+    """``(masking strategy, target)`` of a pretraining name, the DAG's ``{masking}`` wildcard:
+    ``<strategy>`` reconstructs pixels (``tube``, ``mofo``), ``<strategy>_<target>`` predicts
+    another target (``tube_mme``, ``mofo_mme``). Only the form and the target are checked
+    here; the strategy is checked against the masking registry where the mask is drawn."""
+    strategy, sep, target = str(name).partition("_")
+    target = target if sep else "pixels"
+    named_target = target in PRETRAIN_TARGETS and (target != "pixels" or not sep)
+    if not (re.fullmatch("[a-z]+", strategy) and named_target):
+        raise ValueError(
+            f"pretraining name {name!r}: expected <strategy> (pixel targets, e.g. 'tube') or "
+            f"<strategy>_<target> with target in {list(PRETRAIN_TARGETS[1:])} (e.g. 'tube_mme')")
+    return strategy, target
+
+
+def pretrain_stage(target: str) -> str:
+    """The ``STAGE_READS`` entry of a pretraining with ``target``: ``pretrain`` (pixels) or
+    ``pretrain_<target>``, which also reads that target's settings."""
+    if target not in PRETRAIN_TARGETS:
+        raise ValueError(f"pretrain.target {target!r}: choose one of {list(PRETRAIN_TARGETS)}")
+    return "pretrain" if target == "pixels" else f"pretrain_{target}"
 
 
 class UnknownStageError(KeyError):

@@ -3,7 +3,11 @@
 from mofo.data.adapters import annotation_files
 from mofo.data.manifest import shard_names
 from mofo.evaluation.table import RANDOM_ENCODER as RANDOM_INIT_LABEL  # the random encoder's row
-from mofo.provenance import stage_hash  # a rule's rerun trigger: what its stage reads
+from mofo.provenance import (  # a rule's rerun trigger: what its stage reads
+    pretrain_stage,
+    pretraining_spec,
+    stage_hash,
+)
 
 RESULTS = f"{config['results_dir']}/{config['dataset']['name']}"
 LOGS = f"{RESULTS}/logs"
@@ -14,7 +18,7 @@ DEMO_ROOT = config["dataset"]["demo"]["root"]
 
 wildcard_constraints:
     shard=r"shard-\d{4}",
-    masking=r"[a-z]+",
+    masking=r"[a-z]+(?:_[a-z]+)?",  # a pretraining name: <strategy> or <strategy>_<target>
     head=r"[a-z]+",
     seed=r"\d+",
 
@@ -38,6 +42,18 @@ def gt_boxes_input(wildcards):
 def maybe_temp(path):
     """Flow is large: Snakemake deletes it after its consumers unless optical_flow.keep."""
     return path if config["optical_flow"]["keep"] else temp(path)
+
+
+def pretrain_trajectories(wildcards):
+    """MME's trajectory files for a pretraining whose name asks for target mme (tube_mme,
+    mofo_mme); [] for pixel targets, so their DAG has no trajectories jobs."""
+    _, target = pretraining_spec(wildcards.masking)
+    return expand(f"{RESULTS}/trajectories/{{shard}}.npz", shard=SHARDS) if target == "mme" else []
+
+
+def pretrain_config_hash(wildcards):
+    """The pretraining's rerun trigger: what its target's stage reads (pretrain / pretrain_mme)."""
+    return stage_hash(config, pretrain_stage(pretraining_spec(wildcards.masking)[1]))
 
 
 VARIANTS = config["variants"]
@@ -101,8 +117,8 @@ def nodes_per_job(resources):
     return int(getattr(resources, "nodes", 1) or 1)
 
 
-# Cluster execution: one shard's decode -> optical_flow -> motion_map -> motion_boxes ->
-# motion_pictures jobs run as ONE cluster job (Snakemake `group:`), so a 757-shard dataset is
+# Cluster execution: one shard's decode -> optical_flow -> (trajectories) -> motion_map ->
+# motion_boxes -> motion_pictures jobs run as ONE cluster job (Snakemake `group:`), so a 757-shard dataset is
 # 757 submissions, not 3,785. The id has no {shard}: the shards' chains are separate connected
 # components of the group, one job each, and `--group-components motion_chain=N` can put N
 # shards in one job (a per-shard id would make each shard a group of its own, never merged).

@@ -1,4 +1,5 @@
-# Frame store -> optical flow -> motion map (motion boundaries) -> motion boxes -> quality.
+# Frame store -> optical flow -> motion map (motion boundaries) -> motion boxes -> quality;
+# optical flow -> trajectories (MME's target, only when a pretraining asks for it).
 
 
 rule optical_flow:
@@ -27,6 +28,33 @@ rule optical_flow:
         "../envs/preprocess.yaml"
     script:
         "../workflow/scripts/optical_flow.py"
+
+
+rule trajectories:
+    """MME's point trajectories from the flow (a second consumer of the temporary flow file, so
+    it runs before the flow is deleted): int8 per-step displacements + valid steps per point."""
+    input:
+        flow=f"{RESULTS}/flow/{{shard}}.npz",
+    output:
+        trajectories=f"{RESULTS}/trajectories/{{shard}}.npz",
+    params:
+        settings=config["trajectories"],
+        bound=config["optical_flow"]["bound"],
+        config_hash=stage_hash(config, "trajectories"),
+    log:
+        f"{LOGS}/trajectories/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/trajectories/{{shard}}.tsv"
+    group:
+        SHARD_GROUP
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../envs/preprocess.yaml"
+    script:
+        "../workflow/scripts/trajectories.py"
 
 
 rule motion_map:

@@ -4,11 +4,14 @@
 
 
 rule pretrain:
-    """Masked-autoencoder pretraining with `tube` (VideoMAE), `mofo` (box-guided) or `everest` (token selection) masking."""
+    """Masked-autoencoder pretraining with `tube` (VideoMAE), `mofo` (box-guided) or `everest`
+    (token selection) masking; `<masking>_mme` predicts MME's trajectories and HOG instead of
+    pixels."""
     input:
         manifest=f"{RESULTS}/manifest.csv",
         frames=expand(f"{RESULTS}/frames/{{shard}}.jpgpack", shard=SHARDS),
         boxes=expand(f"{RESULTS}/boxes/{{shard}}.csv", shard=SHARDS),
+        trajectories=pretrain_trajectories,  # target mme only
     output:
         checkpoint=f"{RESULTS}/pretrain/{{masking}}/s{{seed}}/checkpoint.pt",
         validation=f"{RESULTS}/pretrain/{{masking}}/s{{seed}}/validation.json",
@@ -18,7 +21,7 @@ rule pretrain:
         out_dir=lambda wildcards: f"{RESULTS}/pretrain/{wildcards.masking}/s{wildcards.seed}",
         nproc=lambda wildcards, resources: processes_per_job(resources),
         nodes=lambda wildcards, resources: nodes_per_job(resources),
-        config_hash=stage_hash(config, "pretrain"),
+        config_hash=pretrain_config_hash,
     log:
         f"{LOGS}/pretrain/{{masking}}-s{{seed}}.log",
     benchmark:

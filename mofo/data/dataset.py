@@ -11,6 +11,11 @@ boxes           float32 ``(T, 4)``          motion box per sampled frame, crop p
 inbox           bool ``(N,)``               tokens overlapping the box (masking.grid)
 mask            bool ``(N,)``               pretrain only: True = masked (``masking.*``); absent
                                             for a model-side strategy (``everest``)
+trajectories    float32 ``(N, P, L, 2)``    pretrain with ``pretrain.target: mme`` only: the
+                                            trajectories (model-input px) of the ``P`` cells
+                                            of each token, from its tubelet's first frame
+                                            (:func:`mofo.data.trajfile.token_trajectories`)
+trajectory_valid bool ``(N, P, L)``         which of those steps are valid
 label           int64 ``()``                class (-1 = unknown); EPIC-100: the verb class
 verb, noun      int64 ``()``                EPIC-100 only
 frame_indices   int64 ``(T,)``              which stored frames were sampled
@@ -34,7 +39,7 @@ sampler's).
 stage, needs none, so it runs on decoded frames alone): every frame's box is then the whole
 frame and every token is in-box.
 
-Frame stores and box files are opened lazily and cached per worker process, one per shard;
+Frame stores, box files and trajectory files are opened lazily and cached per worker process, one per shard;
 only the sampled frames are decoded. Clips that are not in their shard's frame store (decode
 failed) are skipped when the dataset is built, counted in ``n_skipped`` and logged once.
 """
@@ -55,6 +60,7 @@ from mofo.data import sampling, transforms
 from mofo.data.boxfile import BoxFileError, read_boxes
 from mofo.data.framestore import FrameStore
 from mofo.data.manifest import shard_name
+from mofo.data.trajfile import TrajectoryFile, TrajectoryFileError, token_trajectories
 from mofo.masking import mask_from_config
 from mofo.masking.grid import inbox_tokens, token_grid
 
@@ -153,6 +159,9 @@ class VideoClipDataset(Dataset):
         self.scheme = sampling_scheme(config, mode)
         self.flip = mode == "finetune" and flip_allowed(config)
         self.grid = token_grid(self.model_cfg)
+        # MME's trajectory targets: only pretraining with pretrain.target mme reads them.
+        mme = mode == "pretrain" and config["pretrain"]["target"] == "mme"
+        self.mme_cell = int(config["pretrain"]["mme"]["cell"]) if mme else None
         rand_augment = self.augment_cfg["rand_augment"]
         self.rand_augment = (
             transforms.VideoRandAugment(rand_augment, int(self.model_cfg["input_size"]))
@@ -200,6 +209,7 @@ class VideoClipDataset(Dataset):
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._stores: dict[int, FrameStore] = {}
         self._boxes: dict[int, dict[str, np.ndarray]] = {}
+        self._trajectories: dict[int, TrajectoryFile] = {}
 
     # -- construction helpers ------------------------------------------------------------
 
@@ -208,6 +218,9 @@ class VideoClipDataset(Dataset):
 
     def boxes_path(self, shard: int) -> Path:
         return self.results_dir / "boxes" / f"{shard_name(shard)}.csv"
+
+    def trajectories_path(self, shard: int) -> Path:
+        return self.results_dir / "trajectories" / f"{shard_name(shard)}.npz"
 
     def _available_clips(self, rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         """Rows whose clip is in its shard's store, with ``n_frames``; and the skipped ids."""
@@ -245,9 +258,27 @@ class VideoClipDataset(Dataset):
         except KeyError:
             raise DatasetError(f"{self.boxes_path(shard)}: no boxes for clip {clip_id!r}") from None
 
+    def _trajectory_targets(self, index: int, indices: np.ndarray, frame_hw: tuple[int, int],
+                            crop: tuple[int, int, int, int]) -> dict[str, torch.Tensor]:
+        """``trajectories`` / ``trajectory_valid`` of a pretraining sample (see the table)."""
+        clip_id = str(self.clips.at[index, "clip_id"])
+        shard = int(self.clips.at[index, "shard"])
+        try:
+            if shard not in self._trajectories:
+                self._trajectories[shard] = TrajectoryFile(self.trajectories_path(shard))
+            traj = self._trajectories[shard].clip(clip_id)
+        except TrajectoryFileError as err:
+            raise DatasetError(str(err)) from err
+        m = self.model_cfg
+        disp, valid = token_trajectories(
+            traj, indices[:: int(m["tubelet_size"])], frame_hw, crop, int(m["input_size"]),
+            int(m["patch_size"]), self.mme_cell)
+        return {"trajectories": torch.from_numpy(disp), "trajectory_valid": torch.from_numpy(valid)}
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_stores"], state["_boxes"] = {}, {}  # each worker fills its own caches
+        # each worker fills its own caches
+        state["_stores"], state["_boxes"], state["_trajectories"] = {}, {}, {}
         return state
 
     # -- epoch ----------------------------------------------------------------------------
@@ -296,12 +327,16 @@ class VideoClipDataset(Dataset):
 
     def spatial(
         self, frames: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, crop_idx: int = 0
-    ) -> tuple[torch.Tensor, np.ndarray]:
-        """Crop / resize / augment for this mode; returns the normalised clip and crop boxes."""
+    ) -> tuple[torch.Tensor, np.ndarray, tuple[int, int, int, int] | None]:
+        """Crop / resize / augment for this mode; returns the normalised clip, the crop boxes
+        and (pretraining) the crop ``(x0, y0, crop_w, crop_h)`` in stored-frame pixels."""
         size = int(self.model_cfg["input_size"])
         aug = self.augment_cfg
-        if self.mode == "pretrain":
-            frames, boxes = transforms.multi_scale_crop(frames, boxes, size, aug["multi_scale_crop"], rng)
+        crop = None
+        if self.mode == "pretrain":  # VideoMAE's multi-scale crop (transforms.multi_scale_crop)
+            height, width = frames.shape[1:3]
+            crop = transforms.multi_scale_crop_params(width, height, size, aug["multi_scale_crop"], rng)
+            frames, boxes = transforms.crop_resize(frames, boxes, *crop, size, size)
         elif self.mode == "finetune":
             rrc = aug["random_resized_crop"]
             frames, boxes = transforms.random_resized_crop(frames, boxes, size, rng, rrc["scale"], rrc["ratio"])
@@ -315,7 +350,7 @@ class VideoClipDataset(Dataset):
         clip = transforms.normalize(frames)
         if self.mode == "finetune" and aug["random_erasing"] > 0:
             transforms.random_erase(clip, float(aug["random_erasing"]), rng)
-        return clip, boxes
+        return clip, boxes, crop
 
     def __getitem__(self, item: int) -> dict[str, Any]:
         if not 0 <= item < len(self):
@@ -327,7 +362,8 @@ class VideoClipDataset(Dataset):
             index, clip_idx, crop_idx = item, 0, 0
         indices = self.frame_indices(index, rng, clip_idx)
         frames, boxes = self.load(index, indices)
-        clip, boxes = self.spatial(frames, boxes, rng, crop_idx)
+        frame_hw = frames.shape[1:3]
+        clip, boxes, crop = self.spatial(frames, boxes, rng, crop_idx)
         m = self.model_cfg
         inbox = inbox_tokens(
             boxes, int(m["num_frames"]), int(m["input_size"]), int(m["patch_size"]), int(m["tubelet_size"])
@@ -345,6 +381,8 @@ class VideoClipDataset(Dataset):
         mask = mask_from_config(self.masking_cfg, self.grid, inbox, rng) if self.mode == "pretrain" else None
         if mask is not None:  # None: a model-side strategy (everest) selects in the model
             sample["mask"] = torch.from_numpy(mask)
+        if self.mme_cell is not None:
+            sample.update(self._trajectory_targets(index, indices, frame_hw, crop))
         if self.dataset_name == "epic100":
             sample["verb"] = torch.tensor(int(row["verb_class"]), dtype=torch.int64)
             sample["noun"] = torch.tensor(int(row["noun_class"]), dtype=torch.int64)

@@ -201,10 +201,32 @@ class PretrainDecoder(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(dim, out_dim)
 
-    def forward(self, x: Tensor, num_predicted: int) -> Tensor:
+    def features(self, x: Tensor, num_predicted: int) -> Tensor:
+        """The normalised decoder features of the last ``num_predicted`` tokens."""
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x[:, x.shape[1] - num_predicted :]))
+        return self.norm(x[:, x.shape[1] - num_predicted :])
+
+    def forward(self, x: Tensor, num_predicted: int) -> Tensor:
+        return self.head(self.features(x, num_predicted))
+
+
+class MMEDecoder(PretrainDecoder):
+    """MME's decoder: the same blocks and ``norm``, and two heads in place of the pixel head:
+    ``traj_head`` (tanh: per-step point displacements, in patch units) and ``hog_head``
+    (sigmoid: per-cell orientation histograms). ``forward`` returns
+    ``{"trajectory": (B, n, traj_dim), "hog": (B, n, hog_dim)}``."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, traj_dim: int, hog_dim: int,
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__(dim, depth, num_heads, traj_dim, mlp_ratio, drop_path)
+        del self.head
+        self.traj_head = nn.Linear(dim, traj_dim)
+        self.hog_head = nn.Linear(dim, hog_dim)
+
+    def forward(self, x: Tensor, num_predicted: int) -> dict[str, Tensor]:
+        x = self.features(x, num_predicted)
+        return {"trajectory": torch.tanh(self.traj_head(x)), "hog": torch.sigmoid(self.hog_head(x))}
 
 
 class PretrainVideoMAE(PositionTableModule):
@@ -217,6 +239,9 @@ class PretrainVideoMAE(PositionTableModule):
     ascending token order, i.e. aligned with ``patchify(x, ...)[target].reshape(B, N_target,
     -1)``. Hidden tokens outside ``target`` are DROPPED: the decoder gets no mask token for
     them (EVEREST), so it runs on ``N_visible + N_target`` tokens.
+
+    ``mme_dims=(traj_dim, hog_dim)`` makes the decoder MME's (:class:`MMEDecoder`): ``forward``
+    then returns its dict of trajectory and HOG predictions for the target tokens, same order.
     """
 
     def __init__(
@@ -228,6 +253,7 @@ class PretrainVideoMAE(PositionTableModule):
         tubelet_size: int,
         in_chans: int = 3,
         drop_path: float = 0.0,
+        mme_dims: tuple[int, int] | None = None,
     ):
         super().__init__()
         self.encoder = VideoEncoder(
@@ -248,21 +274,26 @@ class PretrainVideoMAE(PositionTableModule):
         self.register_buffer(
             "pos_embed", sincos_position_table(self.num_patches, spec.decoder_dim), persistent=False
         )
-        self.decoder = PretrainDecoder(
-            spec.decoder_dim,
-            spec.decoder_depth,
-            spec.decoder_heads,
-            self.patch_dim,
-            spec.mlp_ratio,
-            drop_path,
-        )
+        if mme_dims is None:
+            self.decoder = PretrainDecoder(
+                spec.decoder_dim,
+                spec.decoder_depth,
+                spec.decoder_heads,
+                self.patch_dim,
+                spec.mlp_ratio,
+                drop_path,
+            )
+        else:
+            self.decoder = MMEDecoder(spec.decoder_dim, spec.decoder_depth, spec.decoder_heads,
+                                      *mme_dims, spec.mlp_ratio, drop_path)
         self.apply(init_xavier)
         trunc_normal_(self.mask_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
 
-    def forward(self, x: Tensor, mask: Tensor, target: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor,
+                target: Tensor | None = None) -> Tensor | dict[str, Tensor]:
         check_equal_mask_counts(mask, self.num_patches)
         if target is None:
             target = mask

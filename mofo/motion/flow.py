@@ -125,15 +125,17 @@ def compute_flow(frames_rgb: np.ndarray, flow_cfg: dict) -> np.ndarray:
     return out
 
 
-def save_npz_atomic(out_path: str | Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``out_path`` (npz, one entry per key) via a temp file + rename, so a
-    crashed job never leaves a half-written file that Snakemake would take as done."""
+def save_npz_atomic(out_path: str | Path, arrays: dict[str, np.ndarray],
+                    compressed: bool = False) -> None:
+    """Write ``arrays`` to ``out_path`` (npz, one entry per key; deflated when ``compressed``)
+    via a temp file + rename, so a crashed job never leaves a half-written file that
+    Snakemake would take as done."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out_path.name + ".", suffix=".tmp", dir=out_path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
+            (np.savez_compressed if compressed else np.savez)(fh, **arrays)
         os.replace(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):

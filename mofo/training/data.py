@@ -41,9 +41,11 @@ def read_manifest(manifest_path: str | Path) -> pd.DataFrame:
     return _read(manifest_path)
 
 
-def input_files(manifest_path: str | Path, results_dir: str | Path) -> dict[str, Path]:
+def input_files(manifest_path: str | Path, results_dir: str | Path,
+                trajectories: bool = False) -> dict[str, Path]:
     """The files a training stage reads, named relative to the results folder: the manifest,
-    and per shard of the manifest its frame index and motion boxes. Their digests are part of
+    and per shard of the manifest its frame index and motion boxes (and, with
+    ``trajectories``, MME's trajectory file). Their digests are part of
     the run's provenance (``mofo.provenance.inputs_digest``): new boxes, frames or clips make a
     new run. The frame packs are covered by their index (offsets and sizes of every frame)."""
     from mofo.data.manifest import shard_name
@@ -54,6 +56,8 @@ def input_files(manifest_path: str | Path, results_dir: str | Path) -> dict[str,
         name = shard_name(int(shard))
         files[f"frames/{name}.index.csv"] = results_dir / "frames" / f"{name}.index.csv"
         files[f"boxes/{name}.csv"] = results_dir / "boxes" / f"{name}.csv"
+        if trajectories:
+            files[f"trajectories/{name}.npz"] = results_dir / "trajectories" / f"{name}.npz"
     return files
 
 

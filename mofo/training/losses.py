@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from mofo.models.hog import hog_token_targets
 from mofo.models.patches import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PATCH_NORM_EPS,
+    denormalize,
     pixel_targets,
 )
 
@@ -52,6 +54,43 @@ def masked_reconstruction_loss(
             "(masked tokens per clip x tubelet*patch*patch*3)"
         )
     return F.mse_loss(pred.float(), labels)
+
+
+def _masked_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values[mask]`` as ``(B, N_masked, ...)`` (every clip masks the same count)."""
+    return values[mask].reshape(mask.shape[0], -1, *values.shape[2:])
+
+
+def mme_loss(
+    pred: dict[str, torch.Tensor], frames: torch.Tensor, mask: torch.Tensor,
+    trajectories: torch.Tensor, trajectory_valid: torch.Tensor, patch_size: int,
+    tubelet_size: int, cell: int, orientations: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """MME's loss: the mean of the trajectory MSE and the HOG MSE over the masked tokens.
+
+    ``pred``: :class:`mofo.models.vit.MMEDecoder`'s ``{"trajectory": (B, N_masked, P*L*2),
+    "hog": (B, N_masked, P*C*bins)}`` in ascending masked-token order. ``trajectories``
+    float ``(B, N, P, L, 2)`` (model-input px) and ``trajectory_valid`` bool ``(B, N, P, L)``
+    come from the dataset; the target is the displacement in patch units, clipped to the
+    tanh's ``[-1, 1]``, and only valid point steps count (weight 0 elsewhere; 0 when a batch
+    has none). The HOG target is computed here from ``frames`` (ImageNet-normalised
+    ``(B, 3, T, S, S)``), on their device (:func:`mofo.models.hog.hog_token_targets`).
+    Returns the loss and ``{"loss_trajectory", "loss_hog"}`` (detached tensors).
+    """
+    b, n = mask.shape
+    if trajectories.shape[:2] != (b, n) or trajectory_valid.shape != trajectories.shape[:-1]:
+        raise ValueError(f"trajectories {tuple(trajectories.shape)} / valid "
+                         f"{tuple(trajectory_valid.shape)} do not match {b} clips x {n} tokens")
+    with torch.no_grad():
+        target = (_masked_rows(trajectories.float(), mask) / patch_size).clamp(-1.0, 1.0)
+        weight = _masked_rows(trajectory_valid, mask).float()[..., None].expand_as(target)
+        hog = _masked_rows(hog_token_targets(
+            denormalize(frames.float()), patch_size, tubelet_size, cell, orientations), mask)
+    traj_pred = pred["trajectory"].float().reshape(target.shape)
+    traj = ((traj_pred - target) ** 2 * weight).sum() / weight.sum().clamp(min=1.0)
+    hog_loss = F.mse_loss(pred["hog"].float(), hog)
+    return 0.5 * (traj + hog_loss), {"loss_trajectory": traj.detach(),
+                                       "loss_hog": hog_loss.detach()}
 
 
 def classification_loss(

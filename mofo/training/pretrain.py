@@ -1,10 +1,12 @@
 """Stage entry point: VideoMAE / MOFO masked-autoencoder pretraining.
 
 ``run(config, manifest_path, results_dir, masking, out_dir)`` trains on the manifest's train
-split with the given masking strategy (``tube``, ``mofo`` or ``everest``; the last selected
-inside the training step from the patch embeddings) and writes into ``out_dir``:
+split. ``masking`` is the pretraining name (``mofo.provenance.pretraining_spec``): a masking
+strategy (``tube``, ``mofo`` or ``everest``, the last selected inside the training step from
+the patch embeddings: VideoMAE's pixel target) or ``<strategy>_mme`` (MME's target: point
+trajectories and HOG, with that strategy's masks). It writes into ``out_dir``:
 ``checkpoint-last.pt`` (resumable), ``checkpoint.pt`` (final weights, VideoMAE layout, with
-``meta``), ``metrics.jsonl`` and ``reconstructions/*.png``. As a module it runs the same under
+``meta``), ``metrics.jsonl`` and (pixel targets) ``reconstructions/*.png``. As a module it runs the same under
 one process, ``torchrun`` or DeepSpeed::
 
     python -m mofo.training.pretrain --config config/my.yaml --masking mofo --out results/x
@@ -23,12 +25,13 @@ import torch
 from mofo.config import deep_merge, load_config
 from mofo.masking import STRATEGY_NAMES, is_model_side, select_from_config
 from mofo.models.build import build_pretrain_model
-from mofo.provenance import inputs_digest, stage_settings
+from mofo.models.hog import hog_dim
+from mofo.provenance import inputs_digest, pretrain_stage, pretraining_spec, stage_settings
 from mofo.stage_args import resolve_paths, stage_arg_parser
 from mofo.training import data as data_io
 from mofo.training.distributed import cleanup_distributed, init_distributed
 from mofo.training.engine import MetricsCallback, TrainResult, seed_everything, train, unwrap
-from mofo.training.losses import masked_reconstruction_loss
+from mofo.training.losses import masked_reconstruction_loss, mme_loss
 
 
 def pretrain_masks(model: torch.nn.Module, batch: dict,
@@ -49,17 +52,23 @@ def pretrain_masks(model: torch.nn.Module, batch: dict,
     return mask, mask
 
 
-def pretrain_task(model_cfg: dict, normalize_target: bool,
-                  masking_cfg: dict | None = None) -> Callable:
+def pretrain_task(model_cfg: dict, normalize_target: bool, masking_cfg: dict | None = None,
+                  mme: dict | None = None) -> Callable:
     """``task(model, batch) -> (loss, extras)``: MSE on per-patch targets over the
     reconstructed tokens only (:func:`pretrain_masks`; dropped tokens are not in the loss).
     ``masking_cfg``: the ``masking`` section, needed for a model-side strategy (None: the
-    batch's loader mask)."""
+    batch's loader mask). Given ``mme`` (the ``pretrain.mme`` section), MME's loss over the
+    same tokens instead (:func:`mofo.training.losses.mme_loss`; extras: its two parts; the
+    batch carries ``trajectories`` and ``trajectory_valid``)."""
     patch, tubelet = int(model_cfg["patch_size"]), int(model_cfg["tubelet_size"])
 
     def task(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         hidden, target = pretrain_masks(model, batch, masking_cfg)
         pred = model(batch["frames"], hidden, target)
+        if mme is not None:
+            return mme_loss(pred, batch["frames"], target, batch["trajectories"],
+                            batch["trajectory_valid"], patch, tubelet, int(mme["cell"]),
+                            int(mme["orientations"]))
         loss = masked_reconstruction_loss(pred, batch["frames"], target, patch, tubelet,
                                           normalize_target)
         return loss, {}
@@ -67,23 +76,43 @@ def pretrain_task(model_cfg: dict, normalize_target: bool,
     return task
 
 
+def mme_dims(config: dict) -> tuple[int, int] | None:
+    """``(trajectory, HOG)`` output widths of MME's decoder heads, None for pixel targets."""
+    if config["pretrain"]["target"] != "mme":
+        return None
+    cell, patch = int(config["pretrain"]["mme"]["cell"]), int(config["model"]["patch_size"])
+    if patch % cell:
+        raise ValueError(f"pretrain.mme.cell {cell} must divide model.patch_size {patch}")
+    points = (patch // cell) ** 2
+    return (points * int(config["trajectories"]["steps"]) * 2,
+            hog_dim(patch, cell, int(config["pretrain"]["mme"]["orientations"])))
+
+
 def stage_config(config: dict, masking: str, seed: int | None = None) -> dict:
-    """The config this pretraining runs with: ``masking.strategy`` set to ``masking`` and
-    ``pretrain.seed`` to ``seed`` (the rule's ``{seed}`` wildcard; None = the first of
-    ``seeds``). The seed is not a config-file key: the ``seeds`` list is its one home."""
-    if masking not in STRATEGY_NAMES:
-        raise ValueError(f"pretraining masking must be one of {sorted(STRATEGY_NAMES)}, "
-                         f"got {masking!r}")
+    """The config this pretraining runs with: ``masking.strategy`` and ``pretrain.target``
+    from the pretraining name ``masking`` (``tube``, ``mofo_mme``, ...) and ``pretrain.seed``
+    from ``seed`` (the rule's ``{seed}`` wildcard; None = the first of ``seeds``). The seed
+    is not a config-file key: the ``seeds`` list is its one home."""
+    strategy, target = pretraining_spec(masking)
+    if strategy not in STRATEGY_NAMES:
+        raise ValueError(f"pretraining {masking!r}: unknown masking strategy {strategy!r}; "
+                         f"choose one of {sorted(STRATEGY_NAMES)}")
     seed = int(config["seeds"][0] if seed is None else seed)
-    return deep_merge(config, {"masking": {"strategy": masking}, "pretrain": {"seed": seed}})
+    return deep_merge(config, {"masking": {"strategy": strategy},
+                               "pretrain": {"target": target, "seed": seed}})
 
 
 def provenance(config: dict, manifest_path: str | Path, results_dir: str | Path) -> dict:
     """What makes two pretrainings the same run: the settings pretraining reads (declared in
-    ``mofo.provenance.STAGE_READS``), the masking strategy and digests of the input files."""
-    return {"stage": "pretrain", "masking": config["masking"]["strategy"],
-            "settings": stage_settings(config, "pretrain"),
-            "inputs": inputs_digest(data_io.input_files(manifest_path, results_dir))}
+    ``mofo.provenance.STAGE_READS``, per target), the masking strategy, the target and
+    digests of the input files (with the trajectory files for MME's target)."""
+    target = config["pretrain"]["target"]
+    files = data_io.input_files(manifest_path, results_dir, trajectories=target == "mme")
+    spec = {"stage": "pretrain", "masking": config["masking"]["strategy"],
+            "settings": stage_settings(config, pretrain_stage(target)),
+            "inputs": inputs_digest(files)}
+    # pixel runs keep the provenance they had before targets existed (their resume state holds)
+    return spec if target == "pixels" else {**spec, "target": target}
 
 
 def run(config: dict, manifest_path: str | Path, results_dir: str | Path, masking: str,
@@ -99,18 +128,22 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path, maskin
         loader = data_io.build_train_loader(config, manifest_path, results_dir, "pretrain", pre_cfg,
                                             ctx.world_size)
         seed_everything(int(pre_cfg["seed"]))  # same initial weights on every rank and run
-        model = build_pretrain_model(config["model"], drop_path=float(pre_cfg["drop_path"]))
-        meta = {"stage": "pretrain", "masking": masking, "dataset": config["dataset"]["name"],
-                "model_size": config["model"]["size"]}
-        task = pretrain_task(config["model"], pre_cfg["normalize_target"], config["masking"])
+        model = build_pretrain_model(config["model"], drop_path=float(pre_cfg["drop_path"]),
+                                     mme_dims=mme_dims(config))
+        meta = {"stage": "pretrain", "masking": masking, "target": pre_cfg["target"],
+                "dataset": config["dataset"]["name"], "model_size": config["model"]["size"]}
+        task = pretrain_task(config["model"], pre_cfg["normalize_target"], config["masking"],
+                             pre_cfg["mme"] if pre_cfg["target"] == "mme" else None)
         result = train(model, loader, task,
                        stage_cfg=pre_cfg, engine_cfg=engine_cfg, ctx=ctx, out_dir=out_dir,
                        hash_config=provenance(config, manifest_path, results_dir), meta=meta,
                        metrics_callback=metrics_callback, max_steps=max_steps,
                        stage=f"pretrain-{masking}")
         if ctx.is_main and result.status == "finished":
-            save_reconstructions(unwrap(model), loader.dataset, config, out_dir / "reconstructions",
-                                 int(pre_cfg["n_reconstruction_clips"]), ctx.device)
+            if pre_cfg["target"] == "pixels":  # a non-pixel target has no pixels to draw
+                save_reconstructions(unwrap(model), loader.dataset, config,
+                                     out_dir / "reconstructions",
+                                     int(pre_cfg["n_reconstruction_clips"]), ctx.device)
             write_validation(unwrap(model), config, manifest_path, results_dir, out_dir, ctx.device)
         return _final_path(result)
     finally:
@@ -121,11 +154,15 @@ def write_validation(model: torch.nn.Module, config: dict, manifest_path: str | 
                      results_dir: str | Path, out_dir: Path, device: torch.device) -> Path:
     """``out_dir/validation.json``: held-out reconstruction vs the predict-the-mean floor
     (:func:`mofo.training.validation.validation_reconstruction`); without a validation split
-    the numbers are null and ``reason`` says why."""
+    the numbers are null and ``reason`` says why, as for a non-pixel target (MME's)."""
     from mofo.training.validation import validation_reconstruction
 
     manifest = data_io.read_manifest(manifest_path)
-    if (manifest["split"] == "validation").any():
+    target = config["pretrain"]["target"]
+    if target != "pixels":
+        result = {"ratio": None, "split": None,
+                  "reason": f"target {target}: no pixel reconstruction to score"}
+    elif (manifest["split"] == "validation").any():
         result = validation_reconstruction(model, config, manifest_path, results_dir, device)
     else:
         result = {"ratio": None, "split": None, "reason": "the manifest has no validation split"}
@@ -169,7 +206,9 @@ def save_reconstructions(model: torch.nn.Module, dataset, config: dict, out_dir:
 
 def main(argv: list[str] | None = None) -> int:
     parser = stage_arg_parser("MOFO / VideoMAE pretraining")
-    parser.add_argument("--masking", required=True, choices=sorted(STRATEGY_NAMES))
+    parser.add_argument("--masking", required=True,
+                        help="pretraining name: <strategy> (pixels; one of "
+                             f"{sorted(STRATEGY_NAMES)}) or <strategy>_mme, e.g. tube_mme")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the init, loader order, augmentations and masks "
                              "(default: the first of the config's seeds)")
