@@ -25,6 +25,7 @@ from mofo.training.losses import mme_loss
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BOUND = 20.0
 QUANTUM = BOUND / 127
+SHIFT = 6 * QUANTUM  # flow px per frame in the dataset tests: exactly representable in int8
 
 
 def translation(n_flows: int, h: int, w: int, u: float, v: float) -> np.ndarray:
@@ -259,8 +260,8 @@ def mme_results(tmp_path_factory):
     manifest.to_csv(root / "manifest.csv", index=False)
     for shard in sorted(manifest["shard"].unique()):
         ids = manifest.loc[manifest["shard"] == shard, "clip_id"]
-        # flow on a half-size grid: 1 flow px per frame to the right = 2 stored px
-        flows = {c: translation(N_FRAMES - 1, H // 2, W // 2, 1.0, 0.0).astype(np.float16)
+        # flow on a half-size grid, to the right by 6 int8 steps (exact on disk) per frame
+        flows = {c: translation(N_FRAMES - 1, H // 2, W // 2, SHIFT, 0.0)
                  for c in ids if c != "c3"}
         (root / "flow").mkdir(exist_ok=True)
         np.savez(root / "flow" / f"shard-{shard:04d}.npz", **flows)
@@ -284,18 +285,21 @@ def test_the_dataset_delivers_trajectories_scaled_with_the_crop(mme_results):
     ds = data_io.build_dataset(tiny_mme_config(), manifest, root, "train", "pretrain")
     sides = [int(96 * s) for s in (1.0, 0.875, 0.75, 0.66)]
     seen = set()
-    for item in range(len(ds)):
+    for epoch, item in ((e, i) for e in range(3) for i in range(len(ds))):
+        ds.set_epoch(epoch)
         sample = ds[item]
         traj, valid = sample["trajectories"], sample["trajectory_valid"]
         assert traj.shape == (64, 4, 2, 2) and valid.shape == (64, 4, 2)
         dx = traj[..., 0][valid]
         assert valid.float().mean() > 0.5 and (traj[..., 1][valid] == 0).all()
         assert (traj[~valid] == 0).all()
-        # 2 stored px per frame, resized from a crop of one of the multi-scale widths
+        # 2 * SHIFT stored px per frame, resized from a crop of one of the multi-scale widths
         scale = float(dx[0])
         assert torch.allclose(dx, torch.full_like(dx, scale))
-        assert min(abs(scale - 2 * 32 / s) for s in sides) < 2 * 32 / 63 * 2 * QUANTUM
-        seen.add(round(scale, 3))
+        assert min(abs(scale - 2 * SHIFT * 32 / s) for s in sides) < 1e-5, scale
+        seen.add(round(scale, 4))
+    assert len(seen) > 1  # the crops differ, so do the displacements
+    ds.set_epoch(0)
     pixels = data_io.build_dataset(tiny_mme_config(target="pixels"), manifest, root, "train",
                                    "pretrain")
     assert "trajectories" not in pixels[0]
