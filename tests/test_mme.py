@@ -320,3 +320,28 @@ def test_a_tiny_pretraining_with_target_mme_trains_end_to_end(mme_results, tmp_p
     steps = [r for r in records if r["type"] == "step"]
     assert steps and all(np.isfinite(r["loss_trajectory"]) and r["loss_hog"] > 0 for r in steps)
     assert not (tmp_path / "pre" / "reconstructions").exists()
+
+
+def test_the_dag_has_trajectories_jobs_only_for_mme_pretrainings(tmp_path):
+    import yaml
+
+    from tests.test_workflow import TINY, job_counts, snakemake
+
+    base = {"results_dir": str(tmp_path / "results"),
+            "dataset": {"demo": {"root": str(tmp_path / "demo")}},
+            "tracking": {"mlflow": {"enabled": False}}}
+    variants = {"videomae": {"label": "VideoMAE", "masking": "tube", "head": "mean"},
+                "mme": {"label": "MME", "masking": "tube_mme", "head": "mean"},
+                "mofo_mme": {"label": "MOFO mask + MME", "masking": "mofo_mme", "head": "mca"}}
+    counts = {}
+    for name, overlay in (("default", base), ("mme", {**base, "variants": variants})):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(overlay))
+        result = snakemake("-n", "--configfile", str(TINY), str(path))
+        assert result.returncode == 0, result.stderr[-3000:]
+        counts[name] = job_counts(result.stdout)
+    assert "trajectories" not in counts["default"]
+    assert counts["mme"]["trajectories"] == 2  # one per shard, in the shards' motion chain
+    # the overlay's variants join the default four: two more pretrainings, two more fine-tunings
+    assert counts["mme"]["pretrain"] == counts["default"]["pretrain"] + 2
+    assert counts["mme"]["finetune"] == counts["default"]["finetune"] + 2

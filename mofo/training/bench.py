@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mofo.config import dataset_results_dir, load_config
+from mofo.config import dataset_results_dir, deep_merge, load_config
 from mofo.masking import STRATEGY_NAMES, is_model_side, mask_from_config
 from mofo.masking.grid import token_grid
 from mofo.models.build import build_model, build_pretrain_model
@@ -36,7 +36,7 @@ from mofo.training.engine import autocast_context, seed_everything, to_device
 from mofo.training.finetune import finetune_task
 from mofo.training.mixup import VideoMixup
 from mofo.training.optim import build_optimizer
-from mofo.training.pretrain import pretrain_masks, pretrain_task
+from mofo.training.pretrain import mme_dims, pretrain_masks, pretrain_task
 from mofo.training.synthetic import SyntheticClipDataset
 
 
@@ -285,6 +285,17 @@ def time_loader(config: dict, mode: str, batch_size: int, num_workers: int, batc
     return {"clips_per_s": clips / max(seconds, 1e-9), "clips": clips, "workers": num_workers}
 
 
+def with_trajectories(batch: dict, config: dict, seed: int = 0) -> dict:
+    """``batch`` plus random MME trajectory targets of the dataset's shapes (``(B, N, P, L,
+    2)`` model px, 80 % of the point steps valid), for timing the mme target."""
+    gen = torch.Generator().manual_seed(seed)
+    b, n = batch["mask"].shape
+    points = (int(config["model"]["patch_size"]) // int(config["pretrain"]["mme"]["cell"])) ** 2
+    shape = (b, n, points, int(config["trajectories"]["steps"]))
+    return {**batch, "trajectories": torch.randn(*shape, 2, generator=gen) * 2,
+            "trajectory_valid": torch.rand(*shape, generator=gen) < 0.8}
+
+
 def synthetic_batch(config: dict, batch_size: int, heads: dict[str, int]) -> dict:
     ds = SyntheticClipDataset(batch_size, config["model"], num_classes=heads.get("label", 2),
                               mask_ratio=float(config["masking"]["ratio"]))
@@ -314,6 +325,11 @@ def run_training_benchmark(config: dict, steps: int = 5, loader_batches: int = 4
         build_pretrain_model(config["model"]), pretrain_task(config["model"], True), batch,
         pre, engine_cfg, device, steps)
     out["pretrain_strategies"] = time_pretrain_strategies(config, steps, strategies)
+    mme = deep_merge(config, {"pretrain": {"target": "mme"}})  # MME's trajectory + HOG target
+    out["pretrain_mme_model"] = time_model_steps(
+        build_pretrain_model(config["model"], mme_dims=mme_dims(mme)),
+        pretrain_task(config["model"], True, mme=pre["mme"]), with_trajectories(batch, mme),
+        pre, engine_cfg, device, steps)
     ft = config["finetune"]
     batch = synthetic_batch(config, int(ft["batch_size"]), heads)
     for head in ("mean", "mca"):
