@@ -320,6 +320,14 @@ def test_a_tiny_pretraining_with_target_mme_trains_end_to_end(mme_results, tmp_p
     steps = [r for r in records if r["type"] == "step"]
     assert steps and all(np.isfinite(r["loss_trajectory"]) and r["loss_hog"] > 0 for r in steps)
     assert not (tmp_path / "pre" / "reconstructions").exists()
+    # the variant row goes on: fine-tuning loads the encoder and leaves MME's heads behind
+    from mofo.training import finetune
+
+    ft = finetune.run(tiny_mme_config(), manifest, root, ckpt, "mean", tmp_path / "ft")
+    assert torch.load(ft, weights_only=True)["meta"]["pretrain_masking"] == "mofo_mme"
+    report = json.loads((tmp_path / "ft" / "load_report.json").read_text())
+    assert report["loaded"] and not any("traj_head" in k or "hog_head" in k for k in report["loaded"])
+    assert report["dropped"]["decoder.traj_head.weight"] == "pretraining decoder"
 
 
 def test_the_dag_has_trajectories_jobs_only_for_mme_pretrainings(tmp_path):

@@ -100,7 +100,9 @@ def test_changed_settings_rerun_exactly_the_stages_that_read_them(built: Run):
     # Settings no built stage reads: logging, loader workers, threads, test views, the demo's
     # picture count is read by flow (so it is not here).
     unread = built.overlay("unread", {
-        "pretrain": {"log_interval": 3, "num_workers": 1, "n_reconstruction_clips": 2},
+        "pretrain": {"log_interval": 3, "num_workers": 1, "n_reconstruction_clips": 2,
+                     "target": "mme", "mme": {"cell": 4}},  # the pretraining name sets target
+        "trajectories": {"steps": 2},  # read by trajectories and mme pretrainings only
         "finetune": {"checkpoint_every": 2},
         "engine": {"threads_per_job": 2, "cpu_threads": 2},
         "augment": {"test_crops": 3},

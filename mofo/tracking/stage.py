@@ -125,10 +125,13 @@ def stage_run_from_snakemake(
 
     The params are what the rule's stage reads, as declared once in
     ``mofo.provenance.STAGE_READS``; ``sections`` is for rules outside that declaration."""
-    from mofo.provenance import STAGE_READS, stage_settings
+    from mofo.provenance import STAGE_READS, pretrain_stage, pretraining_spec, stage_settings
 
     wildcards = {k: v for k, v in sm.wildcards.items()} if hasattr(sm.wildcards, "items") else {}
     log = sm.log[0] if len(sm.log) else None
-    settings = stage_settings(sm.config, sm.rule) if sm.rule in STAGE_READS else None
+    stage = sm.rule
+    if stage == "pretrain" and "masking" in wildcards:  # a target's pretraining reads more
+        stage = pretrain_stage(pretraining_spec(wildcards["masking"])[1])
+    settings = stage_settings(sm.config, stage) if stage in STAGE_READS else None
     return stage_run(sm.config, rule=sm.rule, wildcards=wildcards, sections=sections,
                      log_path=log, settings=settings)
