@@ -5,20 +5,22 @@ The trajectories stage (:mod:`mofo.motion.trajectories`) writes them; this modul
 it, in the data layer, so that the dataset can read them (as :mod:`mofo.data.boxfile` does for
 the boxes).
 
-File ``trajectories/shard-XXXX.npz`` (one per shard), for every clip id ``c``:
+File ``trajectories/shard-XXXX.npz`` (one per shard; deflated), one int8 array per clip id,
+``(T, L, gh, gw, 3)``: for each start frame ``s`` of the clip's ``T`` stored frames, the ``L``
+steps of the points seeded at the cell centres ``((j + 0.5) * spacing, (i + 0.5) * spacing)``
+of the flow grid (continuous coordinates: pixel ``x`` covers ``[x, x + 1)``), followed along
+flow ``s, s+1, ...``. Channels:
 
-* ``c``: int8 ``(T, L, gh, gw, 2)``: for each start frame ``s`` of the clip's ``T`` stored
-  frames, the ``L`` per-step displacements ``(dx, dy)`` of the points seeded at the cell
-  centres ``((j + 0.5) * spacing, (i + 0.5) * spacing)`` of the flow grid (continuous
-  coordinates: pixel ``x`` covers ``[x, x + 1)``), followed along flow ``s, s+1, ...``.
-  Quantised: ``q = round(d * 127 / bound)``, so one unit is ``bound / 127`` px of the flow
-  grid (0.157 px at the default bound of 20) and ``|d| <= bound`` fits int8 exactly.
-* ``c.steps``: uint8 ``(T, gh, gw)``: how many leading steps are valid. A point that leaves
-  the flow grid is invalid from the step that takes it out onwards; steps past the clip's
-  last flow are invalid too. Displacements of invalid steps are stored as 0.
-* ``c.grid``: int32 ``(2,)``: ``(h, w)`` of the flow grid the points live on.
+* 0, 1: the step's displacement ``(dx, dy)``, quantised ``q = round(d * 127 / bound)``, so one
+  unit is ``bound / 127`` px of the flow grid (0.157 px at the default bound of 20) and
+  ``|d| <= bound`` fits int8 exactly;
+* 2: the validity flag (1 / 0). A point that leaves the flow grid is invalid from the step
+  that takes it out onwards; steps past the clip's last flow are invalid too. Invalid steps
+  store displacement 0.
 
-and ``__bound__`` (float, the flow bound in px) and ``__spacing__`` (int, px) for the shard.
+Per shard: ``__bound__`` (float, px), ``__spacing__`` (int, px), ``__clips__`` (the clip ids)
+and ``__grids__`` (int32 ``(n_clips, 2)``: each clip's flow grid ``(h, w)``). One member per
+clip keeps a loader's read to one zip entry.
 """
 
 from __future__ import annotations
@@ -58,9 +60,12 @@ class ClipTrajectories:
     spacing: int
 
 
-def valid_from_steps(steps: np.ndarray, num_steps: int) -> np.ndarray:
-    """uint8 ``(T, gh, gw)`` valid-step counts -> bool ``(T, L, gh, gw)`` flags."""
-    return np.arange(num_steps)[None, :, None, None] < np.asarray(steps)[:, None]
+def encode_clip(disp: np.ndarray, valid: np.ndarray, bound: float) -> np.ndarray:
+    """float ``(T, L, gh, gw, 2)`` px + bool ``(T, L, gh, gw)`` -> the file's int8 array."""
+    out = np.empty((*valid.shape, 3), dtype=np.int8)
+    out[..., :2] = quantize(np.where(valid[..., None], disp, 0.0), bound)
+    out[..., 2] = valid
+    return out
 
 
 class TrajectoryFile:
@@ -74,20 +79,21 @@ class TrajectoryFile:
         try:
             self.bound = float(self._npz["__bound__"])
             self.spacing = int(self._npz["__spacing__"])
-        except KeyError:
-            raise TrajectoryFileError(f"{self.path}: not a trajectory file (no __bound__ / __spacing__)") from None
+            grids = self._npz["__grids__"]
+            self.grids = {str(c): (int(h), int(w)) for c, (h, w) in zip(self._npz["__clips__"], grids)}
+        except KeyError as err:
+            raise TrajectoryFileError(f"{self.path}: not a trajectory file (no {err})") from None
 
     def clip(self, clip_id: str) -> ClipTrajectories:
         """The de-quantised trajectories of ``clip_id``; TrajectoryFileError if absent."""
-        if clip_id not in self._npz.files:
+        if clip_id not in self.grids:
             raise TrajectoryFileError(f"{self.path}: no trajectories for clip {clip_id!r}")
         q = self._npz[clip_id]
-        steps = self._npz[f"{clip_id}.steps"]
-        h, w = (int(v) for v in self._npz[f"{clip_id}.grid"])
-        if q.ndim != 5 or q.shape[-1] != 2 or steps.shape != (q.shape[0], *q.shape[2:4]):
-            raise TrajectoryFileError(f"{self.path}: clip {clip_id!r} has shapes {q.shape} / {steps.shape}")
-        return ClipTrajectories(dequantize(q, self.bound), valid_from_steps(steps, q.shape[1]),
-                                (h, w), self.spacing)
+        if q.ndim != 5 or q.shape[-1] != 3 or q.dtype != np.int8:
+            raise TrajectoryFileError(f"{self.path}: clip {clip_id!r} has {q.dtype} {q.shape}, "
+                                      "not int8 (T, L, gh, gw, 3)")
+        return ClipTrajectories(dequantize(q[..., :2], self.bound), q[..., 2] != 0,
+                                self.grids[clip_id], self.spacing)
 
 
 def token_trajectories(

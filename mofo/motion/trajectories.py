@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mofo.data.trajfile import quantize
+from mofo.data.trajfile import encode_clip
 from mofo.motion.flow import save_npz_atomic
 
 
@@ -85,17 +85,20 @@ def trajectories_shard(flow_path: str | Path, out_path: str | Path, traj_cfg: di
     point steps over all start frames).
     """
     steps, spacing = int(traj_cfg["steps"]), int(traj_cfg["spacing"])
-    arrays: dict[str, np.ndarray] = {"__bound__": np.float32(bound),
-                                     "__spacing__": np.int32(spacing)}
+    arrays: dict[str, np.ndarray] = {}
+    grids: list[tuple[int, int]] = []
     n_valid = n_total = 0
     with np.load(flow_path) as flows:
         for clip_id in tqdm(flows.files, desc=f"trajectories {Path(out_path).stem}", file=sys.stderr):
             flow = flows[clip_id]
             disp, valid_steps = compute_trajectories(flow, steps, spacing, bound)
-            arrays[clip_id] = quantize(disp, bound)
-            arrays[f"{clip_id}.steps"] = valid_steps
-            arrays[f"{clip_id}.grid"] = np.asarray(flow.shape[1:3], dtype=np.int32)
-            n_valid += int(valid_steps.sum())
-            n_total += valid_steps.size * steps
-    save_npz_atomic(out_path, arrays, compressed=True)
-    return {"clips": (len(arrays) - 2) // 3, "valid_fraction": n_valid / max(n_total, 1)}
+            valid = np.arange(steps)[None, :, None, None] < valid_steps[:, None]
+            arrays[clip_id] = encode_clip(disp, valid, bound)
+            grids.append(flow.shape[1:3])
+            n_valid += int(valid.sum())
+            n_total += valid.size
+    meta = {"__bound__": np.float32(bound), "__spacing__": np.int32(spacing),
+            "__clips__": np.asarray(list(arrays), dtype=str),
+            "__grids__": np.asarray(grids, dtype=np.int32).reshape(-1, 2)}
+    save_npz_atomic(out_path, {**arrays, **meta}, compressed=True)
+    return {"clips": len(arrays), "valid_fraction": n_valid / max(n_total, 1)}
