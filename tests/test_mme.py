@@ -353,3 +353,30 @@ def test_the_dag_has_trajectories_jobs_only_for_mme_pretrainings(tmp_path):
     # the overlay's variants join the default four: two more pretrainings, two more fine-tunings
     assert counts["mme"]["pretrain"] == counts["default"]["pretrain"] + 2
     assert counts["mme"]["finetune"] == counts["default"]["finetune"] + 2
+
+
+def test_mme_target_with_model_side_masking_scores_the_reconstructed_tokens():
+    """everest_mme: EVEREST selects in the model; the MME loss covers its reconstructed tokens."""
+    from mofo.models.build import build_pretrain_model
+    from mofo.training.bench import synthetic_batch, with_trajectories
+    from mofo.training.pretrain import mme_dims, pretrain_masks, pretrain_task, stage_config
+
+    cfg = stage_config(load_config(), "everest_mme")
+    assert cfg["masking"]["strategy"] == "everest" and cfg["pretrain"]["target"] == "mme"
+    torch.manual_seed(0)
+    model = build_pretrain_model(cfg["model"], mme_dims=mme_dims(cfg))
+    batch = with_trajectories(synthetic_batch(cfg, 2, {"label": 2}), cfg)
+    batch.pop("mask")  # a model-side strategy draws no loader mask
+    task = pretrain_task(cfg["model"], True, cfg["masking"], cfg["pretrain"]["mme"])
+    torch.manual_seed(1)  # the random part of EVEREST's draw
+    loss, parts = task(model, batch)
+    torch.manual_seed(1)
+    hidden, target = pretrain_masks(model, batch, cfg["masking"])
+    assert (hidden & ~target).any()  # some tokens are dropped, not reconstructed
+    # the same loss from the reconstructed tokens alone: dropped tokens' targets do not count
+    pred = model(batch["frames"], hidden, target)
+    dropped = (hidden & ~target)[..., None, None, None]
+    again, _ = mme_loss(pred, batch["frames"], target, batch["trajectories"] + 99 * dropped,
+                        batch["trajectory_valid"], 8, 2, 8, 9)
+    assert float(again.detach()) == pytest.approx(float(loss.detach()), rel=1e-5) and set(parts) == {
+        "loss_trajectory", "loss_hog"}
