@@ -26,9 +26,12 @@ PIPELINE_RULES = {
     "motion_boxes",
     "motion_pictures",
     "box_quality",
+    "trajectories",
     "pretrain",
     "finetune",
     "evaluate",
+    "features",
+    "probe",
     "table",
 }
 TRACKING_VARS = (
