@@ -14,6 +14,11 @@ A declaration is a tuple of dotted keys. ``"pretrain"`` is the whole section;
 ``"-pretrain.log_interval"`` takes a key back out (settings that do not change what is
 computed: loader workers, logging, checkpoint frequency). A key missing from the config
 reads as ``None``, so an overlay that adds a key changes the hash only where it is read.
+
+``VARIANT_READS`` adds the keys that only one variant of a stage reads (a masking strategy's
+own section, read by that strategy's pretraining only): ``stage_settings(config, stage,
+variant)``, where the rule passes the masking strategy of its pretraining name, so changing
+``masking.mgmae`` reruns the mgmae pretrainings and nothing else.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ _TRAIN_IGNORED = ("num_workers", "log_interval", "checkpoint_every")
 # name, see pretraining_spec) sets masking.strategy and pretrain.target.
 _PRETRAIN_READS = (
     "dataset.name", "model", "masking", "-masking.strategy",
+    "-masking.mgmae",  # read by the mgmae pretrainings only (VARIANT_READS)
     "augment.pretrain_sampling", "augment.multi_scale_crop", "engine.precision",
     "pretrain", "-pretrain.n_reconstruction_clips", "-pretrain.target",
     *(f"-pretrain.{k}" for k in _TRAIN_IGNORED),
@@ -71,6 +77,11 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "features": ("dataset.name", "model", "augment.finetune_sampling", "engine.precision"),
     "probe": ("probe", "-probe.batch_size", "-probe.num_workers"),
     "table": ("variants", "seeds"),
+}
+
+# (stage, variant) -> keys only that variant reads, on top of the stage's own declaration.
+VARIANT_READS: dict[tuple[str, str], tuple[str, ...]] = {
+    (stage, "mgmae"): ("masking.mgmae",) for stage in ("pretrain", "pretrain_mme")
 }
 
 
@@ -125,8 +136,11 @@ def _drop(tree: dict, dotted: str) -> None:
         node.pop(last, None)
 
 
-def stage_settings(config: Mapping[str, Any], stage: str) -> dict[str, Any]:
-    """The config values ``stage`` reads: ``{dotted key: value}`` in declaration order."""
+def stage_settings(
+    config: Mapping[str, Any], stage: str, variant: str | None = None
+) -> dict[str, Any]:
+    """The config values ``stage`` (for ``variant``, e.g. a pretraining's masking) reads:
+    ``{dotted key: value}`` in declaration order, then the variant's own keys."""
     if stage not in STAGE_READS:
         raise UnknownStageError(stage)
     keys = [k for k in STAGE_READS[stage] if not k.startswith("-")]
@@ -137,6 +151,8 @@ def stage_settings(config: Mapping[str, Any], stage: str) -> dict[str, Any]:
                 settings.pop(key, None)
             elif removed.startswith(key + ".") and isinstance(settings.get(key), dict):
                 _drop(settings[key], removed[len(key) + 1:])
+    for key in VARIANT_READS.get((stage, variant or ""), ()):
+        settings[key] = copy.deepcopy(_lookup(config, key))
     return settings
 
 
@@ -146,9 +162,9 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def stage_hash(config: Mapping[str, Any], stage: str) -> str:
+def stage_hash(config: Mapping[str, Any], stage: str, variant: str | None = None) -> str:
     """Digest of :func:`stage_settings`: a rule's rerun trigger."""
-    return digest(stage_settings(config, stage))
+    return digest(stage_settings(config, stage, variant))
 
 
 # Files up to this size are hashed whole; larger ones by size + their first and last MiB.

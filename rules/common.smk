@@ -3,6 +3,7 @@
 from mofo.data.adapters import annotation_files
 from mofo.data.manifest import shard_names
 from mofo.evaluation.table import RANDOM_ENCODER as RANDOM_INIT_LABEL  # the random encoder's row
+from mofo.masking import needs_token_flow
 from mofo.provenance import (  # a rule's rerun trigger: what its stage reads
     pretrain_stage,
     pretraining_spec,
@@ -39,6 +40,14 @@ def gt_boxes_input(wildcards):
     return [gt, f"{RESULTS}/manifest.csv"] if gt else []
 
 
+def pooled_flow_inputs(wildcards):
+    """The kept pooled flow of every shard for a pretraining whose masking follows the flow
+    (mgmae, mgmae_mme); [] for the others, which never wait for it."""
+    if not needs_token_flow(pretraining_spec(wildcards.masking)[0]):
+        return []
+    return expand(f"{RESULTS}/flow/{{shard}}.pooled.npz", shard=SHARDS)
+
+
 def maybe_temp(path):
     """Flow is large: Snakemake deletes it after its consumers unless optical_flow.keep."""
     return path if config["optical_flow"]["keep"] else temp(path)
@@ -52,8 +61,10 @@ def pretrain_trajectories(wildcards):
 
 
 def pretrain_config_hash(wildcards):
-    """The pretraining's rerun trigger: what its target's stage reads (pretrain / pretrain_mme)."""
-    return stage_hash(config, pretrain_stage(pretraining_spec(wildcards.masking)[1]))
+    """The pretraining's rerun trigger: what its target's stage reads (pretrain / pretrain_mme),
+    with its masking strategy's own section for that strategy only (VARIANT_READS: mgmae)."""
+    strategy, target = pretraining_spec(wildcards.masking)
+    return stage_hash(config, pretrain_stage(target), strategy)
 
 
 VARIANTS = config["variants"]

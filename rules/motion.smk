@@ -11,6 +11,8 @@ rule optical_flow:
         flow=maybe_temp(f"{RESULTS}/flow/{{shard}}.npz"),
         # Flow of the picture clips only, kept: pictures never recompute the temporary flow.
         picture_flow=f"{RESULTS}/flow/{{shard}}.pictures.npz",
+        # Every clip's flow pooled to a coarse grid, kept: what mgmae masking reads.
+        pooled_flow=f"{RESULTS}/flow/{{shard}}.pooled.npz",
     params:
         prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
         config_hash=stage_hash(config, "optical_flow"),

@@ -12,6 +12,7 @@ rule pretrain:
         frames=expand(f"{RESULTS}/frames/{{shard}}.jpgpack", shard=SHARDS),
         boxes=expand(f"{RESULTS}/boxes/{{shard}}.csv", shard=SHARDS),
         trajectories=pretrain_trajectories,  # target mme only
+        pooled_flow=pooled_flow_inputs,
     output:
         checkpoint=f"{RESULTS}/pretrain/{{masking}}/s{{seed}}/checkpoint.pt",
         validation=f"{RESULTS}/pretrain/{{masking}}/s{{seed}}/validation.json",

@@ -191,8 +191,8 @@ def test_bench_prints_tokens_and_step_time_per_strategy():
     cfg = load_config(overrides={"model": model_cfg(), "engine": {"device": "cpu"}})
     result = time_pretrain_strategies(cfg, steps=1, batch_size=2)
     rows = result["strategies"]
-    assert list(rows) == ["tube", "mofo", "everest"]
-    for name in ("tube", "mofo"):  # 14 of 16 tubes hidden: 2 x 4 slices visible, all decoded
+    assert list(rows) == ["tube", "mofo", "mgmae", "everest"]
+    for name in ("tube", "mofo", "mgmae"):  # 14 of 16 cells hidden per slice, all decoded
         assert rows[name]["encoder_tokens"] == 8 and rows[name]["decoder_tokens"] == 64
         assert rows[name]["target_tokens"] == 56 and rows[name]["dropped_tokens"] == 0
     n_drop, n_visible, n_target = everest_counts(64, 0.9, 0.7)

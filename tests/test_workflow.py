@@ -95,9 +95,10 @@ def test_motion_stages_end_to_end_and_a_corrupt_video(tiny_overlay: Path, tmp_pa
     assert set(quality["by_camera_motion"]) == {"true", "false"}
     # Motion boxes must find the moving object far better than a fixed centre box.
     assert quality["mean_iou"] > quality["centre_box_mean_iou"] + 0.1
-    # The flow is temporary; only the picture clips' flow is kept.
+    # The flow is temporary; the picture clips' flow and the pooled flow are kept.
     assert sorted(p.name for p in (res / "flow").glob("*.npz")) == [
-        "shard-0000.pictures.npz", "shard-0001.pictures.npz"]
+        "shard-0000.pictures.npz", "shard-0000.pooled.npz",
+        "shard-0001.pictures.npz", "shard-0001.pooled.npz"]
     assert list((res / "motion" / "pictures" / "shard-0000").glob("*.png"))
 
     # Corrupt one video of shard 0 and rebuild that shard: the clip is reported failed with

@@ -16,6 +16,9 @@ trajectories    float32 ``(N, P, L, 2)``    pretrain with ``pretrain.target: mme
                                             of each token, from its tubelet's first frame
                                             (:func:`mofo.data.trajfile.token_trajectories`)
 trajectory_valid bool ``(N, P, L)``         which of those steps are valid
+token_flow      float32 ``(T-1, h, w, 2)``  with ``token_flow=True`` only (pretrain, test):
+                                            the flow between the sampled frames at the
+                                            crop's token grid, in cells (``tokenflow``)
 label           int64 ``()``                class (-1 = unknown); EPIC-100: the verb class
 verb, noun      int64 ``()``                EPIC-100 only
 frame_indices   int64 ``(T,)``              which stored frames were sampled
@@ -40,7 +43,11 @@ stage, needs none, so it runs on decoded frames alone): every frame's box is the
 frame and every token is in-box.
 
 Frame stores, box files and trajectory files are opened lazily and cached per worker process, one per shard;
-only the sampled frames are decoded. Clips that are not in their shard's frame store (decode
+only the sampled frames are decoded. A masking strategy that follows the flow
+(``mofo.masking.FLOW_STRATEGIES``: ``mgmae``) also reads the clip's pooled flow
+(``flow/shard-XXXX.pooled.npz``, :mod:`mofo.data.tokenflow`), cropped with the clip's own
+pretraining crop and sampled at the token grid; a clip the flow job left out (its flow
+failed) moves nothing, with a warning. Clips that are not in their shard's frame store (decode
 failed) are skipped when the dataset is built, counted in ``n_skipped`` and logged once.
 """
 
@@ -60,8 +67,9 @@ from mofo.data import sampling, transforms
 from mofo.data.boxfile import BoxFileError, read_boxes
 from mofo.data.framestore import FrameStore
 from mofo.data.manifest import shard_name
+from mofo.data.tokenflow import clip_token_flow, pooled_flow_path
 from mofo.data.trajfile import TrajectoryFile, TrajectoryFileError, token_trajectories
-from mofo.masking import mask_from_config
+from mofo.masking import mask_from_config, needs_token_flow
 from mofo.masking.grid import inbox_tokens, token_grid
 
 log = logging.getLogger(__name__)
@@ -131,6 +139,9 @@ class VideoClipDataset(Dataset):
         seed: base seed of the per-sample generators.
         num_clips, num_crops: test views; default ``augment.test_clips`` / ``test_crops``.
         with_boxes: False = read no box files; boxes are the whole frame (see the module doc).
+        token_flow: add each sample's flow at the token grid (``token_flow``; pretraining and
+            test modes, whose crops are plain rectangles), e.g. to draw an ``mgmae`` mask
+            outside the loader. Pretraining with ``mgmae`` reads it for the mask either way.
     """
 
     def __init__(
@@ -146,9 +157,14 @@ class VideoClipDataset(Dataset):
         num_clips: int | None = None,
         num_crops: int | None = None,
         with_boxes: bool = True,
+        token_flow: bool = False,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if token_flow and mode == "finetune":
+            raise ValueError("token_flow is only available in modes 'pretrain' and 'test' (the "
+                             "fine-tuning crops are not rectangles of the stored frame)")
+        self.with_token_flow = bool(token_flow)
         self.results_dir = Path(results_dir)
         self.split, self.mode, self.seed = split, mode, int(seed)
         self.with_boxes = bool(with_boxes)
@@ -162,6 +178,8 @@ class VideoClipDataset(Dataset):
         # MME's trajectory targets: only pretraining with pretrain.target mme reads them.
         mme = mode == "pretrain" and config["pretrain"]["target"] == "mme"
         self.mme_cell = int(config["pretrain"]["mme"]["cell"]) if mme else None
+        self.reads_flow = token_flow or (
+            mode == "pretrain" and needs_token_flow(self.masking_cfg["strategy"]))
         rand_augment = self.augment_cfg["rand_augment"]
         self.rand_augment = (
             transforms.VideoRandAugment(rand_augment, int(self.model_cfg["input_size"]))
@@ -210,6 +228,8 @@ class VideoClipDataset(Dataset):
         self._stores: dict[int, FrameStore] = {}
         self._boxes: dict[int, dict[str, np.ndarray]] = {}
         self._trajectories: dict[int, TrajectoryFile] = {}
+        self._pooled: dict[int, Any] = {}  # shard -> open npz of the pooled flow
+        self._warned_no_flow: set[str] = set()
 
     # -- construction helpers ------------------------------------------------------------
 
@@ -275,10 +295,40 @@ class VideoClipDataset(Dataset):
             int(m["patch_size"]), self.mme_cell)
         return {"trajectories": torch.from_numpy(disp), "trajectory_valid": torch.from_numpy(valid)}
 
+    def _clip_pooled_flow(self, shard: int, clip_id: str, n_frames: int) -> np.ndarray:
+        """The clip's pooled flow ``(n_frames-1, gh, gw, 2)``; zeros (and a warning, once per
+        clip and worker) for a clip the flow job left out."""
+        if shard not in self._pooled:
+            path = pooled_flow_path(self.results_dir, shard_name(shard))
+            if not path.exists():
+                raise DatasetError(
+                    f"{path}: missing; masking {self.masking_cfg['strategy']!r} reads the pooled "
+                    "flow the optical_flow rule writes (rerun it for this shard)")
+            self._pooled[shard] = np.load(path)
+        pooled = self._pooled[shard]
+        if clip_id in pooled.files:
+            return pooled[clip_id]
+        if clip_id not in self._warned_no_flow:
+            self._warned_no_flow.add(clip_id)
+            log.warning("%s: no pooled flow for clip %s (its flow failed); it is masked as if "
+                        "nothing moved", pooled_flow_path(self.results_dir, shard_name(shard)), clip_id)
+        return np.zeros((max(n_frames - 1, 0), 1, 1, 2), dtype=np.float32)
+
+    def token_flow(self, index: int, indices: np.ndarray, crop: tuple[float, float, float, float],
+                   frame_size: tuple[int, int]) -> np.ndarray:
+        """Flow between the sampled frames at the token grid of the crop ``(x0, y0, w, h)`` of
+        the ``frame_size = (width, height)`` stored frames: float32 ``(T-1, h, w, 2)`` in token
+        cells (``mofo.data.tokenflow.clip_token_flow``)."""
+        clip_id = str(self.clips.at[index, "clip_id"])
+        shard = int(self.clips.at[index, "shard"])
+        pooled = self._clip_pooled_flow(shard, clip_id, int(self.clips.at[index, "n_frames"]))
+        m = self.model_cfg
+        return clip_token_flow(pooled, indices, crop, frame_size, int(m["input_size"]), int(m["patch_size"]))
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         # each worker fills its own caches
-        state["_stores"], state["_boxes"], state["_trajectories"] = {}, {}, {}
+        state["_stores"], state["_boxes"], state["_trajectories"], state["_pooled"] = {}, {}, {}, {}
         return state
 
     # -- epoch ----------------------------------------------------------------------------
@@ -327,13 +377,14 @@ class VideoClipDataset(Dataset):
 
     def spatial(
         self, frames: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, crop_idx: int = 0
-    ) -> tuple[torch.Tensor, np.ndarray, tuple[int, int, int, int] | None]:
+    ) -> tuple[torch.Tensor, np.ndarray, tuple[float, float, float, float] | None]:
         """Crop / resize / augment for this mode; returns the normalised clip, the crop boxes
-        and (pretraining) the crop ``(x0, y0, crop_w, crop_h)`` in stored-frame pixels."""
+        and (pretraining, test) the crop ``(x0, y0, w, h)`` in stored pixels that became the
+        model's square (None for fine-tuning)."""
         size = int(self.model_cfg["input_size"])
         aug = self.augment_cfg
         crop = None
-        if self.mode == "pretrain":  # VideoMAE's multi-scale crop (transforms.multi_scale_crop)
+        if self.mode == "pretrain":  # transforms.multi_scale_crop, keeping the crop for the flow
             height, width = frames.shape[1:3]
             crop = transforms.multi_scale_crop_params(width, height, size, aug["multi_scale_crop"], rng)
             frames, boxes = transforms.crop_resize(frames, boxes, *crop, size, size)
@@ -345,6 +396,11 @@ class VideoClipDataset(Dataset):
             if self.rand_augment is not None:
                 frames, boxes = self.rand_augment(frames, boxes, rng)
         else:
+            height, width = frames.shape[1:3]
+            out_w, out_h = transforms.short_side_size(width, height, size)
+            x0, y0 = transforms.spatial_crop_offset(out_w, out_h, size, crop_idx, self.num_crops)
+            sx, sy = width / out_w, height / out_h  # the resize, undone
+            crop = (x0 * sx, y0 * sy, size * sx, size * sy)
             frames, boxes = transforms.resize_short_side(frames, boxes, size)
             frames, boxes = transforms.spatial_crop(frames, boxes, size, crop_idx, self.num_crops)
         clip = transforms.normalize(frames)
@@ -363,6 +419,7 @@ class VideoClipDataset(Dataset):
         indices = self.frame_indices(index, rng, clip_idx)
         frames, boxes = self.load(index, indices)
         frame_hw = frames.shape[1:3]
+        frame_size = (frames.shape[2], frames.shape[1])
         clip, boxes, crop = self.spatial(frames, boxes, rng, crop_idx)
         m = self.model_cfg
         inbox = inbox_tokens(
@@ -378,9 +435,13 @@ class VideoClipDataset(Dataset):
             "clip_id": str(row["clip_id"]),
             "index": index,
         }
-        mask = mask_from_config(self.masking_cfg, self.grid, inbox, rng) if self.mode == "pretrain" else None
-        if mask is not None:  # None: a model-side strategy (everest) selects in the model
-            sample["mask"] = torch.from_numpy(mask)
+        flow = self.token_flow(index, indices, crop, frame_size) if self.reads_flow else None
+        if self.with_token_flow:
+            sample["token_flow"] = torch.from_numpy(flow)
+        if self.mode == "pretrain":  # None: a model-side strategy (everest) selects in the model
+            mask = mask_from_config(self.masking_cfg, self.grid, inbox, rng, token_flow=flow)
+            if mask is not None:
+                sample["mask"] = torch.from_numpy(mask)
         if self.mme_cell is not None:
             sample.update(self._trajectory_targets(index, indices, frame_hw, crop))
         if self.dataset_name == "epic100":

@@ -2,10 +2,15 @@
 
 Two kinds, one name space (:data:`STRATEGY_NAMES`):
 
-* loader-side (:data:`MASKING_STRATEGIES`: ``tube``, ``mofo``): drawn per clip by the data
-  loader, ``fn(grid, ratio, inbox, inbox_ratio, generator) -> bool (t*h*w,)`` (True = masked,
-  token order t, h, w); the sample carries it as ``mask`` and every masked token is
-  reconstructed;
+* loader-side (:data:`MASKING_STRATEGIES`: ``tube``, ``mofo``, ``mgmae``): drawn per clip by
+  the data loader, ``fn(grid, ratio, inbox, inbox_ratio, generator, *, token_flow=None,
+  options=None) -> bool (t*h*w,)`` (True = masked, token order t, h, w); the sample carries it
+  as ``mask`` and every masked token is reconstructed. The keyword arguments are what some
+  strategies need beyond the box: ``token_flow``, the clip's flow at the token grid (float
+  ``(frames-1, h, w, 2)`` in token cells, see :mod:`mofo.masking.mgmae`), for the strategies
+  in :data:`FLOW_STRATEGIES`; ``options``, the strategy's own config section
+  (``masking.<name>``) where it has one. A strategy raises a ``ValueError`` naming what it
+  misses;
 * model-side (:data:`MODEL_SIDE_STRATEGIES`: ``everest``): chosen inside the training step
   from the model's patch embeddings, ``fn(embeddings (B, N, D), grid, masking_cfg,
   generator) -> (hidden, target)``, both bool ``(B, N)``: ``hidden`` = not an encoder input,
@@ -13,7 +18,7 @@ Two kinds, one name space (:data:`STRATEGY_NAMES`):
   The loader gives no ``mask`` (:func:`mask_from_config` returns None).
 
 Both give the same counts for every clip of a grid, so clips batch together. Add a strategy
-by adding it to one of the two tables.
+by adding it to one of the two tables (and to :data:`FLOW_STRATEGIES` if it reads the flow).
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mofo.masking.grid import Grid, inbox_tokens, inbox_tubes, token_grid
+from mofo.masking.mgmae import mgmae_mask
 from mofo.masking.mofo import inbox_quota, mofo_mask
 from mofo.masking.tube import num_masked, tube_mask
 
 if TYPE_CHECKING:
     import torch
 
-MaskFn = Callable[[Grid, float, "np.ndarray | None", float, np.random.Generator], np.ndarray]
+MaskFn = Callable[..., np.ndarray]
 
 
 def _tube(
@@ -39,6 +45,7 @@ def _tube(
     inbox: np.ndarray | None,
     inbox_ratio: float,
     generator: np.random.Generator,
+    **_: Any,
 ) -> np.ndarray:
     return tube_mask(grid, ratio, generator)  # random tubes: the box is not used
 
@@ -49,13 +56,37 @@ def _mofo(
     inbox: np.ndarray | None,
     inbox_ratio: float,
     generator: np.random.Generator,
+    **_: Any,
 ) -> np.ndarray:
     if inbox is None:
         raise ValueError("masking strategy 'mofo' needs the clip's in-box token flags")
     return mofo_mask(grid, ratio, inbox, inbox_ratio, generator)
 
 
-MASKING_STRATEGIES: dict[str, MaskFn] = {"tube": _tube, "mofo": _mofo}
+def _mgmae(
+    grid: Grid,
+    ratio: float,
+    inbox: np.ndarray | None,
+    inbox_ratio: float,
+    generator: np.random.Generator,
+    *,
+    token_flow: np.ndarray | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    if options is None:
+        raise ValueError("masking strategy 'mgmae' needs its settings (the masking.mgmae section)")
+    return mgmae_mask(grid, ratio, token_flow, options, generator)  # the box is not used
+
+
+MASKING_STRATEGIES: dict[str, MaskFn] = {"tube": _tube, "mofo": _mofo, "mgmae": _mgmae}
+#: Strategies that read the clip's flow at the token grid (``token_flow``).
+FLOW_STRATEGIES = frozenset({"mgmae"})
+
+
+def needs_token_flow(strategy: str) -> bool:
+    """Whether ``strategy`` masks from the clip's flow (the loader then reads the pooled flow)."""
+    return strategy in FLOW_STRATEGIES
+
 
 # (embeddings (B, N, D), grid, masking section, torch generator or None) -> (hidden, target)
 SelectFn = Callable[..., tuple["torch.Tensor", "torch.Tensor"]]
@@ -119,17 +150,22 @@ def make_mask(
     inbox: np.ndarray | None = None,
     inbox_ratio: float = 0.75,
     generator: np.random.Generator | None = None,
+    *,
+    token_flow: np.ndarray | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> np.ndarray:
     """The mask of one clip by strategy name; ``generator`` defaults to a fresh unseeded one.
-
-    Only for loader-side strategies: a model-side one raises (it needs the embeddings)."""
+    ``token_flow`` and ``options``: see the module docstring. Only for loader-side
+    strategies: a model-side one raises (it needs the embeddings)."""
     if is_model_side(strategy):
         raise ValueError(
             f"masking strategy {strategy!r} is selected inside the model from its patch "
             "embeddings (mofo.masking.select_from_config); the loader draws no mask for it"
         )
     rng = generator if generator is not None else np.random.default_rng()
-    return MASKING_STRATEGIES[strategy](grid, ratio, inbox, inbox_ratio, rng)
+    return MASKING_STRATEGIES[strategy](
+        grid, ratio, inbox, inbox_ratio, rng, token_flow=token_flow, options=options
+    )
 
 
 def mask_from_config(
@@ -137,22 +173,28 @@ def mask_from_config(
     grid: Grid,
     inbox: np.ndarray | None,
     generator: np.random.Generator,
+    token_flow: np.ndarray | None = None,
 ) -> np.ndarray | None:
-    """:func:`make_mask` with ``strategy``, ``ratio`` and ``inbox_ratio`` from ``masking``;
-    None for a model-side strategy (the model selects, the sample carries no mask)."""
-    if is_model_side(masking_cfg["strategy"]):
+    """:func:`make_mask` with ``strategy``, ``ratio`` and ``inbox_ratio`` from ``masking``, and
+    the strategy's own section ``masking.<strategy>`` as its options where there is one; None
+    for a model-side strategy (the model selects, the sample carries no mask)."""
+    strategy = masking_cfg["strategy"]
+    if is_model_side(strategy):
         return None
     return make_mask(
-        masking_cfg["strategy"],
+        strategy,
         grid,
         float(masking_cfg["ratio"]),
         inbox,
         float(masking_cfg["inbox_ratio"]),
         generator,
+        token_flow=token_flow,
+        options=masking_cfg[strategy] if strategy in masking_cfg else None,
     )
 
 
 __all__ = [
+    "FLOW_STRATEGIES",
     "MASKING_STRATEGIES",
     "MODEL_SIDE_STRATEGIES",
     "STRATEGY_NAMES",
@@ -163,7 +205,9 @@ __all__ = [
     "is_model_side",
     "make_mask",
     "mask_from_config",
+    "mgmae_mask",
     "mofo_mask",
+    "needs_token_flow",
     "num_masked",
     "select_from_config",
     "token_grid",

@@ -144,7 +144,8 @@ def save_npz_atomic(out_path: str | Path, arrays: dict[str, np.ndarray],
 
 
 def flow_shard(frames_prefix: str | Path, out_path: str | Path, flow_cfg: dict,
-               picture_out: str | Path | None = None, n_picture_clips: int = 0) -> dict:
+               picture_out: str | Path | None = None, n_picture_clips: int = 0,
+               pooled_out: str | Path | None = None) -> dict:
     """Compute the flow of every clip of a decoded shard and write ``flow/shard-XXXX.npz``.
 
     One float16 array ``(T-1, h, w, 2)`` per clip id. A clip whose frames cannot be read or
@@ -152,12 +153,16 @@ def flow_shard(frames_prefix: str | Path, out_path: str | Path, flow_cfg: dict,
     as a clip without flow and fall back to centre boxes); the other clips are kept.
     ``picture_out``: a second, small npz with the flow of the shard's first
     ``n_picture_clips`` clips (the ones ``mofo.motion.viz.write_shard_pictures`` draws), kept
-    when the full flow file is deleted. Returns ``{"clips": n, "failed": [clip ids]}``.
+    when the full flow file is deleted. ``pooled_out``: the kept coarse flow of every clip
+    (``mofo.data.tokenflow``: ``optical_flow.pooled_cells`` cells along the short side, frame
+    fractions), which flow-guided masking reads. Returns ``{"clips": n, "failed": [clip ids]}``.
     """
     from mofo.data.framestore import FrameStore  # imported here: array-level code needs none
+    from mofo.data.tokenflow import pool_flow
 
     store = FrameStore(frames_prefix)
     arrays: dict[str, np.ndarray] = {}
+    pooled: dict[str, np.ndarray] = {}
     failed: list[str] = []
     for clip_id in tqdm(list(store.clip_ids), desc=f"flow {Path(out_path).stem}", file=sys.stderr):
         try:
@@ -167,7 +172,11 @@ def flow_shard(frames_prefix: str | Path, out_path: str | Path, flow_cfg: dict,
             failed.append(str(clip_id))
             continue
         arrays[str(clip_id)] = flow.astype(np.float16)
+        if pooled_out is not None:
+            pooled[str(clip_id)] = pool_flow(flow, int(flow_cfg["pooled_cells"]))
     save_npz_atomic(out_path, arrays)
+    if pooled_out is not None:
+        save_npz_atomic(pooled_out, pooled)
     if picture_out is not None:
         chosen = [str(c) for c in store.clip_ids[: max(0, int(n_picture_clips))]]
         save_npz_atomic(picture_out, {c: arrays[c] for c in chosen if c in arrays})

@@ -129,9 +129,10 @@ def stage_run_from_snakemake(
 
     wildcards = {k: v for k, v in sm.wildcards.items()} if hasattr(sm.wildcards, "items") else {}
     log = sm.log[0] if len(sm.log) else None
-    stage = sm.rule
+    stage, variant = sm.rule, None
     if stage == "pretrain" and "masking" in wildcards:  # a target's pretraining reads more
-        stage = pretrain_stage(pretraining_spec(wildcards["masking"])[1])
-    settings = stage_settings(sm.config, stage) if stage in STAGE_READS else None
+        variant, target = pretraining_spec(wildcards["masking"])
+        stage = pretrain_stage(target)
+    settings = stage_settings(sm.config, stage, variant) if stage in STAGE_READS else None
     return stage_run(sm.config, rule=sm.rule, wildcards=wildcards, sections=sections,
                      log_path=log, settings=settings)

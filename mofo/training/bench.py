@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mofo.config import dataset_results_dir, deep_merge, load_config
-from mofo.masking import STRATEGY_NAMES, is_model_side, mask_from_config
+from mofo.masking import STRATEGY_NAMES, is_model_side, mask_from_config, needs_token_flow
 from mofo.masking.grid import token_grid
 from mofo.models.build import build_model, build_pretrain_model
 from mofo.training.distributed import rank_info, select_device
@@ -192,13 +192,19 @@ def strategy_batch(config: dict, strategy: str, frames: torch.Tensor, inbox: tor
     loader-side strategy, one mask per clip drawn as the loader draws it
     (``mask_from_config``, generator seeded by ``(seed, clip)``); a model-side strategy gets
     no mask (the task selects). A loader-side strategy that needs more than the in-box flags
-    adds its input here."""
+    adds its input here: a flow strategy (``mgmae``) gets, for the pooled flow of real clips, a
+    uniform translation of half a token cell per frame."""
     masking_cfg = {**config["masking"], "strategy": strategy}
     batch = {"frames": frames, "inbox": inbox}
     if is_model_side(strategy):
         return batch
     grid = token_grid(config["model"])
-    masks = [mask_from_config(masking_cfg, grid, flags.numpy(), np.random.default_rng([seed, i]))
+    flow = None
+    if needs_token_flow(strategy):
+        flow = np.zeros((int(config["model"]["num_frames"]) - 1, grid[1], grid[2], 2))
+        flow[..., 0] = 0.5
+    masks = [mask_from_config(masking_cfg, grid, flags.numpy(), np.random.default_rng([seed, i]),
+                              token_flow=flow)
              for i, flags in enumerate(inbox)]
     return {**batch, "mask": torch.from_numpy(np.stack(masks))}
 

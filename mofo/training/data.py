@@ -42,13 +42,15 @@ def read_manifest(manifest_path: str | Path) -> pd.DataFrame:
 
 
 def input_files(manifest_path: str | Path, results_dir: str | Path,
-                trajectories: bool = False) -> dict[str, Path]:
+                trajectories: bool = False, pooled_flow: bool = False) -> dict[str, Path]:
     """The files a training stage reads, named relative to the results folder: the manifest,
     and per shard of the manifest its frame index and motion boxes (and, with
-    ``trajectories``, MME's trajectory file). Their digests are part of
-    the run's provenance (``mofo.provenance.inputs_digest``): new boxes, frames or clips make a
-    new run. The frame packs are covered by their index (offsets and sizes of every frame)."""
+    ``trajectories``, MME's trajectory file; with ``pooled_flow``, for a flow-guided masking,
+    its ``flow/shard-XXXX.pooled.npz``). Their digests are part of the run's provenance
+    (``mofo.provenance.inputs_digest``): new boxes, frames, flow or clips make a new run. The
+    frame packs are covered by their index (offsets and sizes of every frame)."""
     from mofo.data.manifest import shard_name
+    from mofo.data.tokenflow import pooled_flow_path
 
     results_dir = Path(results_dir)
     files = {"manifest.csv": Path(manifest_path)}
@@ -58,6 +60,9 @@ def input_files(manifest_path: str | Path, results_dir: str | Path,
         files[f"boxes/{name}.csv"] = results_dir / "boxes" / f"{name}.csv"
         if trajectories:
             files[f"trajectories/{name}.npz"] = results_dir / "trajectories" / f"{name}.npz"
+        if pooled_flow:
+            path = pooled_flow_path(results_dir, name)
+            files[str(path.relative_to(results_dir))] = path
     return files
 
 

@@ -2,9 +2,9 @@
 
 ``run(config, manifest_path, results_dir, masking, out_dir)`` trains on the manifest's train
 split. ``masking`` is the pretraining name (``mofo.provenance.pretraining_spec``): a masking
-strategy (``tube``, ``mofo`` or ``everest``, the last selected inside the training step from
-the patch embeddings: VideoMAE's pixel target) or ``<strategy>_mme`` (MME's target: point
-trajectories and HOG, with that strategy's masks). It writes into ``out_dir``:
+strategy (``tube``, ``mofo``, ``mgmae`` or ``everest``, the last selected inside the training
+step from the patch embeddings: VideoMAE's pixel target) or ``<strategy>_mme`` (MME's target:
+point trajectories and HOG, with that strategy's masks). It writes into ``out_dir``:
 ``checkpoint-last.pt`` (resumable), ``checkpoint.pt`` (final weights, VideoMAE layout, with
 ``meta``), ``metrics.jsonl`` and (pixel targets) ``reconstructions/*.png``. As a module it runs the same under
 one process, ``torchrun`` or DeepSpeed::
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from mofo.config import deep_merge, load_config
-from mofo.masking import STRATEGY_NAMES, is_model_side, select_from_config
+from mofo.masking import STRATEGY_NAMES, is_model_side, needs_token_flow, select_from_config
 from mofo.models.build import build_pretrain_model
 from mofo.models.hog import hog_dim
 from mofo.provenance import inputs_digest, pretrain_stage, pretraining_spec, stage_settings
@@ -104,12 +104,14 @@ def stage_config(config: dict, masking: str, seed: int | None = None) -> dict:
 
 def provenance(config: dict, manifest_path: str | Path, results_dir: str | Path) -> dict:
     """What makes two pretrainings the same run: the settings pretraining reads (declared in
-    ``mofo.provenance.STAGE_READS``, per target), the masking strategy, the target and
-    digests of the input files (with the trajectory files for MME's target)."""
-    target = config["pretrain"]["target"]
-    files = data_io.input_files(manifest_path, results_dir, trajectories=target == "mme")
-    spec = {"stage": "pretrain", "masking": config["masking"]["strategy"],
-            "settings": stage_settings(config, pretrain_stage(target)),
+    ``mofo.provenance.STAGE_READS``, per target and masking), the masking strategy, the target
+    and digests of the input files (with the trajectory files for MME's target, the pooled
+    flow for a strategy that follows the flow)."""
+    target, masking = config["pretrain"]["target"], config["masking"]["strategy"]
+    files = data_io.input_files(manifest_path, results_dir, trajectories=target == "mme",
+                                pooled_flow=needs_token_flow(masking))
+    spec = {"stage": "pretrain", "masking": masking,
+            "settings": stage_settings(config, pretrain_stage(target), masking),
             "inputs": inputs_digest(files)}
     # pixel runs keep the provenance they had before targets existed (their resume state holds)
     return spec if target == "pixels" else {**spec, "target": target}

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mofo.masking import is_model_side, mask_from_config, select_from_config
+from mofo.masking import is_model_side, mask_from_config, needs_token_flow, select_from_config
 from mofo.masking.grid import token_grid
 from mofo.training import data as data_io
 from mofo.training.losses import patch_normalized_target
@@ -53,8 +53,9 @@ def validation_masks(model: torch.nn.Module, masking_cfg: dict, frames: torch.Te
             torch.Generator(device=frames.device).manual_seed(MASK_SEED + int(it["index"])))
             for i, it in enumerate(items)]
         return torch.cat([h for h, _ in pairs]), torch.cat([t for _, t in pairs])
-    masks = np.stack([
-        mask_from_config(masking_cfg, grid, box, np.random.default_rng([MASK_SEED, it["index"]]))
+    masks = np.stack([  # mgmae: from the view's own flow (the dataset's token_flow)
+        mask_from_config(masking_cfg, grid, box, np.random.default_rng([MASK_SEED, it["index"]]),
+                         token_flow=it["token_flow"].numpy() if "token_flow" in it else None)
         for it, box in zip(items, inbox, strict=True)])
     mask = torch.from_numpy(masks).to(frames.device)
     return mask, mask
@@ -73,7 +74,8 @@ def validation_reconstruction(model: torch.nn.Module, config: dict, manifest_pat
     model_cfg, pre = config["model"], config["pretrain"]
     patch, tubelet = int(model_cfg["patch_size"]), int(model_cfg["tubelet_size"])
     dataset = data_io.build_dataset(config, manifest_path, results_dir, split, "test",
-                                    test_view=(0, 0), num_clips=1, num_crops=1)
+                                    test_view=(0, 0), num_clips=1, num_crops=1,
+                                    token_flow=needs_token_flow(config["masking"]["strategy"]))
     grid = token_grid(model_cfg)
     sums = {"all": [0.0, 0.0, 0], "inbox": [0.0, 0.0, 0], "outbox": [0.0, 0.0, 0]}
     was_training = model.training

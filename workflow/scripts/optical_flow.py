@@ -8,4 +8,5 @@ sm = snakemake
 with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
     flow_shard(sm.params.prefix, sm.output.flow, sm.config["optical_flow"],
                picture_out=sm.output.picture_flow,
-               n_picture_clips=sm.config["pictures"]["clips_per_shard"])
+               n_picture_clips=sm.config["pictures"]["clips_per_shard"],
+               pooled_out=sm.output.pooled_flow)
