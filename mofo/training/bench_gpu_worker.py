@@ -126,7 +126,7 @@ def run_deepspeed(spec: dict) -> dict:
         model = build_pretrainer(preset).to(ctx.device)
         optimizer = build_optimizer(model, spec["stage_cfg"], preset.pretrain_batch)
         wrapped = wrap_model(model, optimizer, ctx, spec["stage_cfg"], engine_cfg,
-                             preset.pretrain_batch)
+                             preset.pretrain_batch, accum_steps=1)
         task = pretrain_task(preset.model, True)
         batch = to_device(pretrain_batch(preset, spec["masking"], "tube"), ctx.device)
 
