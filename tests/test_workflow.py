@@ -119,3 +119,18 @@ def test_motion_stages_end_to_end_and_a_corrupt_video(tiny_overlay: Path, tmp_pa
     assert victim["clip_id"] not in set(boxes["clip_id"])
     assert boxes["clip_id"].nunique() == 7
     assert json.loads((res / "motion" / "box_quality.json").read_text())["n_clips"] == 15
+
+
+def test_demo_study_lists_the_other_methods_per_seed(tiny_overlay: Path):
+    """config/demo-study.yaml: three seeds of every variant, the EVEREST / MGMAE / MME rows
+    included (their pretraining, fine-tuning and evaluation jobs), MME's trajectories once."""
+    study = ROOT / "config" / "demo-study.yaml"
+    result = snakemake("-n", "--configfile", str(TINY), str(study), str(tiny_overlay))
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = job_counts(result.stdout)
+    assert counts["pretrain"] == 5 * 3 and counts["finetune"] == 8 * 3 and counts["evaluate"] == 8 * 3
+    assert counts["trajectories"] == 2  # one per shard, shared by the seeds
+    for seed in (0, 1, 2):
+        for path in (f"pretrain/everest/s{seed}/", f"pretrain/mgmae/s{seed}/", f"pretrain/tube_mme/s{seed}/",
+                     f"eval/mgmae-mean/s{seed}/metrics.json", f"eval/tube_mme-mean/s{seed}/metrics.json"):
+            assert path in result.stdout, path
