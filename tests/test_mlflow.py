@@ -344,8 +344,12 @@ def test_tiny_pipeline_tracked_on_a_server(mlflow_tracking_server, tiny_local_pi
         "pretrain": len(list((results / "pretrain").glob("*/s*/checkpoint.pt"))),
         "finetune": variants,
         "evaluate": variants,
+        # every pretrained encoder and the random reference, once per seed
+        "features": len(list((results / "features").glob("*/s*/train.npz"))),
+        "probe": len(list((results / "probe").glob("*/s*/metrics.json"))),
         "table": 1,
     }
+    assert expected["features"] == expected["pretrain"] + 1 == expected["probe"]
     assert dict(per_rule) == expected
     for run in children:
         rule = run.data.tags["mofo.rule"]
