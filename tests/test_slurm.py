@@ -109,7 +109,7 @@ def test_profile_threads_equal_the_cpus_each_job_requests():
     (CPU rules), so {threads} matches what SLURM gives the job."""
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
     res, threads = profile["set-resources"], profile["set-threads"]
-    gpu_rules = {"pretrain", "finetune", "evaluate"}
+    gpu_rules = {"pretrain", "finetune", "evaluate", "features"}
     for rule in sorted(gpu_rules):
         gpus, cpus = res[rule]["gpu"], res[rule]["cpus_per_gpu"]
         assert isinstance(gpus, int) and gpus >= 1, (rule, gpus)
