@@ -515,9 +515,10 @@ def test_several_node_launch_line_trains_with_srun_tasks(slurm_cluster, slurm_pi
 
 #: Preemption by the time limit: SLURM sends the profile's USR1 this many seconds before it.
 SIGNAL_LEAD = 60
-#: Long enough that a tiny pretraining is still running when the signal comes (SLURM checks
-#: time limits every 30 s, and a step takes ~0.1 s on a free core): 450 steps.
-PREEMPT_EPOCHS = 150
+#: Long enough that a tiny pretraining is still running when the signal comes: SLURM checks
+#: time limits every 30 s, so the signal can come ~35 s after the limit is lowered, and a tiny
+#: step takes ~0.03 s on an idle core (450 steps finished before the signal there): 1500 steps.
+PREEMPT_EPOCHS = 500
 
 
 def elapsed_seconds(cluster: LocalSlurm, job: str) -> int:
