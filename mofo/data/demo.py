@@ -17,7 +17,7 @@ split a global camera motion moves the whole picture (``pan``: constant velocity
 
 Outputs of ``generate(demo_cfg)`` under ``root``:
 
-* ``videos/<clip_id>.mp4`` (H.264, yuv420p, crf 18),
+* ``videos/<clip_id>.mp4`` (H.264, yuv420p, lossless: see ``CRF``),
 * ``clips.csv``: ``clip_id, video_path, label, class_name, split, camera_motion, fps`` where
   ``video_path`` is relative to ``root`` (``videos/<clip_id>.mp4``; the manifest adapter joins
   it with ``root``) and ``camera_motion`` is ``none``, ``pan`` or ``shake``,
@@ -25,8 +25,8 @@ Outputs of ``generate(demo_cfg)`` under ``root``:
   after camera motion, in pixels, x2/y2 exclusive, clipped to the frame.
 
 Everything is decided by ``seed`` (one numpy Generator per clip seeded with
-``(seed, split, index)``), and x264 runs single-threaded, so the same config gives identical
-CSVs, identical video bytes and identical decoded frames.
+``(seed, split, index)``) and the videos are lossless, so the same config gives identical
+CSVs and identical decoded frames (the video bytes may differ: see ``CRF``).
 """
 
 from __future__ import annotations
@@ -44,6 +44,13 @@ from mofo.data.boxfile import FRAME_BOX_COLUMNS as BOX_COLUMNS  # one home for t
 from mofo.data.video import write_video
 
 SPLITS = ("train", "validation")
+#: x264's constant-quality setting for the demo videos: 0 = lossless. At crf 18, single-threaded
+#: x264 gave different bytes -- and different decoded frames -- for the same grainy frames in
+#: ~1 of 40 to 1 of 1000 encodes (more often on a loaded machine), so the demo's results were
+#: not reproducible to the last digit. Lossless decodes to exactly the rendered yuv420p frames
+#: whatever the encoder decides; it costs ~75 kB per 24-frame 96x128 clip (40 MB for the demo's
+#: 540 clips) instead of ~15 kB.
+CRF = 0
 SHAPES = ("rectangle", "ellipse", "triangle")
 # Saturated object colours (RGB 0..1); the background is kept duller so objects stand out.
 PALETTE = np.array(
@@ -142,15 +149,20 @@ def _make_sprite(
     return rgb, mask.astype(np.float32) / 255.0, verts
 
 
-def _background(rng: np.random.Generator, height: int, width: int, kind: str) -> np.ndarray:
+def _background(
+    rng: np.random.Generator, height: int, width: int, kind: str, grain: float = 0.0
+) -> np.ndarray:
     """Dull background (float32 RGB 0..1) of ``kind`` (``dataset.demo.background``).
 
     ``gradient``: one linear colour ramp over the whole scene (random direction; per channel a
-    slope of 0.3-0.6 over the scene's long side, random sign) plus faint fine noise. Every patch
-    of it is the same ramp, so an autoencoder that sees a few patches can predict the masked
-    ones; its per-patch normalised target is not noise. ``texture``: smoothed noise + stripes +
-    a checker grid, so optical flow has texture everywhere -- but at the demo's 32-px model
-    input its patches are unpredictable noise and masked reconstruction stays at the floor.
+    slope of 0.3-0.6 over the scene's long side, random sign) plus a fine grey grain of standard
+    deviation ``grain`` (pixel noise blurred with sigma 0.75 px). Every patch of the ramp is the
+    same ramp, so an autoencoder that sees a few patches can predict the masked ones; the grain
+    gives optical flow something to hold on to (on a bare ramp DIS smears the object's flow into
+    the background and the boxes grow), and the 32-px model input averages most of it away.
+    ``texture``: smoothed noise + stripes + a checker grid, so optical flow has texture
+    everywhere -- but at the demo's 32-px model input its patches are unpredictable noise and
+    masked reconstruction stays at the floor (``grain`` is not used).
     """
     if kind == "gradient":
         yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -158,8 +170,9 @@ def _background(rng: np.random.Generator, height: int, width: int, kind: str) ->
         along = (xx * np.cos(phi) + yy * np.sin(phi)) / max(height, width)
         slope = rng.uniform(0.3, 0.6, size=3) * rng.choice([-1.0, 1.0], size=3)
         base = rng.uniform(0.3, 0.55, size=3) - slope * along.mean()
-        fine = cv2.GaussianBlur(rng.normal(size=(height, width)).astype(np.float32), (0, 0), 1.0)
-        bg = base + along[..., None] * slope + 0.02 * fine[..., None]
+        fine = cv2.GaussianBlur(rng.normal(size=(height, width)).astype(np.float32), (0, 0), 0.75)
+        fine *= grain / max(float(fine.std()), 1e-6)
+        bg = base + along[..., None] * slope + fine[..., None]
         return np.clip(bg, 0, 1).astype(np.float32)
     if kind != "texture":
         raise ValueError(f"dataset.demo.background must be gradient or texture, got {kind!r}")
@@ -370,7 +383,9 @@ def render_clip(
     # The scene canvas is larger than the frame by the camera's largest excursion.
     margin = int(math.ceil(np.abs(camera).max())) + 2
     scene_h, scene_w = height + 2 * margin, width + 2 * margin
-    background = _background(rng, scene_h, scene_w, str(demo_cfg["background"]))
+    background = _background(
+        rng, scene_h, scene_w, str(demo_cfg["background"]), float(demo_cfg["grain"])
+    )
     static = background.copy()
     for sprite, pos, d_scale, d_angle in distractors:
         _paste(static, sprite, _affine(pos + margin, d_scale, d_angle))
@@ -424,7 +439,7 @@ def generate(demo_cfg: dict) -> pd.DataFrame:
         frames, boxes, info = render_clip(demo_cfg, split, index)
         rel = Path("videos") / f"{info['clip_id']}.mp4"
         tmp = root / "videos" / f".{info['clip_id']}.tmp.mp4"
-        write_video(tmp, frames, fps=fps, codec="libx264")
+        write_video(tmp, frames, fps=fps, codec="libx264", crf=CRF)
         os.replace(tmp, root / rel)
         clip_rows.append(
             (

@@ -92,8 +92,11 @@ def write_video(
                 else ""
             )
             raise RuntimeError(f"{path}: cannot open encoder {codec}: {err}{hint}") from err
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        for index, frame in enumerate(frames):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            # Explicit timestamps in the codec's 1/fps time base, rather than unset ones.
+            picture.pts = index
+            for packet in stream.encode(picture):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
