@@ -382,6 +382,7 @@ def test_preempted_training_resumes_from_checkpoint(slurm_cluster, slurm_pipelin
     last = out_dir.relative_to(work) / "checkpoint-last.pt"
     resumed = re.findall(rf"resuming from {re.escape(str(last))} at epoch (\d+), step (\d+)", log)
     assert resumed == [(str((marker["step"] - 1) // 3), str(marker["step"]))], log[-3000:]
+    assert trained_epochs(log) == list(range((marker["step"] - 1) // 3, EPOCHS)), log[-3000:]
     steps = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     step_ids = [r["step"] for r in steps if r.get("type") == "step"]
     assert step_ids == sorted(set(step_ids)), "steps repeated after the resume"
@@ -435,6 +436,11 @@ def rank_lines(log: str) -> set[tuple[int, int, str]]:
     """(rank, world size, source) of the engine's one line per training process."""
     found = re.findall(r"\] pretrain-tube: rank (\d+) of (\d+) \((\w+)\) on cpu", log)
     return {(int(r), int(w), source) for r, w, source in found}
+
+
+def trained_epochs(log: str) -> list[int]:
+    """The epochs a pretrain-tube job's own log shows progress for, sorted (its tqdm bars)."""
+    return sorted({int(e) for e in re.findall(r"pretrain-tube epoch (\d+):", log)})
 
 
 def train_clips(work: Path) -> int:
@@ -592,5 +598,8 @@ def test_time_limit_signal_requeues_and_the_retry_resumes(slurm_cluster, slurm_p
     resumed = re.findall(r"resuming from \S+checkpoint-last\.pt at epoch (\d+), step (\d+)", log)
     step = saved[0]["step"]
     assert resumed == [(str((step - 1) // 3), str(step))], log[-3000:]  # 3 steps per epoch
+    # ...and it trained from there: a retry that printed that line but restarted at step 0
+    # (the metrics file is reset then) left the same metrics and checkpoint behind.
+    assert trained_epochs(log) == list(range((step - 1) // 3, PREEMPT_EPOCHS)), log[-3000:]
     assert step_records(out_dir / "metrics.jsonl") == list(range(1, total + 1))
     assert (out_dir / "checkpoint.pt").exists() and not (out_dir / "checkpoint-last.pt").exists()
