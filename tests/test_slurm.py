@@ -522,8 +522,8 @@ def test_several_node_launch_line_trains_with_srun_tasks(slurm_cluster, slurm_pi
 #: Preemption by the time limit: SLURM sends the profile's USR1 this many seconds before it.
 SIGNAL_LEAD = 60
 #: Long enough that a tiny pretraining is still running when the signal comes: SLURM checks
-#: time limits every 30 s, so the signal can come ~35 s after the limit is lowered, and a tiny
-#: step takes ~0.03 s on an idle core (450 steps finished before the signal there): 1500 steps.
+#: time limits every 30 s, so the signal can come ~35 s after the limit is lowered, and on an
+#: idle machine 450 steps finished before it came: 1500 steps.
 PREEMPT_EPOCHS = 500
 
 

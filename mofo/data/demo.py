@@ -150,7 +150,7 @@ def _make_sprite(
 
 
 def _background(
-    rng: np.random.Generator, height: int, width: int, kind: str, grain: float = 0.0
+    rng: np.random.Generator, height: int, width: int, kind: str, grain: float
 ) -> np.ndarray:
     """Dull background (float32 RGB 0..1) of ``kind`` (``dataset.demo.background``).
 
@@ -159,7 +159,8 @@ def _background(
     deviation ``grain`` (pixel noise blurred with sigma 0.75 px). Every patch of the ramp is the
     same ramp, so an autoencoder that sees a few patches can predict the masked ones; the grain
     gives optical flow something to hold on to (on a bare ramp DIS smears the object's flow into
-    the background and the boxes grow), and the 32-px model input averages most of it away.
+    the background and the boxes grow); the 32-px model input averages only part of it away,
+    and what remains the reconstruction cannot predict (README: what the grain costs).
     ``texture``: smoothed noise + stripes + a checker grid, so optical flow has texture
     everywhere -- but at the demo's 32-px model input its patches are unpredictable noise and
     masked reconstruction stays at the floor (``grain`` is not used).

@@ -92,11 +92,8 @@ def write_video(
                 else ""
             )
             raise RuntimeError(f"{path}: cannot open encoder {codec}: {err}{hint}") from err
-        for index, frame in enumerate(frames):
-            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            # Explicit timestamps in the codec's 1/fps time base, rather than unset ones.
-            picture.pts = index
-            for packet in stream.encode(picture):
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
