@@ -55,8 +55,9 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "motion_boxes": ("motion_boxes",),
     "motion_pictures": ("pictures",),
     "box_quality": ("model",),
-    # MME's trajectories, from the flow (read by pretrainings with target mme only).
-    "trajectories": ("trajectories", "optical_flow.bound"),
+    # MME's trajectories, from the flow they compute again (read by target mme pretrainings only).
+    "trajectories": ("trajectories", "optical_flow", "-optical_flow.keep",
+                     "-optical_flow.pooled_cells"),
     "pretrain": (*_PRETRAIN_READS, "-pretrain.mme"),
     "pretrain_mme": (*_PRETRAIN_READS, "trajectories"),
     "finetune": (

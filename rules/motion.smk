@@ -1,5 +1,5 @@
 # Frame store -> optical flow -> motion map (motion boundaries) -> motion boxes -> quality;
-# optical flow -> trajectories (MME's target, only when a pretraining asks for it).
+# frames -> trajectories (MME's target, only when a pretraining asks for it).
 
 
 rule optical_flow:
@@ -33,15 +33,18 @@ rule optical_flow:
 
 
 rule trajectories:
-    """MME's point trajectories from the flow (a second consumer of the temporary flow file, so
-    it runs before the flow is deleted): int8 per-step displacements + valid steps per point."""
+    """MME's point trajectories of one shard: the flow computed again from the frames (not read
+    from the temporary flow file, so a trajectories job added later reruns nothing before it;
+    mofo/motion/trajectories.py), int8 per-step displacements + valid steps per point."""
     input:
-        flow=f"{RESULTS}/flow/{{shard}}.npz",
+        pack=f"{RESULTS}/frames/{{shard}}.jpgpack",
+        index=f"{RESULTS}/frames/{{shard}}.index.csv",
     output:
         trajectories=f"{RESULTS}/trajectories/{{shard}}.npz",
     params:
+        prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
         settings=config["trajectories"],
-        bound=config["optical_flow"]["bound"],
+        flow=config["optical_flow"],
         config_hash=stage_hash(config, "trajectories"),
     log:
         f"{LOGS}/trajectories/{{shard}}.log",
@@ -51,8 +54,8 @@ rule trajectories:
         SHARD_GROUP
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=30,
+        mem_mb=4000,
+        runtime=600,
     conda:
         "../envs/preprocess.yaml"
     script:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from mofo.data.trajfile import (
     token_trajectories,
 )
 from mofo.models.hog import hog_cells, hog_token_targets
-from mofo.motion.trajectories import compute_trajectories, trajectories_shard
+from mofo.motion.trajectories import compute_trajectories, trajectories_shard, write_trajectories
 from mofo.provenance import pretraining_spec, stage_hash
 from mofo.training.losses import mme_loss
 
@@ -46,14 +47,49 @@ def test_constant_translation_gives_constant_displacements(tmp_path):
     np.testing.assert_allclose(disp[valid], np.broadcast_to([1.5, -0.75], disp[valid].shape),
                                atol=1e-5)
     # on disk: int8 in steps of bound / 127, read back within half a step
-    np.savez(tmp_path / "flow.npz", clip=flow.astype(np.float16))
-    report = trajectories_shard(tmp_path / "flow.npz", tmp_path / "t.npz",
+    report = write_trajectories([("clip", flow.astype(np.float16))], tmp_path / "t.npz",
                                 {"steps": 4, "spacing": 8}, BOUND)
     assert report["clips"] == 1
     read = TrajectoryFile(tmp_path / "t.npz").clip("clip")
     assert read.grid_hw == (48, 64) and read.spacing == 8
     np.testing.assert_array_equal(read.valid, valid)
     np.testing.assert_allclose(read.disp, disp, atol=QUANTUM / 2 + 1e-6)
+
+
+def test_a_shard_s_trajectories_are_those_of_its_stored_flow(tmp_path):
+    """The trajectories job computes the flow again from the frames (it must not read the
+    temporary flow file): its file equals, array for array, the trajectories of the flow file
+    the flow job writes, and a clip whose frames cannot be read is left out of both."""
+    from mofo.config import load_config
+    from mofo.data.framestore import FrameStoreWriter
+    from mofo.motion.flow import flow_shard
+    from tests.test_flow import translating_clip
+
+    prefix = tmp_path / "frames" / "shard-0000"
+    with FrameStoreWriter(prefix) as writer:
+        for i, clip_id in enumerate(("a", "b", "c")):
+            writer.begin_clip(clip_id, src_height=48, src_width=64, fps=12.0)
+            writer.add_frames(translating_clip(6, dx=i + 1, dy=1 - i))
+            writer.end_clip()
+    index = pd.read_csv(prefix.with_suffix(".index.csv"), dtype={"clip_id": str})
+    first = index[index["clip_id"] == "c"].iloc[0]  # clip c's first JPEG -> zeros
+    pack = bytearray(prefix.with_suffix(".jpgpack").read_bytes())
+    pack[first["offset"]:first["offset"] + first["nbytes"]] = bytes(int(first["nbytes"]))
+    prefix.with_suffix(".jpgpack").write_bytes(bytes(pack))
+    flow_cfg = dict(load_config()["optical_flow"], method="dis", scale=1.0)
+    traj_cfg = {"steps": 3, "spacing": 8}
+    assert flow_shard(prefix, tmp_path / "flow.npz", flow_cfg)["failed"] == ["c"]
+    with np.load(tmp_path / "flow.npz") as flows:
+        write_trajectories(((c, flows[c]) for c in flows.files), tmp_path / "from_file.npz",
+                           traj_cfg, BOUND)
+    report = trajectories_shard(prefix, tmp_path / "from_frames.npz", traj_cfg, flow_cfg)
+    assert report["clips"] == 2 and report["failed"] == ["c"]
+    with np.load(tmp_path / "from_file.npz") as a, np.load(tmp_path / "from_frames.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    moved = TrajectoryFile(tmp_path / "from_frames.npz").clip("a")
+    assert moved.valid.any() and np.abs(moved.disp[moved.valid]).max() > 0
 
 
 def test_quantisation_scale_is_bound_over_127():
@@ -263,10 +299,7 @@ def mme_results(tmp_path_factory):
         # flow on a half-size grid, to the right by 6 int8 steps (exact on disk) per frame
         flows = {c: translation(N_FRAMES - 1, H // 2, W // 2, SHIFT, 0.0)
                  for c in ids if c != "c3"}
-        (root / "flow").mkdir(exist_ok=True)
-        np.savez(root / "flow" / f"shard-{shard:04d}.npz", **flows)
-        trajectories_shard(root / "flow" / f"shard-{shard:04d}.npz",
-                           root / "trajectories" / f"shard-{shard:04d}.npz",
+        write_trajectories(flows.items(), root / "trajectories" / f"shard-{shard:04d}.npz",
                            {"steps": 2, "spacing": 8}, BOUND)
     return root / "manifest.csv", root
 

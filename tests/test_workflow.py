@@ -100,6 +100,14 @@ def test_motion_stages_end_to_end_and_a_corrupt_video(tiny_overlay: Path, tmp_pa
         "shard-0000.pictures.npz", "shard-0000.pooled.npz",
         "shard-0001.pictures.npz", "shard-0001.pooled.npz"]
     assert list((res / "motion" / "pictures" / "shard-0000").glob("*.png"))
+    # MME rows added after the run (the study after `make demo`): their trajectories jobs
+    # recompute the flow from the frames, so nothing of the motion chain runs again.
+    study = ROOT / "config" / "demo-study.yaml"
+    result = snakemake("-n", "--configfile", str(TINY), str(study), str(tiny_overlay))
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = job_counts(result.stdout)
+    assert counts["trajectories"] == 2, counts
+    assert not {"decode", "optical_flow", "motion_map", "motion_boxes"} & set(counts), counts
 
     # Corrupt one video of shard 0 and rebuild that shard: the clip is reported failed with
     # its file named, every other clip of the shard still gets its boxes.

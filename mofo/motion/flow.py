@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -143,6 +143,21 @@ def save_npz_atomic(out_path: str | Path, arrays: dict[str, np.ndarray],
         raise
 
 
+def shard_flows(store, flow_cfg: dict, desc: str,
+                failed: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """``(clip_id, flow)`` of every clip of a ``FrameStore``, in store order, with a progress
+    bar; a clip whose frames cannot be read or whose flow fails is skipped (its id appended to
+    ``failed``, a message on stderr naming the store), so one bad clip never loses a shard."""
+    for clip_id in tqdm(list(store.clip_ids), desc=desc, file=sys.stderr):
+        try:
+            flow = compute_flow(store.read(clip_id), flow_cfg)
+        except Exception as exc:  # one bad clip must not lose the shard
+            print(f"[flow] {store.prefix}: clip {clip_id}: {exc}", file=sys.stderr)
+            failed.append(str(clip_id))
+            continue
+        yield str(clip_id), flow
+
+
 def flow_shard(frames_prefix: str | Path, out_path: str | Path, flow_cfg: dict,
                picture_out: str | Path | None = None, n_picture_clips: int = 0,
                pooled_out: str | Path | None = None) -> dict:
@@ -164,14 +179,8 @@ def flow_shard(frames_prefix: str | Path, out_path: str | Path, flow_cfg: dict,
     arrays: dict[str, np.ndarray] = {}
     pooled: dict[str, np.ndarray] = {}
     failed: list[str] = []
-    for clip_id in tqdm(list(store.clip_ids), desc=f"flow {Path(out_path).stem}", file=sys.stderr):
-        try:
-            flow = compute_flow(store.read(clip_id), flow_cfg)
-        except Exception as exc:  # one bad clip must not lose the shard
-            print(f"[flow] {frames_prefix}: clip {clip_id}: {exc}", file=sys.stderr)
-            failed.append(str(clip_id))
-            continue
-        arrays[str(clip_id)] = flow.astype(np.float16)
+    for clip_id, flow in shard_flows(store, flow_cfg, f"flow {Path(out_path).stem}", failed):
+        arrays[clip_id] = flow.astype(np.float16)
         if pooled_out is not None:
             pooled[str(clip_id)] = pool_flow(flow, int(flow_cfg["pooled_cells"]))
     save_npz_atomic(out_path, arrays)

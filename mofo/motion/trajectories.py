@@ -1,4 +1,4 @@
-"""Point trajectories from the stored dense flow (MME's motion target), once per dataset.
+"""Point trajectories from the dense flow (MME's motion target), once per dataset.
 
 For every start frame of a clip, points seeded every ``trajectories.spacing`` px of the flow
 grid (at cell centres) are followed through ``trajectories.steps`` consecutive flow fields.
@@ -15,14 +15,13 @@ steps) so that the loader indexes by stored frame.
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from mofo.data.trajfile import encode_clip
-from mofo.motion.flow import save_npz_atomic
+from mofo.motion.flow import save_npz_atomic, shard_flows
 
 
 def _bilinear(flow: np.ndarray, frame: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -75,10 +74,10 @@ def compute_trajectories(flow: np.ndarray, steps: int, spacing: int, bound: floa
     return disp, valid_steps
 
 
-def trajectories_shard(flow_path: str | Path, out_path: str | Path, traj_cfg: dict,
-                       bound: float) -> dict:
-    """Trajectories of every clip of a flow file (``flow/shard-XXXX.npz``), written to
-    ``trajectories/shard-XXXX.npz`` in :mod:`mofo.data.trajfile`'s format.
+def write_trajectories(flows: Iterable[tuple[str, np.ndarray]], out_path: str | Path,
+                       traj_cfg: dict, bound: float) -> dict:
+    """Trajectories of every ``(clip_id, flow (T-1, h, w, 2))``, written to ``out_path`` in
+    :mod:`mofo.data.trajfile`'s format.
 
     ``traj_cfg``: the ``trajectories`` config section (``steps``, ``spacing``); ``bound``:
     ``optical_flow.bound``. Returns ``{"clips": n, "valid_fraction": f}`` (the share of valid
@@ -88,17 +87,40 @@ def trajectories_shard(flow_path: str | Path, out_path: str | Path, traj_cfg: di
     arrays: dict[str, np.ndarray] = {}
     grids: list[tuple[int, int]] = []
     n_valid = n_total = 0
-    with np.load(flow_path) as flows:
-        for clip_id in tqdm(flows.files, desc=f"trajectories {Path(out_path).stem}", file=sys.stderr):
-            flow = flows[clip_id]
-            disp, valid_steps = compute_trajectories(flow, steps, spacing, bound)
-            valid = np.arange(steps)[None, :, None, None] < valid_steps[:, None]
-            arrays[clip_id] = encode_clip(disp, valid, bound)
-            grids.append(flow.shape[1:3])
-            n_valid += int(valid.sum())
-            n_total += valid.size
+    for clip_id, flow in flows:
+        disp, valid_steps = compute_trajectories(flow, steps, spacing, bound)
+        valid = np.arange(steps)[None, :, None, None] < valid_steps[:, None]
+        arrays[clip_id] = encode_clip(disp, valid, bound)
+        grids.append(flow.shape[1:3])
+        n_valid += int(valid.sum())
+        n_total += valid.size
     meta = {"__bound__": np.float32(bound), "__spacing__": np.int32(spacing),
             "__clips__": np.asarray(list(arrays), dtype=str),
             "__grids__": np.asarray(grids, dtype=np.int32).reshape(-1, 2)}
     save_npz_atomic(out_path, {**arrays, **meta}, compressed=True)
     return {"clips": len(arrays), "valid_fraction": n_valid / max(n_total, 1)}
+
+
+def trajectories_shard(frames_prefix: str | Path, out_path: str | Path, traj_cfg: dict,
+                       flow_cfg: dict) -> dict:
+    """Trajectories of every clip of a decoded shard (``frames/shard-XXXX``), written to
+    ``trajectories/shard-XXXX.npz`` (:func:`write_trajectories`; ``flow_cfg``: the
+    ``optical_flow`` section).
+
+    The flow is computed again from the frames, as the flow job computes it, and rounded to
+    float16 as the flow job stores it: the trajectories are those of the stored flow, bit for
+    bit, without reading the temporary flow file. Reading it would make this job a consumer of
+    that file, and Snakemake, to rebuild a deleted flow file for a trajectories job added later
+    (an MME row after `make demo`), reruns every consumer of the flow and everything after them:
+    motion maps, boxes and the pretrainings that read the boxes. One more flow pass per shard,
+    for MME pretrainings only, costs less. Clips whose flow fails are left out, as in the flow
+    file. Returns :func:`write_trajectories`'s report plus ``failed`` (clip ids).
+    """
+    from mofo.data.framestore import FrameStore  # imported here: array-level code needs none
+
+    failed: list[str] = []
+    flows = shard_flows(FrameStore(frames_prefix), flow_cfg,
+                        f"trajectories {Path(out_path).stem}", failed)
+    report = write_trajectories(((c, f.astype(np.float16)) for c, f in flows), out_path,
+                                traj_cfg, float(flow_cfg["bound"]))
+    return {**report, "failed": failed}

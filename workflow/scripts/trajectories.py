@@ -6,7 +6,7 @@ from mofo.tracking import stage_run_from_snakemake
 
 sm = snakemake
 with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]) as log:
-    report = trajectories_shard(sm.input.flow, sm.output.trajectories, sm.params.settings,
-                                bound=sm.params.bound)
+    report = trajectories_shard(sm.params.prefix, sm.output.trajectories, sm.params.settings,
+                                sm.params.flow)
     log.info("trajectories %s: %s", sm.wildcards.shard, report)
     tracker.log_summary(report)
