@@ -182,7 +182,7 @@ def flow_shard(frames_prefix: str | Path, out_path: str | Path, flow_cfg: dict,
     for clip_id, flow in shard_flows(store, flow_cfg, f"flow {Path(out_path).stem}", failed):
         arrays[clip_id] = flow.astype(np.float16)
         if pooled_out is not None:
-            pooled[str(clip_id)] = pool_flow(flow, int(flow_cfg["pooled_cells"]))
+            pooled[clip_id] = pool_flow(flow, int(flow_cfg["pooled_cells"]))
     save_npz_atomic(out_path, arrays)
     if pooled_out is not None:
         save_npz_atomic(pooled_out, pooled)
