@@ -35,6 +35,8 @@ EXPECTED_CHECKS = [
     "checkpoint: weights load bit-identical on CPU", "checkpoint: CPU outputs == device outputs",
     "checkpoint: CPU resumes and continues", "DDP gradients == plain backward",
     "DDP step, torchrun world 1: losses finite", "DeepSpeed step, ZeRO 0: losses finite",
+    "DDP step, torchrun world 1: the model's forward runs in fp32",
+    "DeepSpeed step, ZeRO 0: the model's forward runs in fp32",
 ]
 # Everything but the in-process correctness checks: the failure tests stay fast.
 NOT_CHECKS = "train,sdpa,eval,loader,ddp,deepspeed"
@@ -73,6 +75,40 @@ def test_cpu_run_prints_every_row_check_and_skipped_gpu_part(tmp_path):
     assert result["ok"] and result["info"]["size"] == "tiny" and len(result["rows"]) == 13
     assert all(r["clips_per_s"] > 0 for r in result["rows"])
     assert (tmp_path / "bench-gpu.md").read_text() == table
+
+
+# DeepSpeed decides whether to switch the caller's autocast off with torch.is_autocast_enabled(),
+# which reads the CUDA flag only. Raising that flag (no GPU needed: it is a thread-local switch)
+# makes DeepSpeed take, on the CPU, the branch it takes under a GPU run's bf16 autocast.
+AS_UNDER_CUDA_AUTOCAST = ("import sys, torch; torch.set_autocast_enabled('cuda', True); "
+                          "from mofo.training.bench_gpu_worker import main; "
+                          "sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["ddp", "deepspeed"])
+def test_bf16_training_runs_the_forward_in_bf16_under_each_engine(tmp_path, kind):
+    """``engine.precision: bf16`` (on a GPU: auto) must reach the model's forward under
+    torchrun and under DeepSpeed. DeepSpeed's engine switches the caller's autocast off unless
+    its own config turns ``torch_autocast`` on: the H200 run trained "bf16" in fp32 at half
+    the clips/s until ``deepspeed_config`` did."""
+    from mofo.config import load_config
+
+    preset = bench_gpu.get_preset("tiny")
+    spec = {**bench_gpu.worker_spec(preset, load_config(), torch.device("cpu"), steps=1),
+            "precision": "bf16", "threads": 1}
+    if kind == "ddp":
+        result = bench_gpu.launch_worker(kind, spec, tmp_path, timeout_s=900)
+    else:
+        spec_path, out = tmp_path / "spec.json", tmp_path / "result.json"
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, "-c", AS_UNDER_CUDA_AUTOCAST, kind,
+                               str(spec_path), str(out)], capture_output=True, text=True,
+                              timeout=900, env=bench_gpu.worker_env(), check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(out.read_text())
+    assert result["forward_autocast"] == "bfloat16"
+    assert all(map(torch.isfinite, torch.tensor(result["losses"])))
 
 
 def run_cli(tmp_path, *extra: str) -> int:

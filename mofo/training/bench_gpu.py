@@ -347,6 +347,11 @@ def run_launched_part(report: Report, kind: str, preset: BenchPreset, config: di
             "pretrain tube")
     report.checks.append(CheckResult(f"{label}: losses finite", bad == 0, float(bad), 0.0,
                                      f"losses {[round(x, 4) for x in result['losses']]}"))
+    precision = engine_precision(device)
+    want, got = ("bfloat16" if precision == "bf16" else "off"), result["forward_autocast"]
+    report.checks.append(CheckResult(f"{label}: the model's forward runs in {precision}",
+                                     got == want, 0.0, 0.0,
+                                     f"autocast inside the forward: {got}, expected {want}"))
     if kind == "ddp":
         diff = float(result["grad_max_diff"])
         report.checks.append(CheckResult("DDP gradients == plain backward", diff <= DDP_GRAD_RTOL,

@@ -54,6 +54,21 @@ def timed_steps(step: Callable[[], float], device: torch.device, steps: int,
             "peak_memory_mb": peak, "losses": losses}
 
 
+def watch_forward_autocast(model: torch.nn.Module, device: torch.device) -> dict:
+    """Record, at each forward of ``model``, the autocast it runs under: ``{"autocast":
+    "bfloat16"}`` (the dtype) or ``"off"``. A wrapper (DeepSpeed's engine) may switch the
+    caller's autocast off before the forward; this sees what the model really got."""
+    seen: dict = {}
+
+    def hook(_module, _args) -> None:
+        on = torch.is_autocast_enabled(device.type)
+        seen["autocast"] = (str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
+                            if on else "off")
+
+    model.register_forward_pre_hook(hook)
+    return seen
+
+
 def max_grad_difference(model: torch.nn.Module, ddp: torch.nn.Module, task, batch: dict) -> float:
     """Largest |gradient| difference between a plain backward of ``model`` and a DDP backward
     of the same weights and batch (fp32; world size 1 divides the all-reduced sum by 1),
@@ -93,6 +108,7 @@ def run_ddp(spec: dict) -> dict:
         batch = to_device(pretrain_batch(preset, spec["masking"], "tube"), device)
         grad_diff = max_grad_difference(model, ddp, task, batch)
         optimizer = build_optimizer(model, spec["stage_cfg"], preset.pretrain_batch)
+        seen = watch_forward_autocast(model, device)
 
         def step() -> float:
             with autocast_context({"precision": spec["precision"]}, device):
@@ -104,7 +120,8 @@ def run_ddp(spec: dict) -> dict:
 
         out = timed_steps(step, device, int(spec["steps"]), preset.pretrain_batch)
         return {**out, "backend": dist.get_backend(), "world_size": dist.get_world_size(),
-                "rank_source": info.source, "grad_max_diff": grad_diff, "device": str(device)}
+                "rank_source": info.source, "grad_max_diff": grad_diff, "device": str(device),
+                "forward_autocast": seen["autocast"]}
     finally:
         dist.destroy_process_group()
 
@@ -129,6 +146,7 @@ def run_deepspeed(spec: dict) -> dict:
                              preset.pretrain_batch, accum_steps=1)
         task = pretrain_task(preset.model, True)
         batch = to_device(pretrain_batch(preset, spec["masking"], "tube"), ctx.device)
+        seen = watch_forward_autocast(model, ctx.device)
 
         def step() -> float:
             with autocast_context(engine_cfg, ctx.device):
@@ -139,7 +157,7 @@ def run_deepspeed(spec: dict) -> dict:
 
         out = timed_steps(step, ctx.device, int(spec["steps"]), preset.pretrain_batch)
         return {**out, "backend": ctx.backend, "world_size": ctx.world_size,
-                "device": str(ctx.device)}
+                "device": str(ctx.device), "forward_autocast": seen["autocast"]}
     finally:
         cleanup_distributed()
 

@@ -27,8 +27,9 @@ nccl on GPU) and under DeepSpeed (``engine.kind: deepspeed``). A stage supplies 
 - JSONL metrics (``metrics.jsonl``: ``type`` = ``step`` | ``epoch`` | ``end``) and an optional
   ``metrics_callback(record, step)`` hook, on rank 0.
 
-DeepSpeed note: the forward runs under torch autocast as in the other engines and DeepSpeed
-keeps fp32 weights (no ``bf16`` section), ZeRO stage 0; mofo's own checkpoint format is used so
+DeepSpeed note: the forward runs under torch autocast as in the other engines (DeepSpeed's
+``torch_autocast`` section, see :func:`deepspeed_config`) and DeepSpeed keeps fp32 weights (no
+``bf16`` section), ZeRO stage 0; mofo's own checkpoint format is used so
 that resuming and ``load_pretrained`` work the same whichever engine wrote the file.
 """
 
@@ -152,10 +153,16 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def uses_autocast(engine_cfg: dict, device: torch.device) -> bool:
+    """Whether the forward runs under bf16 autocast: ``engine.precision`` bf16, or auto on a
+    GPU; fp32 otherwise."""
+    precision = engine_cfg.get("precision", "auto")
+    return not (precision == "fp32" or (precision == "auto" and device.type != "cuda"))
+
+
 def autocast_context(engine_cfg: dict, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on GPU (``engine.precision`` auto/bf16), fp32 otherwise."""
-    precision = engine_cfg.get("precision", "auto")
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    if not uses_autocast(engine_cfg, device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -227,11 +234,23 @@ class Wrapped:
 
 
 def deepspeed_config(stage_cfg: dict, engine_cfg: dict, batch_size: int, world: int,
-                     accum_steps: int) -> dict:
+                     accum_steps: int, device: torch.device) -> dict:
     """DeepSpeed's JSON config: fp32 weights, ZeRO 0, our client optimizer, clipping, and
-    ``accum_steps`` micro-batches of ``batch_size`` per optimizer step."""
+    ``accum_steps`` micro-batches of ``batch_size`` per optimizer step.
+
+    Where :func:`uses_autocast` holds, the config turns DeepSpeed's ``torch_autocast`` on:
+    without it the engine's forward switches off the caller's autocast (DeepSpeed >= 0.16
+    does, with a warning), and a "bf16" run trains in fp32 (``mofo bench gpu`` on an H200:
+    half the clips/s of DDP, fp32's peak memory). ``lower_precision_safe_modules: []`` keeps
+    every gradient's all-reduce in fp32, as DDP's; DeepSpeed's default would reduce the
+    ``nn.Linear`` gradients in bf16.
+    """
     ds_cfg = engine_cfg.get("deepspeed", {})
+    autocast = ({"torch_autocast": {"enabled": True, "dtype": "bfloat16",
+                                    "lower_precision_safe_modules": []}}
+                if uses_autocast(engine_cfg, device) else {})
     return {
+        **autocast,
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": accum_steps,
         "train_batch_size": batch_size * world * accum_steps,
@@ -260,7 +279,7 @@ def wrap_model(
             model=model,
             optimizer=optimizer,
             config=deepspeed_config(stage_cfg, engine_cfg, batch_size, ctx.world_size,
-                                    accum_steps),
+                                    accum_steps, ctx.device),
         )
         return Wrapped(ds_model, optimizer, ds_model)
     if ctx.distributed and ctx.world_size > 1:
