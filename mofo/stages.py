@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from mofo.training.requeue import REQUEUE_EXIT_CODE, REQUEUE_MARKER
+
 
 class StageFailed(RuntimeError):
     """A stage process exited non-zero; the message names the stage and its log."""
@@ -78,7 +80,6 @@ def run_stage_module(
     (the job log). ``threads``: the job's CPU threads (see :func:`with_job_threads`). Raises
     StageFailed with the exit code on failure."""
     config = with_job_threads(config, threads, nproc)
-    from mofo.training.engine import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 
     config_path = write_stage_config(config, out_dir)
     cmd = stage_command(module, ["--config", str(config_path), *args], nproc, nodes)

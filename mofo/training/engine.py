@@ -62,16 +62,11 @@ from mofo.training.distributed import (
     barrier,
 )
 from mofo.training.optim import build_optimizer, build_scheduler, current_lr
+from mofo.training.requeue import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 
-# sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry" -- a requeued
-# SLURM job (or a Snakemake retry) that sees it resumes from checkpoint-last.pt.
-REQUEUE_EXIT_CODE = 75
 LAST_CHECKPOINT = "checkpoint-last.pt"
 FINAL_CHECKPOINT = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
-# Written next to the checkpoint when a run stops for a requeue, so a parent process that
-# only sees torchrun's generic exit code 1 can tell (``mofo.stages``).
-REQUEUE_MARKER = "requeue.json"
 
 Task = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
 MetricsCallback = Callable[[dict, int], None]
