@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 # Settings of a training section that change neither the weights nor the metrics.
-_TRAIN_IGNORED = ("num_workers", "log_interval", "checkpoint_every")
+_TRAIN_IGNORED = ("num_workers", "frame_cache_mb", "log_interval", "checkpoint_every")
 
 # What every pretraining reads, whatever its target. The rule's wildcard (the pretraining
 # name, see pretraining_spec) sets masking.strategy and pretrain.target.

@@ -219,6 +219,25 @@ def test_same_seed_same_samples_other_epoch_other_samples(results):
     assert any(not torch.equal(a[i]["frames"], c[i]["frames"]) for i in range(len(a)))
 
 
+def test_the_frame_cache_changes_no_sample(results):
+    """Two epochs of pretraining and fine-tuning samples with the decoded frames kept in
+    memory equal those decoded afresh at every read."""
+    manifest, root = results
+    config = make_config()
+    for mode in ("pretrain", "finetune"):
+        plain = D.VideoClipDataset(manifest, root, "train", mode, config, seed=3)
+        cached = D.VideoClipDataset(manifest, root, "train", mode, config, seed=3,
+                                    frame_cache_mb=64)
+        for epoch in (0, 1):
+            plain.set_epoch(epoch)
+            cached.set_epoch(epoch)
+            for item in range(len(plain)):
+                a, b = plain[item], cached[item]
+                for key in ("frames", "boxes", "inbox", "frame_indices"):
+                    assert torch.equal(a[key], b[key]), (mode, epoch, item, key)
+        assert len(cached._frame_cache) > 0 and len(plain._frame_cache) == 0
+
+
 def _epochs(loader, epochs):
     out = []
     for epoch in epochs:

@@ -10,8 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mofo.data import framestore as fs
 from mofo.data.framestore import (
     INDEX_COLUMNS,
+    DecodedFrameCache,
     FrameStore,
     FrameStoreError,
     FrameStoreWriter,
@@ -107,6 +109,38 @@ def test_pickle_drops_the_memmap_and_reopens(tmp_path):
     clone = pickle.loads(pickle.dumps(store))
     assert clone._mm is None
     assert np.array_equal(clone.read("c", [1]), before)
+
+
+def test_the_decoded_frame_cache_serves_repeats_and_keeps_to_its_budget(tmp_path, monkeypatch):
+    prefix = tmp_path / "s"
+    frames = make_frames(6, 24, 32)
+    _write(prefix, {"c": frames, "d": frames[::-1].copy()})
+    plain = FrameStore(prefix)
+    frame_mb = 24 * 32 * 3 / 2**20
+    cache = DecodedFrameCache(4.5 * frame_mb)  # room for 4 frames
+    store = FrameStore(prefix, cache)
+    decoded = []
+    real = fs.decode_jpeg
+    monkeypatch.setattr(fs, "decode_jpeg", lambda data: decoded.append(1) or real(data))
+    first = store.read("c", [0, 1, 2])
+    assert len(decoded) == 3 and len(cache) == 3
+    again = store.read("c", [2, 0, 1, 0])  # all four from the cache
+    assert len(decoded) == 3
+    assert np.array_equal(again, plain.read("c", [2, 0, 1, 0]))
+    assert np.array_equal(first, plain.read("c", [0, 1, 2]))
+    first[2] = 0  # a reader's output is its own: the cached frame stays intact
+    assert np.array_equal(store.read("c", [2]), plain.read("c", [2]))
+    store.read("d", [0, 1])  # 5 frames do not fit: the least recently used (c/1) goes
+    assert len(cache) == 4 and cache.used <= cache.budget
+    assert cache.get((str(prefix), "c", 1)) is None and cache.get((str(prefix), "c", 2)) is not None
+    assert np.array_equal(store.read("d", [0, 1]), plain.read("d", [0, 1]))
+    clone = pickle.loads(pickle.dumps(cache))  # a worker gets the budget, not the frames
+    assert len(clone) == 0 and clone.used == 0 and clone.budget == cache.budget
+    n = len(decoded)
+    FrameStore(prefix, DecodedFrameCache(0)).read("c", [0, 0])
+    assert len(decoded) == n + 2  # budget 0: nothing kept
+    with pytest.raises(ValueError, match=">= 0 MiB"):
+        DecodedFrameCache(-1)
 
 
 def test_empty_store_is_valid(tmp_path):

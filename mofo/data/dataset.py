@@ -65,7 +65,7 @@ from tqdm import tqdm
 
 from mofo.data import sampling, transforms
 from mofo.data.boxfile import BoxFileError, read_boxes
-from mofo.data.framestore import FrameStore
+from mofo.data.framestore import DecodedFrameCache, FrameStore
 from mofo.data.manifest import shard_name
 from mofo.data.tokenflow import clip_token_flow, pooled_flow_path
 from mofo.data.trajfile import TrajectoryFile, TrajectoryFileError, token_trajectories
@@ -142,6 +142,9 @@ class VideoClipDataset(Dataset):
         token_flow: add each sample's flow at the token grid (``token_flow``; pretraining and
             test modes, whose crops are plain rectangles), e.g. to draw an ``mgmae`` mask
             outside the loader. Pretraining with ``mgmae`` reads it for the mask either way.
+        frame_cache_mb: decoded frames kept in memory across epochs, per loader process
+            (:class:`mofo.data.framestore.DecodedFrameCache`; 0 = decode every read). The
+            samples are the same either way.
     """
 
     def __init__(
@@ -158,6 +161,7 @@ class VideoClipDataset(Dataset):
         num_crops: int | None = None,
         with_boxes: bool = True,
         token_flow: bool = False,
+        frame_cache_mb: float = 0.0,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -226,6 +230,7 @@ class VideoClipDataset(Dataset):
         # The epoch is read by the workers: shared memory reaches persistent workers.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._stores: dict[int, FrameStore] = {}
+        self._frame_cache = DecodedFrameCache(frame_cache_mb)  # shared by the shards' stores
         self._boxes: dict[int, dict[str, np.ndarray]] = {}
         self._trajectories: dict[int, TrajectoryFile] = {}
         self._pooled: dict[int, Any] = {}  # shard -> open npz of the pooled flow
@@ -264,7 +269,7 @@ class VideoClipDataset(Dataset):
 
     def _store(self, shard: int) -> FrameStore:
         if shard not in self._stores:
-            self._stores[shard] = FrameStore(self.frames_prefix(shard))
+            self._stores[shard] = FrameStore(self.frames_prefix(shard), self._frame_cache)
         return self._stores[shard]
 
     def _clip_boxes(self, shard: int, clip_id: str) -> np.ndarray:

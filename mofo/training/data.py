@@ -87,8 +87,10 @@ def build_loader(dataset: Any, batch_size: int, num_workers: int, shuffle: bool,
 def build_train_loader(config: dict, manifest_path: str | Path, results_dir: str | Path,
                        mode: str, stage_cfg: dict, world_size: int):
     """The shuffled train-split loader of a training stage (``mode`` pretrain / finetune),
-    seeded and sized by the stage's section (``seed``, ``batch_size``, ``num_workers``)."""
+    seeded and sized by the stage's section (``seed``, ``batch_size``, ``num_workers``,
+    ``frame_cache_mb``)."""
     seed = int(stage_cfg["seed"])
-    dataset = build_dataset(config, manifest_path, results_dir, "train", mode, seed=seed)
+    dataset = build_dataset(config, manifest_path, results_dir, "train", mode, seed=seed,
+                            frame_cache_mb=float(stage_cfg["frame_cache_mb"]))
     return build_loader(dataset, int(stage_cfg["batch_size"]), int(stage_cfg["num_workers"]),
                         shuffle=True, seed=seed, drop_last=True, distributed=world_size > 1)
