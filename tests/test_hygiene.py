@@ -6,6 +6,11 @@ fixture from tests/conftest.py, so a change that breaks one of them fails here.
 
 from __future__ import annotations
 
+# pytester's in-process runs remove from sys.modules what was first imported inside them, and
+# numpy (a C extension) cannot be imported a second time in one process: a later test that
+# imports it (through torch) failed with "cannot load module more than once per process" when
+# this file ran first. Imported here, numpy is in the snapshot the inner runs restore.
+import numpy  # noqa: F401
 import pytest
 
 CONFTEST = """
