@@ -54,6 +54,7 @@ from mofo.training.bench_gpu_presets import (
     get_preset,
     pretrain_batch,
 )
+from mofo.training.engine import AUTOCAST_DTYPE, uses_autocast
 
 PARTS = ("checks", "train", "sdpa", "eval", "loader", "ddp", "deepspeed")
 PRECISIONS = ("bf16", "fp32")
@@ -135,7 +136,7 @@ def add_row(report: Report, part: str, precision: str, timing: dict, device: tor
 
 def engine_precision(device: torch.device) -> str:
     """What training runs in with ``engine.precision: auto``: bf16 on GPU, fp32 on CPU."""
-    return "bf16" if device.type == "cuda" else "fp32"
+    return "bf16" if uses_autocast({"precision": "auto"}, device) else "fp32"
 
 
 def run_train_part(report: Report, preset: BenchPreset, config: dict, device: torch.device,
@@ -348,7 +349,8 @@ def run_launched_part(report: Report, kind: str, preset: BenchPreset, config: di
     report.checks.append(CheckResult(f"{label}: losses finite", bad == 0, float(bad), 0.0,
                                      f"losses {[round(x, 4) for x in result['losses']]}"))
     precision = engine_precision(device)
-    want, got = ("bfloat16" if precision == "bf16" else "off"), result["forward_autocast"]
+    want = str(AUTOCAST_DTYPE).removeprefix("torch.") if precision == "bf16" else "off"
+    got = result["forward_autocast"]
     report.checks.append(CheckResult(f"{label}: the model's forward runs in {precision}",
                                      got == want, 0.0, 0.0,
                                      f"autocast inside the forward: {got}, expected {want}"))

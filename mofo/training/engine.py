@@ -148,6 +148,10 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+# The autocast dtype of engine.precision auto / bf16 (torch's autocast and DeepSpeed's config).
+AUTOCAST_DTYPE = torch.bfloat16
+
+
 def uses_autocast(engine_cfg: dict, device: torch.device) -> bool:
     """Whether the forward runs under bf16 autocast: ``engine.precision`` bf16, or auto on a
     GPU; fp32 otherwise."""
@@ -159,7 +163,7 @@ def autocast_context(engine_cfg: dict, device: torch.device) -> contextlib.Abstr
     """bf16 autocast on GPU (``engine.precision`` auto/bf16), fp32 otherwise."""
     if not uses_autocast(engine_cfg, device):
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPE)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -241,7 +245,8 @@ def deepspeed_config(stage_cfg: dict, engine_cfg: dict, batch_size: int, world: 
     ``nn.Linear`` gradients in bf16.
     """
     ds_cfg = engine_cfg.get("deepspeed", {})
-    autocast = ({"torch_autocast": {"enabled": True, "dtype": "bfloat16",
+    dtype = str(AUTOCAST_DTYPE).removeprefix("torch.")
+    autocast = ({"torch_autocast": {"enabled": True, "dtype": dtype,
                                     "lower_precision_safe_modules": []}}
                 if uses_autocast(engine_cfg, device) else {})
     return {
