@@ -1,7 +1,8 @@
 """Cluster operations at full scale without a cluster: how many SLURM jobs a Something-Something
-V2 run submits (dry run through profiles/slurm on annotation files with SSV2's 168,913 training
-and 24,777 validation ids; no video is needed to count shards) and that one stage of one shard
-can still be rerun on its own now that each shard's preprocessing chain is one group job.
+V2 run submits (dry run through this checkout's profiles/slurm on annotation files with SSV2's
+168,913 training and 24,777 validation ids; no video is needed to count shards) and that one
+stage of one shard can still be rerun on its own now that each shard's preprocessing chain is
+one group job.
 
 A dry run prints each group job once ("Group job motion_chain (jobs in lexicogr. order):", its
 jobs indented below it) and every other job at the top level; a group is ONE sbatch submission,
@@ -100,7 +101,10 @@ def ssv2_overlay(tmp_path_factory) -> Path:
 
 
 def dry_run(overlay: Path, *args: str) -> str:
-    """``snakemake -n --profile profiles/slurm`` on the SSV2 config plus ``overlay``."""
+    """``snakemake -n --profile <checkout>/profiles/slurm`` on the SSV2 config plus ``overlay``:
+    the profile by path, not by the name ``slurm`` (README), so that the test reads this
+    checkout's profile whatever ~/.config/snakemake/slurm links to (tests/test_profile.py
+    checks the name)."""
     work = overlay.parent / "work"
     work.mkdir(exist_ok=True)
     if not (work / "config").exists():

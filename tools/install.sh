@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything mofo needs on a fresh Debian/Ubuntu machine with Python 3.10+:
-# PyTorch (pinned), the mofo package with its test extras, and the system packages the
-# integration tests use (SLURM + munge for `pytest -m slurm`, Chromium for the report test).
+# PyTorch (pinned), the mofo package with its test extras, the system packages the
+# integration tests use (SLURM + munge for `pytest -m slurm`, Chromium for the report test),
+# and the SLURM profile linked where `snakemake --profile slurm` finds it (tools/link_profile.sh).
 # Usage: bash tools/install.sh            (as root for the apt part; skipped otherwise)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,3 +25,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 else
     echo "install.sh: not root (or no apt-get): skipping slurm-wlm/munge and chromium; pytest -m slurm and tests/test_report.py will skip" >&2
 fi
+
+# `snakemake --profile slurm`: link profiles/slurm into ${XDG_CONFIG_HOME:-~/.config}/snakemake/.
+# A different profile already named slurm is kept (the demo and the tests do not need this one).
+bash tools/link_profile.sh || echo "install.sh: SLURM profile not linked (see above); everything else is installed" >&2
