@@ -42,6 +42,14 @@ include: "rules/training.smk"
 include: "rules/probe.smk"
 
 
+# Each training stage's batch plan for the resources in force (profile / --set-resources;
+# mofo/recipe/batch.py): the recipe's total batch, the per-GPU batch and gradient accumulation
+# that give it, the lrs. Printed once by the main process, dry runs (`snakemake -n`) included.
+if workflow.is_main_process:
+    for line in describe_plans(config, {s: launch_resources(s) for s in TRAINING_STAGES}):
+        print(f"mofo: {line}", file=sys.stderr)
+
+
 # Seconds of plotting each: on a cluster they run where snakemake runs, not as SLURM jobs.
 localrules:
     all,

@@ -30,9 +30,49 @@ def _config(args: argparse.Namespace) -> dict:
     return load_config(args.configfile)
 
 
+def profile_resources(profile: str) -> dict[str, dict]:
+    """``{rule: set-resources}`` of a Snakemake profile, found as Snakemake finds it (a path,
+    or a name under ./, ~/.config/snakemake, /etc/xdg/snakemake)."""
+    import yaml
+    from snakemake.cli import get_profile_dir
+
+    found = get_profile_dir(profile)
+    if found is None:
+        raise ConfigError(f"Snakemake profile {profile!r} not found (a folder with config.yaml, "
+                          f"by path or by name in ~/.config/snakemake; see README set-up)")
+    settings = yaml.safe_load(found[1].read_text()) or {}
+    return dict(settings.get("set-resources") or {})
+
+
 def cmd_config(args: argparse.Namespace) -> int:
+    """The merged config as JSON on stdout; each training stage's batch plan on stderr, for
+    the processes the profile (or --gpus) gives a job."""
+    from mofo.recipe.batch import TRAINING_STAGES, describe_plans
+
     config = _config(args)
     print(json.dumps(config, indent=2, sort_keys=False))
+    resources = profile_resources(args.profile) if args.profile else {}
+    if args.gpus:
+        resources = {stage: {"gpu": args.gpus} for stage in TRAINING_STAGES}
+    where = (f"{args.gpus} GPU(s) per job" if args.gpus else
+             f"profile {args.profile}" if args.profile else "a local run")
+    print(f"# batch plan for {where}:", file=sys.stderr)
+    for line in describe_plans(config, resources):
+        print(f"#   {line}", file=sys.stderr)
+    return 0
+
+
+def cmd_recipe(args: argparse.Namespace) -> int:
+    """The published-recipe table (--markdown), or how the merged config deviates from it."""
+    from mofo.recipe.published import deviations, markdown, recipe_label
+
+    if args.markdown:
+        print(markdown(), end="")
+        return 0
+    config = _config(args)
+    print(f"recipe: {recipe_label(config)}")
+    for key, published, ours in deviations(config):
+        print(f"  {key}: {ours!r} (published: {published!r})")
     return 0
 
 
@@ -179,9 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("config", help="print the merged, validated configuration as JSON")
+    p = sub.add_parser("config", help="print the merged, validated configuration as JSON, "
+                       "and (on stderr) each training stage's total batch, per-GPU batch, "
+                       "accumulation steps and lrs for the GPUs a job gets")
     _add_config_args(p)
+    p.add_argument("--profile", help="Snakemake profile (name or path, e.g. slurm) whose "
+                   "set-resources give the training jobs' GPUs and nodes")
+    p.add_argument("--gpus", type=int, help="GPUs (processes) per training job, over the profile")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("recipe", help="how the merged configuration differs from the "
+                       "published paper recipe (config/published.yaml)")
+    _add_config_args(p)
+    p.add_argument("--markdown", action="store_true",
+                   help="print docs/RECIPE.md: the published recipe with sources and the "
+                   "deviation overlays")
+    p.set_defaults(func=cmd_recipe)
 
     p = sub.add_parser("demo", help="generate the built-in motion-shapes demo videos and boxes")
     _add_config_args(p)

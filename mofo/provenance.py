@@ -19,6 +19,12 @@ reads as ``None``, so an overlay that adds a key changes the hash only where it 
 own section, read by that strategy's pretraining only): ``stage_settings(config, stage,
 variant)``, where the rule passes the masking strategy of its pretraining name, so changing
 ``masking.mgmae`` reruns the mgmae pretrainings and nothing else.
+
+``READS_WHEN`` names keys a stage reads only while one setting has one value (left out of
+its settings otherwise, even from inside a section it reads whole): fine-tuning reads
+``finetune.selection``, ``finetune.patience`` and ``evaluate.split`` only with ``selection:
+best``, so the default ``last`` -- what fine-tuning did before the keys existed -- reruns
+nothing and is not rerun by a change of the patience or the evaluated split.
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ _PRETRAIN_READS = (
 
 STAGE_READS: dict[str, tuple[str, ...]] = {
     "demo_data": ("dataset.demo",),
-    "manifest": ("dataset", "shards"),
+    # The epic100 classifier and flip are read by fine-tuning / evaluation, not the manifest.
+    "manifest": ("dataset", "shards", "-dataset.epic100.classifier",
+                 "-dataset.epic100.horizontal_flip"),
     "decode": ("decode", "-decode.threads"),
     # The flow job also keeps the flow of the picture clips (pictures.clips_per_shard), so
     # that pictures never need the full, temporary flow again.
@@ -61,15 +69,17 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "pretrain": (*_PRETRAIN_READS, "-pretrain.mme"),
     "pretrain_mme": (*_PRETRAIN_READS, "trajectories"),
     "finetune": (
-        "dataset.name", "dataset.demo.classes", "dataset.list.horizontal_flip", "model",
-        "augment", "-augment.pretrain_sampling", "-augment.multi_scale_crop",
+        "dataset.name", "dataset.demo.classes", "dataset.list.horizontal_flip",
+        "dataset.epic100.horizontal_flip", "dataset.epic100.classifier", "model", "augment",
+        "-augment.pretrain_sampling", "-augment.multi_scale_crop",
         "-augment.test_clips", "-augment.test_crops", "engine.precision",
         "finetune", *(f"-finetune.{k}" for k in _TRAIN_IGNORED),
     ),
     # finetune.mean_drop_ratio: the mean head's EVEREST token drop also runs at test time.
     # (pretrain reads the whole masking section: masking.everest included.)
     "evaluate": (
-        "dataset.name", "dataset.demo.classes", "model", "augment.finetune_sampling",
+        "dataset.name", "dataset.demo.classes", "dataset.epic100.classifier", "model",
+        "augment.finetune_sampling",
         "augment.test_clips", "augment.test_crops", "engine.precision",
         "evaluate", "-evaluate.num_workers", "finetune.mean_drop_ratio",
     ),
@@ -83,6 +93,13 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
 # (stage, variant) -> keys only that variant reads, on top of the stage's own declaration.
 VARIANT_READS: dict[tuple[str, str], tuple[str, ...]] = {
     (stage, "mgmae"): ("masking.mgmae",) for stage in ("pretrain", "pretrain_mme")
+}
+
+# stage -> ((setting, value, keys the stage reads only while the setting has that value), ...)
+READS_WHEN: dict[str, tuple[tuple[str, Any, tuple[str, ...]], ...]] = {
+    # selection best validates on evaluate.split after every epoch (mofo/training/selection.py)
+    "finetune": (("finetune.selection", "best",
+                  ("finetune.selection", "finetune.patience", "evaluate.split")),),
 }
 
 
@@ -119,11 +136,12 @@ class UnknownStageError(KeyError):
         return f"no declaration of what stage {self.args[0]!r} reads (mofo/provenance.py STAGE_READS: {sorted(STAGE_READS)})"
 
 
-def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
+def lookup(config: Mapping[str, Any], dotted: str, missing: Any = None) -> Any:
+    """The value at a dotted key (``"optical_flow.tvl1.tau"``), ``missing`` where absent."""
     node: Any = config
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return None
+            return missing
         node = node[part]
     return node
 
@@ -145,7 +163,7 @@ def stage_settings(
     if stage not in STAGE_READS:
         raise UnknownStageError(stage)
     keys = [k for k in STAGE_READS[stage] if not k.startswith("-")]
-    settings = {key: copy.deepcopy(_lookup(config, key)) for key in keys}
+    settings = {key: copy.deepcopy(lookup(config, key)) for key in keys}
     for removed in (k[1:] for k in STAGE_READS[stage] if k.startswith("-")):
         for key in keys:
             if removed == key:
@@ -153,8 +171,24 @@ def stage_settings(
             elif removed.startswith(key + ".") and isinstance(settings.get(key), dict):
                 _drop(settings[key], removed[len(key) + 1:])
     for key in VARIANT_READS.get((stage, variant or ""), ()):
-        settings[key] = copy.deepcopy(_lookup(config, key))
+        settings[key] = copy.deepcopy(lookup(config, key))
+    _apply_reads_when(settings, config, stage)
     return settings
+
+
+def _apply_reads_when(settings: dict[str, Any], config: Mapping[str, Any], stage: str) -> None:
+    """``READS_WHEN`` on ``settings``: add the conditional keys that apply and are not already
+    inside a section read whole; take those that do not apply out (also from such a section)."""
+    for setting, value, reads in READS_WHEN.get(stage, ()):
+        applies = lookup(config, setting) == value
+        for key in reads:
+            owner = next((k for k in settings if key.startswith(k + ".")), None)
+            if applies and owner is None:
+                settings[key] = copy.deepcopy(lookup(config, key))
+            elif not applies:
+                settings.pop(key, None)
+                if owner is not None and isinstance(settings[owner], dict):
+                    _drop(settings[owner], key[len(owner) + 1:])
 
 
 def digest(obj: Any) -> str:

@@ -4,6 +4,7 @@ from mofo.data.adapters import annotation_files
 from mofo.data.manifest import shard_names
 from mofo.evaluation.table import RANDOM_ENCODER as RANDOM_INIT_LABEL  # the random encoder's row
 from mofo.masking import needs_token_flow
+from mofo.recipe.batch import TRAINING_STAGES, describe_plans, processes_per_node
 from mofo.provenance import (  # a rule's rerun trigger: what its stage reads
     pretrain_stage,
     pretraining_spec,
@@ -109,12 +110,11 @@ def table_inputs(wildcards):
 
 
 def processes_per_job(resources):
-    """Training processes per node of a job: `tasks_per_node` (several-node jobs, one task per
-    GPU), else one per GPU the job got (SLURM profile: `gpu`), else engine.nproc_per_node (CPU
-    DDP). More than one on one node means torchrun --standalone inside the job."""
-    tasks = int(getattr(resources, "tasks_per_node", 0) or 0)
-    gpus = int(getattr(resources, "gpu", 0) or 0)
-    return max(tasks, gpus, int(config["engine"]["nproc_per_node"]))
+    """Training processes per node of a job (mofo.recipe.batch.processes_per_node: SLURM
+    tasks per node, else GPUs, else engine.nproc_per_node)."""
+    return processes_per_node(
+        {"tasks_per_node": getattr(resources, "tasks_per_node", 0),
+         "gpu": getattr(resources, "gpu", 0)}, config["engine"]["nproc_per_node"])
 
 
 def training_threads():
@@ -149,3 +149,12 @@ def features_checkpoint(wildcards):
     if wildcards.masking == RANDOM_INIT:
         return []
     return [f"{RESULTS}/pretrain/{wildcards.masking}/s{wildcards.seed}/checkpoint.pt"]
+
+
+def launch_resources(rule_name):
+    """The resources that decide a training job's process count (gpu, nodes, tasks_per_node),
+    as the profile / --set-resources left them on the rule (static values only)."""
+    resources = getattr(rules, rule_name).rule.resources
+    return {name: resources[name].value for name in ("gpu", "nodes", "tasks_per_node")
+            if name in resources and not callable(resources[name].value)}
+

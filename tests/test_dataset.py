@@ -289,7 +289,9 @@ def test_flip_and_sampling_rules():
     config["dataset"]["name"] = "ssv2"
     assert not D.flip_allowed(config) and D.sampling_scheme(config, "finetune") == "segment"
     config["dataset"]["name"] = "epic100"
-    assert D.flip_allowed(config)
+    assert D.flip_allowed(config)  # the default, dataset.epic100.horizontal_flip: true
+    config["dataset"]["epic100"]["horizontal_flip"] = False  # the MOFO authors' recipe
+    assert not D.flip_allowed(config)
     config["dataset"]["name"] = "list"
     config["dataset"]["list"]["horizontal_flip"] = False
     assert not D.flip_allowed(config) and D.sampling_scheme(config, "finetune") == "dense"

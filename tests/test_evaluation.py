@@ -63,6 +63,47 @@ def test_action_needs_verb_and_noun_right():
     assert res["action_top5"] == pytest.approx(100.0)
 
 
+# The one-softmax action classifier: 3 actions over 2 verbs x 3 nouns.
+ACTIONS = [(0, 0), (0, 2), (1, 1)]
+
+
+def test_marginals_sum_action_probabilities_per_verb_and_noun():
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.3, 0.6]])
+    verb, noun = M.marginalize_actions(probs, ACTIONS, 2, 3)
+    # verb 0 = actions 0 + 1, verb 1 = action 2; noun 0 = action 0, noun 1 = action 2, noun 2
+    # = action 1
+    np.testing.assert_allclose(verb, [[0.8, 0.2], [0.4, 0.6]])
+    np.testing.assert_allclose(noun, [[0.5, 0.2, 0.3], [0.1, 0.6, 0.3]])
+    # classes no action uses score 0 (here a third verb and a fourth noun)
+    verb, noun = M.marginalize_actions(probs, ACTIONS, 3, 4)
+    assert verb[:, 2].tolist() == [0, 0] and noun[:, 3].tolist() == [0, 0]
+    with pytest.raises(ValueError, match="3 action classes"):
+        M.marginalize_actions(probs[:, :2], ACTIONS, 2, 3)
+    with pytest.raises(ValueError, match="2 verbs"):
+        M.marginalize_actions(probs, [(0, 0), (0, 2), (2, 1)], 2, 3)
+
+
+def test_action_classifier_metrics_count_unseen_pairs_as_wrong():
+    probs = np.array([[0.5, 0.3, 0.2],   # label (0, 2) = action 1: 2nd -> top-1 wrong
+                      [0.1, 0.3, 0.6],   # label (1, 1) = action 2: right
+                      [0.2, 0.1, 0.7],   # label (1, 0): no such action -> wrong at every k
+                      [0.9, 0.05, 0.05]])  # labels unknown (-1): left out
+    verb_labels, noun_labels = np.array([0, 1, 1, -1]), np.array([2, 1, 0, -1])
+    assert M.action_labels(verb_labels, noun_labels, ACTIONS).tolist() == [1, 2, 3, -1]
+    assert M.action_labels([-1, 0], [1, -1], ACTIONS).tolist() == [-1, -1]
+    res = M.vocabulary_action_metrics(probs, verb_labels, noun_labels, ACTIONS, ks=(1, 5))
+    assert res["action_top1"] == pytest.approx(100 / 3)
+    # top-5 of 3 actions: every action, so every clip whose pair is one of them
+    assert res["action_top5"] == pytest.approx(200 / 3)
+    assert res["n_unseen_actions"] == 1
+    # the unseen clip's verb and noun still come from the marginals: verb 1 (0.7) right,
+    # noun 1 (0.7) against label 0 wrong
+    verb, noun = M.marginalize_actions(probs, ACTIONS, 2, 3)
+    assert M.topk_accuracy(verb, verb_labels, (1,))["top1"] == pytest.approx(100.0)
+    assert M.topk_accuracy(noun, noun_labels, (1,))["top1"] == pytest.approx(100 / 3)
+    assert M.topk_accuracy(noun, noun_labels, (5,))["top5"] == pytest.approx(100.0)
+
+
 def test_figures_are_written(tmp_path):
     conf = np.array([[3, 1], [0, 4]])
     path = confusion_figure(conf, tmp_path / "c.png", ["left", "right"])
@@ -169,3 +210,32 @@ def test_table_probe_only_row_and_epic(tmp_path):
     with pytest.raises(FileNotFoundError):
         make_table([Run("x", "tube", "mean", 0, metrics=tmp_path / "missing.json")],
                    tmp_path / "x.csv", tmp_path / "xs.csv", tmp_path / "x.md", "demo")
+
+
+def test_table_says_which_recipe_batch_and_selection_each_row_ran(tmp_path):
+    """The rows carry the fine-tuning as run (total batch, accumulation, lr, selection); a
+    checkpoint selected on the split the table reports says so, and a total batch the GPUs
+    could not meet is flagged."""
+    batch = {"total_batch": 512, "accum_steps": 64, "lr": 1e-3, "exact": True}
+    best = {"rule": "best", "split": "validation", "epoch": 7}
+    runs = [Run("VideoMAE", "tube", "mean", seed,
+                metrics=write_metrics(tmp_path / f"v{seed}.json", "tube", "mean", 40.0, 90.0,
+                                      split="validation", batch=batch, selection=best))
+            for seed in (0, 1)]
+    runs.append(Run("MOFO†", "mofo", "mca", 0, metrics=write_metrics(
+        tmp_path / "m.json", "mofo", "mca", 50.0, 90.0, split="validation",
+        batch={**batch, "total_batch": 510, "exact": False}, selection={"rule": "last"})))
+    df = make_table(runs, tmp_path / "t.csv", tmp_path / "s.csv", tmp_path / "t.md", "ssv2",
+                    recipe="published + robust-boxes")
+    row = df.set_index("variant").loc["VideoMAE"]
+    assert (row["total_batch"], row["accum_steps"], row["lr"]) == ("512", "64", "0.001")
+    assert row["selection"] == "best on validation = the reported split"
+    assert row["recipe"] == "published + robust-boxes"
+    seeds = pd.read_csv(tmp_path / "s.csv")
+    assert seeds["selected_epoch"].tolist()[:2] == [7, 7] and set(seeds["recipe"]) == {
+        "published + robust-boxes"}
+    md = (tmp_path / "t.md").read_text()
+    assert "Recipe: published + robust-boxes" in md
+    assert ("VideoMAE: total batch 512 (64 accumulation steps), peak lr 0.001, checkpoint: "
+            "best on validation = the reported split") in md
+    assert "MOFO†: total batch 510 (64 accumulation steps, NOT the configured total)" in md

@@ -213,7 +213,8 @@ def test_pretrain_stage_and_mean_head_drop_run_end_to_end(tmp_path):
     root = tmp_path / "demo"
     manifest = make_results(root)
     manifest.to_csv(root / "manifest.csv", index=False)
-    fast = {"epochs": 1, "warmup_epochs": 0, "batch_size": 2, "num_workers": 0, "log_interval": 1}
+    fast = {"epochs": 1, "warmup_epochs": 0, "total_batch": 2, "batch_size": 2, "num_workers": 0,
+            "log_interval": 1}
     cfg = load_config(overrides={
         "model": {**model_cfg(), "sampling_rate": 2}, "engine": {"device": "cpu"},
         "pretrain": {**fast, "n_reconstruction_clips": 1},

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "mofo.logs": 0,
     "mofo.provenance": 0,
     "mofo.masking": 1,
+    "mofo.recipe": 1,
     "mofo.tracking": 1,
     "mofo.stage_args": 1,
     "mofo.models": 2,

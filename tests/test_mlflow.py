@@ -358,6 +358,9 @@ def test_tiny_pipeline_tracked_on_a_server(mlflow_tracking_server, tiny_local_pi
         assert client.list_artifacts(run.info.run_id, "logs"), f"{rule}: no log uploaded"
         if rule in ("pretrain", "finetune"):
             assert len(client.get_metric_history(run.info.run_id, "loss")) > 1, rule
+            # the batch plan as run and the recipe, in the params (mofo.recipe.batch)
+            assert run.data.params[f"{rule}.plan.exact"].lower() == "true", rule
+            assert run.data.params["recipe"].startswith("own (demo"), rule
             assert client.list_artifacts(run.info.run_id, "models"), f"{rule}: no model"
         if rule == "evaluate":
             assert any("top1" in key for key in run.data.metrics), run.data.metrics

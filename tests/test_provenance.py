@@ -46,6 +46,20 @@ def test_hash_changes_only_with_what_is_read():
     assert stage_hash(cfg, "evaluate") != stage_hash(other, "evaluate")
 
 
+@pytest.mark.parametrize("key, value, stages", [
+    ("classifier", "action", {"finetune", "evaluate"}),
+    ("horizontal_flip", False, {"finetune"}),
+])
+def test_epic_recipe_keys_rerun_finetune_and_evaluate_only(key, value, stages):
+    """dataset.epic100.classifier / horizontal_flip rerun what reads them, and not the
+    manifest (which reads the rest of the dataset section): no decoding anew."""
+    cfg = load_config()
+    other = load_config(overrides={"dataset": {"epic100": {key: value}}})
+    changed = {s for s in STAGE_READS if stage_hash(cfg, s) != stage_hash(other, s)}
+    assert changed == stages
+    assert stage_settings(other, "manifest") == stage_settings(cfg, "manifest")
+
+
 def test_digests_follow_content_and_folders(tmp_path):
     a = tmp_path / "a.csv"
     a.write_text("x\n1\n")

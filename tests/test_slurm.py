@@ -204,11 +204,12 @@ def local_reference(tiny_local_pipeline) -> Path:
 def slurm_pipeline(
     slurm_cluster, local_reference, tmp_path_factory
 ) -> tuple[Path, Path, subprocess.CompletedProcess]:
-    """The same pipeline with ``snakemake --profile profiles/slurm`` (fitted to the node), on
-    the local run's demo videos: libx264 through PyAV 18 does not give the same bytes for the
-    same frames in two processes (seen here for ~1 clip in 8), so each run generating its own
-    videos would compare two inputs, not SLURM with local. The demo_data job is therefore not
-    submitted here; the other rules are."""
+    """The same pipeline with ``snakemake --profile <profiles/slurm fitted to the node>`` (a
+    copy given by path, not the README's name ``slurm``), on the local run's demo videos:
+    libx264 through PyAV 18 does not give the same bytes for the same frames in two processes
+    (seen here for ~1 clip in 8), so each run generating its own videos would compare two
+    inputs, not SLURM with local. The demo_data job is therefore not submitted here; the other
+    rules are."""
     base = tmp_path_factory.mktemp("slurm-pipeline")
     profile = local_profile(PROFILE, base / "profile", slurm_cluster, extra={"retries": 0})
     work = pipeline_workdir(base / "work")
@@ -478,8 +479,11 @@ def test_pretrain_rule_with_two_gpus_trains_two_ranks(slurm_cluster, slurm_pipel
     log = (work / PRETRAIN_LOG).read_text()
     assert "torch.distributed.run --standalone --nproc-per-node=2 -m mofo.training.pretrain" in log
     assert rank_lines(log) == {(0, 2, "torchrun"), (1, 2, "torchrun")}, log[-3000:]
-    # DistributedSampler: each rank gets half of the clips, so an epoch has half the steps.
-    steps_per_epoch = train_clips(work) // 2 // 4  # tiny config: batch 4 per process
+    # The tiny config's total batch of 4 clips over 2 processes: 2 clips per rank and step
+    # (DistributedSampler gives each rank half of the clips), so an epoch has the steps of
+    # one process.
+    assert "pretrain-tube: total batch 4 = 2 clips x 2 processes x 1 accumulation" in log
+    steps_per_epoch = train_clips(work) // 2 // 2
     assert steps_per_epoch >= 1
     assert step_records(work / PRETRAIN_DIR / "metrics.jsonl") == list(
         range(1, 2 * steps_per_epoch + 1)  # tiny config: 2 epochs
@@ -515,7 +519,7 @@ def test_several_node_launch_line_trains_with_srun_tasks(slurm_cluster, slurm_pi
     assert state == "COMPLETED", log[-3000:]
     assert rank_lines(log) == {(0, 2, "slurm"), (1, 2, "slurm")}, log[-3000:]
     assert (out / "checkpoint.pt").exists()
-    steps_per_epoch = train_clips(shared) // 2 // 4
+    steps_per_epoch = train_clips(shared) // 2 // 2  # total batch 4 = 2 clips x 2 ranks
     assert step_records(out / "metrics.jsonl") == list(range(1, 2 * steps_per_epoch + 1))
 
 

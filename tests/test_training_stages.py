@@ -30,7 +30,8 @@ def one_thread():
 
 
 def tiny_config(**extra) -> dict:
-    fast = {"epochs": 1, "warmup_epochs": 0, "batch_size": 2, "num_workers": 0, "log_interval": 1}
+    fast = {"epochs": 1, "warmup_epochs": 0, "total_batch": 2, "batch_size": 2, "num_workers": 0,
+            "log_interval": 1}
     overrides = {"model": TINY, "pretrain": {**fast, "n_reconstruction_clips": 1},
                  "finetune": fast, "evaluate": {"batch_size": 4, "num_workers": 0},
                  "engine": {"device": "cpu"}}
@@ -70,6 +71,9 @@ def test_pretrain_finetune_evaluate_end_to_end(results, tmp_path):
     ft = finetune.run(cfg, manifest, root, ckpt, "mca", tmp_path / "ft")
     meta = torch.load(ft, weights_only=True)["meta"]
     assert meta["pretrain_masking"] == "mofo" and meta["finetune_head"] == "mca"
+    assert meta["selection"] == {"rule": "last", "epoch": 0, "val_top1": None, "val_loss": None,
+                                 "split": None, "epochs_run": 1, "stopped_early": False}
+    assert not (tmp_path / "ft" / "metrics.jsonl").read_text().count('"type": "val"')
     assert json.loads((tmp_path / "ft" / "load_report.json").read_text())["loaded"]
 
     metrics = evaluate.run(cfg, manifest, root, ft, "mca", tmp_path / "ev")
@@ -79,6 +83,7 @@ def test_pretrain_finetune_evaluate_end_to_end(results, tmp_path):
     assert pred["clip_id"].tolist() == ["c4"] and pred["n_views"].tolist() == [6]
     assert (tmp_path / "ev" / "confusion.png").exists()
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["top1"] == metrics["top1"]
+    assert metrics["selection"] == meta["selection"]
     with pytest.raises(Exception, match="head"):
         evaluate.run(cfg, manifest, root, ft, "mean", tmp_path / "ev2")
 
@@ -137,7 +142,7 @@ def test_finetune_resume_with_mixup_reproduces_losses(tmp_path):
 
     model_cfg = {**TINY, "input_size": 16, "num_frames": 4}
     ft = dict(load_config()["finetune"], epochs=2, warmup_epochs=0.5, batch_size=4,
-              base_lr=1e-2, log_interval=1, mixup=0.8, cutmix=1.0, seed=0)
+              accum_steps=1, base_lr=1e-2, log_interval=1, mixup=0.8, cutmix=1.0, seed=0)
     heads = {"label": 4}
     ctx = DistContext(RankInfo(0, 0, 1, "single"), torch.device("cpu"), None, "torch")
 
@@ -176,6 +181,90 @@ def test_epic_verb_noun_heads_end_to_end(results, tmp_path):
     assert {"verb_pred", "noun_pred", "action_correct"} <= set(pred.columns)
     assert pred["verb_label"].tolist() == [4] and pred["noun_label"].tolist() == [14]
     assert (tmp_path / "ev" / "confusion_noun.png").exists()
+
+
+def test_action_vocabulary_is_the_sorted_train_pairs():
+    from mofo.training.data import action_vocabulary
+
+    manifest = pd.DataFrame({
+        "split": ["train", "train", "validation", "train", "train", "test"],
+        "verb_class": [3, 0, 5, 0, 3, -1],
+        "noun_class": [1, 7, 5, 2, 1, -1],
+    })
+    assert action_vocabulary(manifest) == [(0, 2), (0, 7), (3, 1)]
+    assert action_vocabulary(manifest.iloc[::-1]) == [(0, 2), (0, 7), (3, 1)]
+    with pytest.raises(ValueError, match="dataset.epic100.classifier"):
+        action_vocabulary(manifest[manifest["split"] != "train"])
+
+
+def test_action_head_targets_and_mixup():
+    """One ``action`` head: its targets are the vocabulary index of each clip's (verb, noun),
+    mixed like any head; a train pair outside the vocabulary stops with the clip's name."""
+    from mofo.models.build import build_classifier
+    from mofo.training.finetune import action_lookup, action_targets, finetune_task
+
+    actions = [(0, 0), (0, 2), (1, 1)]
+    batch = {"frames": torch.randn(2, 3, 4, 16, 16), "inbox": torch.ones(2, 8, dtype=torch.bool),
+             "verb": torch.tensor([1, 0]), "noun": torch.tensor([1, 2]), "clip_id": ["a", "b"]}
+    assert action_targets(action_lookup(actions), batch).tolist() == [2, 1]
+    ft = {"label_smoothing": 0.1, "mixup": 0.8, "cutmix": 1.0, "mixup_prob": 1.0,
+          "mixup_switch_prob": 0.5}
+    mixer = VideoMixup(ft, {"action": 3}, (2, 2, 2), 8)
+    torch.manual_seed(0)
+    model = build_classifier({**TINY, "input_size": 16, "num_frames": 4}, None, depth=1,
+                             outputs_by_name={"action": 3})
+    np.random.seed(0)
+    loss, _ = finetune_task({"action": 3}, mixer, 0.1, actions)(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.head["action"].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"clip a has \(verb, noun\) = \(1, 0\)"):
+        action_targets(action_lookup(actions), {**batch, "noun": torch.tensor([0, 2])})
+    with pytest.raises(ValueError, match="action vocabulary"):
+        finetune_task({"action": 3}, None, 0.1)
+
+
+def test_epic_action_classifier_end_to_end(results, tmp_path):
+    """dataset.epic100.classifier 'action': one softmax over the train split's (verb, noun)
+    pairs, verb and noun read off its marginals, a validation pair outside the vocabulary
+    counted as a wrong action; evaluation keeps the checkpoint's vocabulary."""
+    from mofo.evaluation import evaluate
+    from mofo.training import finetune
+
+    src, root = results
+    table = pd.read_csv(src)  # c3 is not decoded, but its pair is an action class
+    pairs = {"c0": (0, 10), "c1": (0, 11), "c2": (0, 11), "c3": (1, 10), "c4": (1, 11)}
+    table["verb_class"] = table["clip_id"].map(lambda c: pairs[c][0])
+    table["noun_class"] = table["clip_id"].map(lambda c: pairs[c][1])
+    table.loc[table["clip_id"] == "c2", "split"] = "validation"  # a pair train shows; c4 not
+    manifest = tmp_path / "manifest.csv"
+    table.to_csv(manifest, index=False)
+    cfg = tiny_config(dataset={"name": "epic100", "epic100": {"classifier": "action",
+                                                              "horizontal_flip": False}},
+                      augment={"test_clips": 1, "test_crops": 1},
+                      finetune={"mixup": 0.8, "cutmix": 1.0})
+    ft = finetune.run(cfg, manifest, root, None, "mean", tmp_path / "ft")
+    meta = torch.load(ft, weights_only=True)["meta"]
+    assert meta["heads"] == {"action": 3} and meta["actions"] == [[0, 10], [0, 11], [1, 10]]
+
+    metrics = evaluate.run(cfg, manifest, root, ft, "mean", tmp_path / "ev")
+    assert metrics["n_actions"] == 3 and metrics["n_unseen_actions"] == 1
+    assert metrics["verb_n_clips"] == metrics["noun_n_clips"] == 2
+    assert metrics["top1"] == metrics["action_top1"] in (0.0, 50.0)
+    # top-5 of 3 actions holds c2's pair; c4's pair is no action class: wrong at every k
+    assert metrics["top5"] == metrics["action_top5"] == 50.0
+    pred = pd.read_csv(tmp_path / "ev" / "predictions.csv").set_index("clip_id")
+    # the marginals: only the vocabulary's verbs (0, 1) and nouns (10, 11) have mass
+    assert set(pred["verb_pred"]) <= {0, 1} and set(pred["noun_pred"]) <= {10, 11}
+    assert metrics["verb_top5"] == metrics["noun_top5"] == 100.0
+    for name in ("verb", "noun"):
+        assert metrics[f"{name}_top1"] == 100.0 * pred[f"{name}_correct"].mean()
+    assert pred.loc["c4", "action_label"] == -1 and pred.loc["c4", "action_correct"] == 0
+    assert pred.loc["c2", "action_label"] == 1
+    assert metrics["action_top1"] == 50.0 * pred.loc["c2", "action_correct"]
+    assert (tmp_path / "ev" / "confusion_noun.png").exists()
+    # another manifest (the fixture's: other train pairs) does not change the vocabulary
+    other = evaluate.run(cfg, src, root, ft, "mean", tmp_path / "ev2")
+    assert other["n_actions"] == 3 and other["n_unseen_actions"] == 1
 
 
 def test_an_unfinished_run_resumes_only_with_the_same_inputs(results, tmp_path, capfd):

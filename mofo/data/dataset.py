@@ -20,7 +20,8 @@ token_flow      float32 ``(T-1, h, w, 2)``  with ``token_flow=True`` only (pretr
                                             the flow between the sampled frames at the
                                             crop's token grid, in cells (``tokenflow``)
 label           int64 ``()``                class (-1 = unknown); EPIC-100: the verb class
-verb, noun      int64 ``()``                EPIC-100 only
+verb, noun      int64 ``()``                EPIC-100 only (the ``action`` classifier's target is
+                                            looked up from them in fine-tuning)
 frame_indices   int64 ``(T,)``              which stored frames were sampled
 clip_id         str
 index           int                         position of the clip in the dataset's clip list
@@ -85,15 +86,13 @@ class DatasetError(RuntimeError):
 
 
 def flip_allowed(config: dict) -> bool:
-    """Whether a left/right flip keeps the label: never for demo and ssv2 (left/right is part
-    of the class), ``dataset.list.horizontal_flip`` for list files, always for epic100."""
+    """Whether fine-tuning may flip clips left/right: never for demo and ssv2 (left/right is
+    part of the class), ``dataset.<name>.horizontal_flip`` for list files and epic100."""
     name = config["dataset"]["name"]
     if name in ("demo", "ssv2"):
         return False
-    if name == "list":
-        return bool(config["dataset"]["list"]["horizontal_flip"])
-    if name == "epic100":
-        return True
+    if name in ("list", "epic100"):
+        return bool(config["dataset"][name]["horizontal_flip"])
     raise ValueError(f"unknown dataset.name {name!r}")
 
 

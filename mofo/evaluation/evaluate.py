@@ -6,8 +6,15 @@ Every clip of ``evaluate.split`` is seen as ``augment.test_clips`` temporal view
 
 - ``metrics.json``: top-k, mean per-class accuracy, per-class accuracy, counts, the variant
   (``pretrain_masking``, ``finetune_head``); EPIC-KITCHENS-100: ``verb_*``, ``noun_*`` and
-  ``action_*`` (verb and noun both right), with ``top1``/``top5`` = the action accuracies;
-- ``predictions.csv``: one row per clip (label, prediction, top-5, probability, views);
+  ``action_*`` (verb and noun both right), with ``top1``/``top5`` = the action accuracies.
+  A checkpoint with one ``action`` output (``dataset.epic100.classifier: action``) is scored
+  on its own vocabulary (``meta["actions"]``): verb and noun scores are the marginals of the
+  action probabilities (``metrics.marginalize_actions``), the action is the action class's
+  (a pair outside the vocabulary counts as wrong; ``n_unseen_actions`` counts them);
+- ``predictions.csv``: one row per clip (label, prediction, top-5, probability, views); EPIC:
+  ``verb_*``, ``noun_*`` and ``action_correct``, and for the ``action`` output also
+  ``action_label`` / ``action_pred`` / ``action_top5`` (vocabulary indices; ``action_label``
+  -1 with ``action_correct`` 0: the pair is not in the vocabulary);
 - ``confusion.png`` (and ``confusion_noun.png`` for EPIC) -- row-normalised.
 
 Runs in one process (GPU when visible); ``python -m mofo.evaluation.evaluate`` is the CLI.
@@ -26,7 +33,14 @@ from tqdm import tqdm
 
 from mofo.config import load_config
 from mofo.evaluation.figures import confusion_figure
-from mofo.evaluation.metrics import action_metrics, aggregate_views, classification_metrics
+from mofo.evaluation.metrics import (
+    action_labels,
+    action_metrics,
+    aggregate_views,
+    classification_metrics,
+    marginalize_actions,
+    vocabulary_action_metrics,
+)
 from mofo.evaluation.table import variant_name
 from mofo.models.build import build_model
 from mofo.models.checkpoint import load_pretrained
@@ -117,6 +131,83 @@ def predictions_table(clip_order: list[str], probs: np.ndarray, labels: np.ndarr
     })
 
 
+LABEL_COLUMNS = {"label": "label", "verb": "verb_class", "noun": "noun_class"}
+
+
+def clip_scores(view_ids: list[str], logits: dict[str, np.ndarray], average: str
+                ) -> tuple[list[str], dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+    """The views averaged per clip (``aggregate_views``, ``evaluate.average``): clip ids,
+    ``{head: averaged scores}``, ``{head: probabilities}`` (the scores themselves when
+    probabilities were averaged, else their softmax) and the views per clip."""
+    scores: dict[str, np.ndarray] = {}
+    probs: dict[str, np.ndarray] = {}
+    clip_order: list[str] = []
+    n_views = np.zeros(0, dtype=np.int64)
+    for name, view_logits in logits.items():
+        clip_order, scores[name], n_views = aggregate_views(view_ids, view_logits, average)
+        probs[name] = scores[name] if average == "softmax" else \
+            torch.softmax(torch.from_numpy(scores[name]), 1).numpy()
+    return clip_order, scores, probs, n_views
+
+
+def checkpoint_actions(meta: dict, ckpt_path: str | Path) -> list[tuple[int, int]]:
+    """The action vocabulary an ``action`` head was trained on (``meta["actions"]``: action
+    index -> (verb_class, noun_class)); an error naming the file when it is missing or does
+    not match the head's size."""
+    actions = meta.get("actions")
+    size = int(meta["heads"]["action"])
+    if not actions or len(actions) != size:
+        raise EvaluationError(
+            f"{ckpt_path}: its 'action' head has {size} classes but meta['actions'] holds "
+            f"{len(actions or [])} (verb, noun) pairs; the action vocabulary of "
+            "dataset.epic100.classifier 'action' is written by mofo's fine-tuning")
+    return [(int(verb), int(noun)) for verb, noun in actions]
+
+
+def scored_outputs(heads: dict[str, int], meta: dict, ckpt_path: str | Path,
+                   scores: dict[str, np.ndarray], probs: dict[str, np.ndarray]
+                   ) -> tuple[dict[str, int], list[tuple[int, int]] | None]:
+    """The outputs that get per-class metrics (name -> class count) and the action vocabulary
+    (None without an ``action`` head). The heads themselves, except for an ``action`` head:
+    then EPIC's verb and noun, whose scores and probabilities, the marginals of the action
+    probabilities, are added to ``scores`` / ``probs`` here."""
+    if "action" not in heads:
+        return dict(heads), None
+    actions = checkpoint_actions(meta, ckpt_path)
+    outputs = dict(data_io.EPIC_HEADS)
+    probs["verb"], probs["noun"] = marginalize_actions(probs["action"], actions,
+                                                       outputs["verb"], outputs["noun"])
+    scores["verb"], scores["noun"] = probs["verb"], probs["noun"]
+    return outputs, actions
+
+
+def epic_action_results(probs: dict[str, np.ndarray], verb: np.ndarray, noun: np.ndarray,
+                        actions: list[tuple[int, int]] | None, ks: list[int],
+                        predictions: pd.DataFrame) -> dict:
+    """EPIC-KITCHENS-100 action metrics (``action_top{k}`` and ``top{k}`` = the same, the
+    table's columns) and the ``action_*`` columns of ``predictions`` (added in place).
+    ``actions`` None: the two heads' action = verb and noun both right
+    (``metrics.action_metrics``); else the ``action`` head's probabilities ranked against
+    the clip's pair in the vocabulary (``metrics.vocabulary_action_metrics``)."""
+    if actions is None:
+        res = action_metrics(probs["verb"], probs["noun"], verb, noun, ks)
+        ok = (predictions["verb_correct"] == 1) & (predictions["noun_correct"] == 1)
+        predictions["action_correct"] = np.where(predictions["verb_correct"] < 0, -1,
+                                                 ok.astype(int))
+    else:
+        res = vocabulary_action_metrics(probs["action"], verb, noun, actions, ks)
+        res["n_actions"] = len(actions)
+        labels = action_labels(verb, noun, actions)
+        table = predictions_table(list(predictions["clip_id"]), probs["action"], labels,
+                                  predictions["n_views"].to_numpy(), "action_")
+        table["action_label"] = np.where(labels == len(actions), -1, labels)
+        for column in ("label", "pred", "score", "top5", "correct"):
+            predictions[f"action_{column}"] = table[f"action_{column}"].to_numpy()
+    for k in ks:  # the table's top-k columns are the action accuracies for EPIC
+        res[f"top{k}"] = res[f"action_top{k}"]
+    return res
+
+
 def run(config: dict, manifest_path: str | Path, results_dir: str | Path,
         finetuned_ckpt: str | Path, head: str, out_dir: str | Path) -> dict:
     """Test ``finetuned_ckpt`` on ``evaluate.split``; write the files; return the metrics."""
@@ -142,38 +233,33 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path,
         "variant": variant_name(masking, head), "average": ev["average"],
         "views_per_clip": int(dataset.num_clips * dataset.num_crops),
         "n_skipped_clips": int(dataset.n_skipped),
+        # which epoch's weights the checkpoint holds (finetune.selection; None: not ours)
+        "selection": meta.get("selection"),
+        # the fine-tuning's batch plan as run (mofo.recipe.batch; None: not ours)
+        "batch": meta.get("batch"),
     }
-    columns = {"label": "label", "verb": "verb_class", "noun": "noun_class"}
-    probs: dict[str, np.ndarray] = {}
+    clip_order, scores, probs, n_views = clip_scores(view_ids, logits, ev["average"])
+    outputs, actions = scored_outputs(heads, meta, finetuned_ckpt, scores, probs)
     tables = []
-    clip_order: list[str] = []
-    for name in heads:
-        clip_order, scores, n_views = aggregate_views(view_ids, logits[name], ev["average"])
-        labels = clip_labels(dataset, clip_order, columns[name])
-        res = classification_metrics(scores, labels, heads[name], ks)
+    for name, num_classes in outputs.items():
+        labels = clip_labels(dataset, clip_order, LABEL_COLUMNS[name])
+        res = classification_metrics(scores[name], labels, num_classes, ks)
         confusion = res.pop("confusion")
         prefix = "" if name == "label" else f"{name}_"
         metrics.update({f"{prefix}{k}": v for k, v in res.items()})
         fig_name = "confusion.png" if name in ("label", "verb") else f"confusion_{name}.png"
         confusion_figure(confusion, out_dir / fig_name,
-                         data_io.class_names(config, heads[name]) if name == "label" else None,
+                         data_io.class_names(config, num_classes) if name == "label" else None,
                          title=f"{metrics['variant']} on {metrics['dataset']} {ev['split']} "
                                f"({name})")
-        probs[name] = scores if ev["average"] == "softmax" else \
-            torch.softmax(torch.from_numpy(scores), 1).numpy()
         tables.append(predictions_table(clip_order, probs[name], labels, n_views, prefix))
-    if set(heads) == {"verb", "noun"}:
-        verb = clip_labels(dataset, clip_order, "verb_class")
-        noun = clip_labels(dataset, clip_order, "noun_class")
-        metrics.update(action_metrics(probs["verb"], probs["noun"], verb, noun, ks))
-        for k in ks:  # the table's top-k columns are the action accuracies for EPIC
-            metrics[f"top{k}"] = metrics[f"action_top{k}"]
     predictions = tables[0]
     for extra in tables[1:]:
         predictions = predictions.merge(extra.drop(columns="n_views"), on="clip_id")
-    if set(heads) == {"verb", "noun"}:
-        ok = (predictions["verb_correct"] == 1) & (predictions["noun_correct"] == 1)
-        predictions["action_correct"] = np.where(predictions["verb_correct"] < 0, -1, ok.astype(int))
+    if "verb" in outputs:
+        verb = clip_labels(dataset, clip_order, "verb_class")
+        noun = clip_labels(dataset, clip_order, "noun_class")
+        metrics.update(epic_action_results(probs, verb, noun, actions, ks, predictions))
     predictions.to_csv(out_dir / "predictions.csv", index=False, float_format="%.5f")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics

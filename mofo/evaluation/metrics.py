@@ -106,3 +106,60 @@ def action_metrics(verb_scores: np.ndarray, noun_scores: np.ndarray, verb_labels
     for k in ks:
         out[f"action_top{k}"] = float(100.0 * topk_correct(joint, action_labels, k).mean())
     return out
+
+
+def marginalize_actions(action_probs: np.ndarray, actions: Sequence[Sequence[int]],
+                        num_verbs: int, num_nouns: int) -> tuple[np.ndarray, np.ndarray]:
+    """Verb and noun scores of EPIC-KITCHENS' one-softmax ``action`` classifier (the MOFO
+    authors' ``utils.marginalize``).
+
+    ``action_probs`` (N, A): probabilities over the action vocabulary ``actions``, a sequence
+    of A ``(verb_class, noun_class)`` pairs (action ``i`` is ``actions[i]``). Returns
+    ``verb_scores`` (N, ``num_verbs``), where column ``v`` is the sum of the probabilities of
+    all actions with verb ``v``, and ``noun_scores`` (N, ``num_nouns``) likewise; verbs and
+    nouns no action uses score 0. Rows that sum to 1 keep summing to 1.
+    """
+    probs = np.asarray(action_probs, dtype=np.float64)
+    pairs = np.asarray(actions, dtype=np.int64).reshape(-1, 2)
+    if probs.ndim != 2 or probs.shape[1] != len(pairs):
+        raise ValueError(f"action scores {probs.shape} do not fit {len(pairs)} action classes")
+    if len(pairs) and not ((pairs >= 0).all() and (pairs[:, 0] < num_verbs).all()
+                           and (pairs[:, 1] < num_nouns).all()):
+        raise ValueError(f"action classes outside {num_verbs} verbs x {num_nouns} nouns")
+    verb_scores = np.zeros((len(probs), num_verbs))
+    noun_scores = np.zeros((len(probs), num_nouns))
+    np.add.at(verb_scores.T, pairs[:, 0], probs.T)
+    np.add.at(noun_scores.T, pairs[:, 1], probs.T)
+    return verb_scores, noun_scores
+
+
+def action_labels(verb_labels: np.ndarray, noun_labels: np.ndarray,
+                  actions: Sequence[Sequence[int]]) -> np.ndarray:
+    """Action class of each clip in the vocabulary ``actions`` ((verb, noun) pairs): the
+    pair's index; ``len(actions)`` (a class no score column has, so never predicted) for a
+    labelled pair outside the vocabulary; -1 where the verb or noun label is unknown (-1)."""
+    verb_labels, noun_labels = np.asarray(verb_labels), np.asarray(noun_labels)
+    index = {(int(v), int(n)): i for i, (v, n) in enumerate(actions)}
+    unseen = len(index)
+    return np.array([-1 if v < 0 or n < 0 else index.get((int(v), int(n)), unseen)
+                     for v, n in zip(verb_labels, noun_labels)], dtype=np.int64)
+
+
+def vocabulary_action_metrics(action_probs: np.ndarray, verb_labels: np.ndarray,
+                              noun_labels: np.ndarray, actions: Sequence[Sequence[int]],
+                              ks: Sequence[int] = (1, 5)) -> dict:
+    """Action top-k of the one-softmax ``action`` classifier: the clip's (verb, noun) pair
+    is among the k highest-scoring actions (k above the vocabulary size counts every action).
+
+    A labelled clip whose pair is not in the vocabulary (a validation action the train split
+    never shows) counts as wrong at every k: it stays in the denominator, as in the MOFO
+    authors' evaluation. Clips with an unknown verb or noun (-1) are left out. Also returns
+    ``n_unseen_actions``, how many clips had such a pair.
+    """
+    labels = action_labels(verb_labels, noun_labels, actions)
+    keep = labels >= 0
+    out: dict = {"n_unseen_actions": int((labels == len(actions)).sum())}
+    for k in ks:
+        hits = topk_correct(np.asarray(action_probs)[keep], labels[keep], k)
+        out[f"action_top{k}"] = float(100.0 * hits.mean()) if hits.size else float("nan")
+    return out

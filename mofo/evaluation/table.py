@@ -11,11 +11,13 @@ Outputs:
 
 * ``table_seeds.csv``: one row per run: ``variant, pretrain_masking, finetune_head, seed,
   top1, top5, probe_knn, probe_linear, recon_ratio, recon_ratio_inbox, recon_ratio_outbox``
-  (+ the EPIC-KITCHENS-100 columns);
+  (+ the EPIC-KITCHENS-100 columns), then the fine-tuning as run (:func:`training_columns`:
+  ``total_batch, accum_steps, lr, batch_exact, selection, selected_epoch``) and ``recipe``
+  (``published`` or the deviations, ``mofo.recipe.published.recipe_label``);
 * ``table.csv``: one row per variant: ``variant, pretrain_masking, finetune_head, n_seeds,
   top1_mean, top1_std, top5_mean, top5_std, probe_knn_mean, probe_linear_mean,
-  recon_ratio_mean`` (+ in/out-of-box recon ratios, + EPIC means/stds); empty where a value
-  does not apply; std is the sample standard deviation (n - 1), empty for one seed;
+  recon_ratio_mean`` (+ in/out-of-box recon ratios, + EPIC means/stds, + the training
+  columns, one value when the seeds agree, + ``recipe``); empty where a value does not apply; std is the sample standard deviation (n - 1), empty for one seed;
 * ``table.md``: mean ± std, the paper's numbers beside ours where the paper reports the
   dataset, and under it which differences are larger than the seed spread (:func:`verdicts`).
 """
@@ -96,6 +98,35 @@ def _number(value) -> float:
     return float("nan") if value is None else float(value)
 
 
+def _selection(metrics: dict) -> str:
+    """How the evaluated weights were chosen: ``last``, or ``best on <split>`` -- flagged
+    when that split is the one the table reports (the MOFO code's protocol)."""
+    selection = metrics.get("selection") or {}
+    rule = selection.get("rule", "")
+    if rule != "best":
+        return rule
+    split = selection.get("split", "")
+    reported = " = the reported split" if split == metrics.get("split") else ""
+    return f"best on {split}{reported}"
+
+
+def training_columns(metrics: dict) -> dict:
+    """The fine-tuning's recipe as run, from an evaluation's ``metrics.json``: ``total_batch``,
+    ``accum_steps``, ``lr`` (peak), ``batch_exact`` (False: the configured total could not be
+    met on the job's GPUs), ``selection`` and ``selected_epoch``. Empty for runs that
+    predate these records."""
+    batch = metrics.get("batch") or {}
+    selection = metrics.get("selection") or {}
+    lr = batch.get("lr")
+    values = {"total_batch": batch.get("total_batch"), "accum_steps": batch.get("accum_steps"),
+              "lr": None if lr is None else f"{lr:.3g}", "batch_exact": batch.get("exact"),
+              "selection": _selection(metrics) or None, "selected_epoch": selection.get("epoch")}
+    return {k: None if v is None else str(v) for k, v in values.items()}  # text, not floats
+
+
+TRAINING = ["total_batch", "accum_steps", "lr", "batch_exact", "selection"]
+
+
 def seed_rows(runs: Sequence[Run]) -> pd.DataFrame:
     """``table_seeds.csv``'s rows: one per run, in the given order."""
     rows = []
@@ -105,6 +136,7 @@ def seed_rows(runs: Sequence[Run]) -> pd.DataFrame:
         if run.metrics is not None:
             m = _read_json(run.metrics)
             row.update({c: _number(m[c]) for c in ACCURACY + EPIC_ACCURACY if c in m})
+            row.update(training_columns(m))
         if run.probe is not None:
             p = _read_json(run.probe)
             row.update({ours: _number(p.get(theirs)) for ours, theirs in PROBE.items()})
@@ -137,6 +169,9 @@ def summarize(per_seed: pd.DataFrame, epic: bool = False) -> pd.DataFrame:
         for col in [*PROBE, *RECON]:
             values = group[col] if col in group else pd.Series(dtype=float)
             row[f"{col}_mean"] = float(values.mean()) if values.notna().any() else float("nan")
+        for col in TRAINING:  # one value when the seeds agree, else all of them
+            values = group[col].dropna().astype(str).unique() if col in group else []
+            row[col] = values[0] if len(values) == 1 else " / ".join(values)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -219,8 +254,31 @@ def markdown_table(summary: pd.DataFrame, per_seed: pd.DataFrame, dataset_name: 
     note += (" recon / floor: held-out reconstruction loss over the predict-the-patch-mean "
              "loss (1 = nothing learned), inside and outside the motion box.")
     return (f"## {title}\n\n" + "\n".join(lines) + f"\n\n{note}\n\n"
+            + _training_note(summary) +
             "Which differences are larger than the seed spread:\n\n"
             + "\n".join(verdicts(summary, per_seed)) + "\n")
+
+
+def _training_note(summary: pd.DataFrame) -> str:
+    """Which recipe the rows ran and, per variant (one line when all agree), the fine-tuning's
+    total batch, accumulation steps, peak lr and checkpoint selection as run."""
+    if summary.empty:
+        return ""
+    lines = [f"Recipe: {summary['recipe'].iloc[0]} (config/published.yaml, docs/RECIPE.md)."]
+    described = {}
+    for _, row in summary.iterrows():
+        if str(row.get("total_batch") or "") in ("", "nan"):
+            continue  # a probe-only row, or metrics from before these records
+        text = (f"total batch {row['total_batch']} ({row['accum_steps']} accumulation steps"
+                f"{'' if row['batch_exact'] == 'True' else ', NOT the configured total'}), "
+                f"peak lr {row['lr']}, checkpoint: {row['selection']}")
+        described.setdefault(text, []).append(str(row["variant"]))
+    if len(described) == 1:
+        lines.append(f"Fine-tuning as run: {next(iter(described))}.")
+    else:
+        lines += [f"Fine-tuning as run, {', '.join(names)}: {text}."
+                  for text, names in described.items()]
+    return "\n".join(lines) + "\n\n"
 
 
 def _write_csv(df: pd.DataFrame, path: str | Path) -> None:
@@ -230,14 +288,21 @@ def _write_csv(df: pd.DataFrame, path: str | Path) -> None:
 
 
 def make_table(runs: Sequence[Run], out_csv: str | Path, out_seeds_csv: str | Path,
-               out_md: str | Path, dataset_name: str) -> pd.DataFrame:
-    """Write ``table.csv``, ``table_seeds.csv`` and ``table.md``; return the summary."""
+               out_md: str | Path, dataset_name: str, recipe: str = "") -> pd.DataFrame:
+    """Write ``table.csv``, ``table_seeds.csv`` and ``table.md``; return the summary.
+    ``recipe``: which recipe the rows ran (``mofo.recipe.published.recipe_label`` of the config), a
+    column of both tables."""
     per_seed = seed_rows(runs)
     epic = dataset_name == "epic100"
     for col in ["seed", *ACCURACY, *(EPIC_ACCURACY if epic else []), *PROBE, *RECON]:
         if col not in per_seed:
             per_seed[col] = np.nan
+    for col in [*TRAINING, "selected_epoch"]:
+        if col not in per_seed:
+            per_seed[col] = None
+    per_seed["recipe"] = recipe
     summary = summarize(per_seed, epic)
+    summary["recipe"] = recipe
     _write_csv(per_seed, out_seeds_csv)
     _write_csv(summary, out_csv)
     Path(out_md).parent.mkdir(parents=True, exist_ok=True)

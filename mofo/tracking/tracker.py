@@ -100,7 +100,8 @@ class StageTracker:
         """One training-log record (``metrics.jsonl`` line) as metrics.
 
         ``type: step`` records keep their names (``loss``, ``lr``...) at the global step; other
-        types are prefixed (``epoch_loss`` at the epoch number, ``end_...``). Bookkeeping keys
+        types are prefixed (``epoch_loss`` at the epoch number, ``end_...``) unless the name
+        already carries the prefix (``val_loss`` of a ``val`` record). Bookkeeping keys
         (time, type, stage, step, epoch) and non-numbers are left out. Matches the engine's
         ``MetricsCallback`` signature, so ``metrics_callback=tracker.log_record`` logs live.
         """
@@ -112,7 +113,8 @@ class StageTracker:
             if key in ("time", "type", "stage", "step", "epoch") or isinstance(value, bool):
                 continue
             if isinstance(value, (int, float)):
-                values[key if kind == "step" else f"{kind}_{key}"] = value
+                plain = kind == "step" or key.startswith(f"{kind}_")
+                values[key if plain else f"{kind}_{key}"] = value
         if values:
             self.log_metrics(values, step=int(step or 0))
 

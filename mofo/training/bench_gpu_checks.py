@@ -165,7 +165,7 @@ def _checkpoint_run(preset: BenchPreset, config: dict, device: torch.device, out
 
     b = preset.checkpoint_batch
     stage_cfg = {**config["pretrain"], "epochs": 1, "warmup_epochs": 0.5, "batch_size": b,
-                 "checkpoint_every": 1, "log_interval": 1, "seed": 0}
+                 "accum_steps": 1, "checkpoint_every": 1, "log_interval": 1, "seed": 0}
     dataset = SyntheticClipDataset(4 * b, preset.model, mask_ratio=float(config["masking"]["ratio"]))
     loader = make_loader(dataset, b, 0, shuffle=True, seed=0, drop_last=True, distributed=False)
     ctx = DistContext(RankInfo(0, 0, 1, "single"), device, None, "torch")

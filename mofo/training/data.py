@@ -11,13 +11,54 @@ import pandas as pd
 # highest class), so their counts are not inferred from the labels.
 FIXED_CLASS_COUNTS = {"ssv2": 174}
 EPIC_HEADS = {"verb": 97, "noun": 300}
+# dataset.epic100.classifier: two heads (ours) or one softmax over the train split's actions.
+EPIC_CLASSIFIERS = ("verb_noun", "action")
+
+
+def epic_classifier(config: dict) -> str:
+    """``dataset.epic100.classifier`` (``verb_noun`` | ``action``), checked."""
+    value = config["dataset"]["epic100"].get("classifier")
+    if value not in EPIC_CLASSIFIERS:
+        raise ValueError(f"dataset.epic100.classifier must be one of {list(EPIC_CLASSIFIERS)}, "
+                         f"got {value!r}")
+    return value
+
+
+def action_vocabulary(manifest: pd.DataFrame) -> list[tuple[int, int]]:
+    """The action classes of EPIC-KITCHENS-100's ``action`` classifier: the distinct
+    ``(verb_class, noun_class)`` pairs of the manifest's train rows (every row, decoded or
+    not), sorted by (verb, noun); action index ``i`` is the ``i``-th pair. Deterministic for
+    a manifest, whatever its row order."""
+    train = manifest[(manifest["split"] == "train") & (manifest["verb_class"] >= 0)
+                     & (manifest["noun_class"] >= 0)]
+    pairs = sorted({(int(v), int(n)) for v, n in zip(train["verb_class"], train["noun_class"])})
+    if not pairs:
+        raise ValueError("dataset.epic100.classifier 'action': the manifest has no train clip "
+                         "with a verb_class and noun_class, so there are no action classes")
+    for verb, noun in pairs:
+        if not (verb < EPIC_HEADS["verb"] and noun < EPIC_HEADS["noun"]):
+            raise ValueError(f"dataset.epic100.classifier 'action': train pair ({verb}, {noun}) "
+                             f"is outside the {EPIC_HEADS['verb']} verb / "
+                             f"{EPIC_HEADS['noun']} noun classes")
+    return pairs
+
+
+def epic_actions(config: dict, manifest: pd.DataFrame) -> list[tuple[int, int]] | None:
+    """The action vocabulary (:func:`action_vocabulary`) when the run trains EPIC-KITCHENS-100
+    with ``dataset.epic100.classifier: action``; None for every other run."""
+    if config["dataset"]["name"] != "epic100" or epic_classifier(config) != "action":
+        return None
+    return action_vocabulary(manifest)
 
 
 def output_heads(config: dict, manifest: pd.DataFrame) -> dict[str, int]:
-    """Target name -> class count: ``{"label": C}``, or verb/noun for EPIC-KITCHENS-100."""
+    """Target name -> class count: ``{"label": C}``; for EPIC-KITCHENS-100 verb/noun, or
+    ``{"action": A}`` (A = the train split's (verb, noun) pairs) with the ``action``
+    classifier."""
     name = config["dataset"]["name"]
     if name == "epic100":
-        return dict(EPIC_HEADS)
+        actions = epic_actions(config, manifest)
+        return dict(EPIC_HEADS) if actions is None else {"action": len(actions)}
     if name == "demo":
         return {"label": len(config["dataset"]["demo"]["classes"])}
     if name in FIXED_CLASS_COUNTS:

@@ -24,8 +24,12 @@ nccl on GPU) and under DeepSpeed (``engine.kind: deepspeed``). A stage supplies 
   from ``checkpoint-last.pt`` at the same step: the epoch's loader is rebuilt from the epoch's
   starting RNG state, the finished batches are drawn and dropped, then the RNG states of the
   step are restored, so a CPU run reproduces the uninterrupted run's losses;
-- JSONL metrics (``metrics.jsonl``: ``type`` = ``step`` | ``epoch`` | ``end``) and an optional
-  ``metrics_callback(record, step)`` hook, on rank 0.
+- JSONL metrics (``metrics.jsonl``: ``type`` = ``step`` | ``epoch`` | ``end``, plus the
+  ``epoch_end`` hook's records) and an optional ``metrics_callback(record, step)`` hook, on
+  rank 0;
+- an optional ``epoch_end`` hook (:class:`EpochEnd`) after every epoch: it may stop training
+  early and choose the weights of ``checkpoint.pt`` (fine-tuning's ``finetune.selection: best``,
+  ``mofo.training.selection``); its state is saved in ``checkpoint-last.pt``.
 
 DeepSpeed note: the forward runs under torch autocast as in the other engines (DeepSpeed's
 ``torch_autocast`` section, see :func:`deepspeed_config`) and DeepSpeed keeps fp32 weights (no
@@ -45,7 +49,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -70,6 +74,28 @@ METRICS_FILE = "metrics.jsonl"
 
 Task = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
 MetricsCallback = Callable[[dict, int], None]
+
+
+class EpochEnd(Protocol):
+    """The optional ``epoch_end`` hook of :func:`train` (e.g. validation with early stopping,
+    ``mofo.training.selection``).
+
+    ``hook(model, epoch)`` runs on every rank after every finished epoch (``model`` as the loop
+    calls it: DDP / DeepSpeed / plain) and returns ``(stop, record)``: ``stop`` must be the same
+    on every rank (the hook agrees it across ranks) and ends training after this epoch; a
+    non-empty ``record`` is written to ``metrics.jsonl`` (its ``type`` set by the hook).
+    ``state_dict()`` goes into ``checkpoint-last.pt`` and ``load_state_dict`` gets it back when
+    the run resumes; ``final(model)`` gives ``(weights or None = the model's own, meta
+    entries)`` for ``checkpoint.pt``.
+    """
+
+    def __call__(self, model: nn.Module, epoch: int) -> tuple[bool, dict]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def final(self, model: nn.Module) -> tuple[dict | None, dict]: ...
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -296,9 +322,10 @@ def wrap_model(
 def _save_last(
     path: Path, wrapped: Wrapped, scheduler: Any, *, epoch: int, step_in_epoch: int,
     global_step: int, epoch_start_rng: dict, hash_: str, provenance: dict, meta: dict,
-    ctx: DistContext,
+    ctx: DistContext, epoch_end_state: dict | None = None,
 ) -> None:
-    """Gather every rank's RNG state and write ``checkpoint-last.pt`` from rank 0."""
+    """Gather every rank's RNG state and write ``checkpoint-last.pt`` from rank 0 (with the
+    ``epoch_end`` hook's state, when there is one)."""
     rng_all = all_gather_objects(ckpt_io.capture_rng_state())
     start_all = all_gather_objects(epoch_start_rng)
     if ctx.is_main:
@@ -317,6 +344,8 @@ def _save_last(
             "provenance": provenance,
             "meta": meta,
         }
+        if epoch_end_state is not None:
+            state["epoch_end"] = epoch_end_state
         ckpt_io.atomic_torch_save(state, path)
     barrier()
 
@@ -344,6 +373,7 @@ class _StartPoint:
     global_step: int = 0
     rng: dict | None = None  # this rank's RNG state at the saved step
     epoch_start_rng: dict | None = None  # ... and at the start of the saved epoch
+    epoch_end_state: dict | None = None  # the epoch_end hook's state in the checkpoint
 
 
 def _provenance_diff(old: dict | None, new: dict) -> str:
@@ -384,7 +414,8 @@ def _resume_point(last_path: Path, provenance: dict, hash_: str, wrapped_model: 
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     start = _StartPoint(int(ckpt["epoch"]), int(ckpt["step_in_epoch"]), int(ckpt["global_step"]),
-                        ckpt["rng"][ctx.info.rank], ckpt["epoch_start_rng"][ctx.info.rank])
+                        ckpt["rng"][ctx.info.rank], ckpt["epoch_start_rng"][ctx.info.rank],
+                        ckpt.get("epoch_end"))
     scheduler.step_update(start.global_step)
     if ctx.is_main:
         print(f"[mofo] {stage}: resuming from {last_path} at epoch {start.epoch}, "
@@ -490,12 +521,14 @@ def _requeue(loop: _Loop, marker: Path, last_path: Path, global_step: int) -> Re
 
 def _finish(model: nn.Module, final_path: Path, last_path: Path, global_step: int, epochs: int,
             hash_: str, provenance: dict, meta: dict, log: MetricsLog, ctx: DistContext,
-            stage: str) -> None:
-    """Write ``checkpoint.pt`` and remove ``checkpoint-last.pt``: a finished run is never
-    resumed, so a forced or triggered rerun trains from step 0."""
+            stage: str, weights: dict | None = None) -> None:
+    """Write ``checkpoint.pt`` (``weights``, by default the model's) and remove
+    ``checkpoint-last.pt``: a finished run is never resumed, so a forced or triggered rerun
+    trains from step 0."""
     if ctx.is_main:
         ckpt_io.atomic_torch_save(
-            {"format": ckpt_io.CHECKPOINT_FORMAT, "model": unwrap(model).state_dict(),
+            {"format": ckpt_io.CHECKPOINT_FORMAT,
+             "model": weights if weights is not None else unwrap(model).state_dict(),
              "global_step": global_step, "epoch": epochs, "config_hash": hash_,
              "provenance": provenance, "meta": meta},
             final_path,
@@ -504,6 +537,29 @@ def _finish(model: nn.Module, final_path: Path, last_path: Path, global_step: in
                   global_step)
         last_path.unlink(missing_ok=True)
     barrier()
+
+
+def _end_epoch(hook: EpochEnd | None, model: nn.Module, epoch: int, global_step: int,
+               log: MetricsLog, ctx: DistContext, stage: str) -> bool:
+    """Run the ``epoch_end`` hook after ``epoch``, log its record; whether to stop now."""
+    if hook is None:
+        return False
+    stop, record = hook(model, epoch)
+    if record:
+        log.write({"type": "epoch_end", "stage": stage, "epoch": epoch, "step": global_step,
+                   **record}, global_step)
+    if stop and ctx.is_main:
+        print(f"[mofo] {stage}: stopping after epoch {epoch} (epoch_end hook)", file=sys.stderr)
+    return bool(stop)
+
+
+def _final_from_hook(hook: EpochEnd | None, model: nn.Module,
+                     meta: dict) -> tuple[dict | None, dict]:
+    """``(weights, meta)`` of ``checkpoint.pt``: the hook's choice, else the model's own."""
+    if hook is None:
+        return None, meta
+    weights, extra = hook.final(model)
+    return weights, {**meta, **extra}
 
 
 def train(
@@ -520,6 +576,7 @@ def train(
     metrics_callback: MetricsCallback | None = None,
     max_steps: int | None = None,
     stage: str = "train",
+    epoch_end: EpochEnd | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``stage_cfg['epochs']`` epochs of ``loader`` with ``task``.
 
@@ -531,7 +588,10 @@ def train(
     of its input files, ``mofo.provenance``): ``checkpoint-last.pt`` is resumed only when its
     provenance is the same, and it is deleted when the run finishes, so a finished run is
     never resumed. ``max_steps`` stops after that many global steps with a checkpoint
-    (status "stopped") -- a controlled stand-in for a kill. Returns a ``TrainResult``.
+    (status "stopped") -- a controlled stand-in for a kill. ``epoch_end`` (:class:`EpochEnd`)
+    runs after every epoch and may end training early (status "finished", ``epoch`` = epochs
+    run) and choose the final weights; its state travels in ``checkpoint-last.pt``. Returns a
+    ``TrainResult``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -541,6 +601,9 @@ def train(
     hash_ = digest(hash_config)
     seed = int(stage_cfg.get("seed", 0))
     epochs = int(stage_cfg["epochs"])
+    if not isinstance(stage_cfg["accum_steps"], int):
+        raise ValueError(f"{stage}: accum_steps {stage_cfg['accum_steps']!r} is not resolved; "
+                         f"plan the batch first (mofo.recipe.batch.planned_stage)")
     accum = int(stage_cfg["accum_steps"])
     steps_per_epoch = len(loader) // accum  # optimizer steps
     if steps_per_epoch == 0:
@@ -555,8 +618,9 @@ def train(
 
     seed_everything(seed + ctx.info.rank)
     model.to(ctx.device)
-    optimizer = build_optimizer(model, stage_cfg, effective_batch(stage_cfg, ctx.world_size))
-    scheduler = build_scheduler(optimizer, stage_cfg, steps_per_epoch)
+    total_batch = effective_batch(stage_cfg, ctx.world_size)
+    optimizer = build_optimizer(model, stage_cfg, total_batch)
+    scheduler = build_scheduler(optimizer, stage_cfg, steps_per_epoch, total_batch)
     start = _resume_point(last_path, hash_config, hash_, model, optimizer, scheduler, ctx,
                           engine_cfg, stage)
     global_step = start.global_step
@@ -564,6 +628,8 @@ def train(
         log.reset()
     else:
         log.truncate_after(global_step)
+    if epoch_end is not None and start.epoch_end_state is not None:
+        epoch_end.load_state_dict(start.epoch_end_state)
 
     wrapped = wrap_model(model, optimizer, ctx, stage_cfg, engine_cfg,
                          int(stage_cfg["batch_size"]), accum)
@@ -581,7 +647,8 @@ def train(
     def save(epoch: int, step_in_epoch: int, start_rng: dict) -> None:
         _save_last(last_path, wrapped, scheduler, epoch=epoch, step_in_epoch=step_in_epoch,
                    global_step=global_step, epoch_start_rng=start_rng, hash_=hash_,
-                   provenance=hash_config, meta=meta, ctx=ctx)
+                   provenance=hash_config, meta=meta, ctx=ctx,
+                   epoch_end_state=epoch_end.state_dict() if epoch_end is not None else None)
 
     epoch = start.epoch
     try:
@@ -634,6 +701,10 @@ def train(
                        "loss": epoch_loss / max(epoch_clips, 1), "lr": current_lr(optimizer),
                        "seconds": seconds, "clips_per_s": epoch_clips / max(seconds, 1e-9)},
                       global_step)
+            stop_early = _end_epoch(epoch_end, wrapped.model, epoch, global_step, log, ctx, stage)
+            if stop_early:
+                epochs = epoch + 1  # epochs run; no checkpoint-last: the run finishes now
+                break
             if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs:
                 save(epoch + 1, 0, ckpt_io.capture_rng_state())
             start = _StartPoint()
@@ -641,7 +712,8 @@ def train(
         loop.stop.uninstall()
 
     if status == "finished":
+        weights, meta = _final_from_hook(epoch_end, model, meta)
         _finish(model, final_path, last_path, global_step, epochs, hash_, hash_config, meta,
-                log, ctx, stage)
+                log, ctx, stage, weights)
     return TrainResult(status, final_path if status == "finished" else None, last_path,
                        global_step, epochs if status == "finished" else epoch, losses)

@@ -5,8 +5,16 @@ pretrained checkpoint (ours or an official VideoMAE/MOFO file; ``None`` trains f
 scratch), fine-tunes on the train split with layer-wise lr decay, mixup/cutmix + label
 smoothing (``mofo.training.mixup``), drop path, and the dataset's RandAugment / random
 erasing, and writes ``checkpoint-last.pt``, ``checkpoint.pt``, ``metrics.jsonl`` and
-``load_report.json`` into ``out_dir``. EPIC-KITCHENS-100 gets a verb and a noun output; the
-loss is their sum, mixed with the same partner and lam.
+``load_report.json`` into ``out_dir``. EPIC-KITCHENS-100 gets a verb and a noun output, the
+loss their sum, mixed with the same partner and lam (``dataset.epic100.classifier:
+verb_noun``), or the MOFO authors' one ``action`` output over the train split's (verb, noun)
+pairs (``action``; the pairs are the checkpoint's ``meta["actions"]``).
+
+Which weights ``checkpoint.pt`` holds is ``finetune.selection`` (``mofo.training.selection``):
+the last epoch's (``last``), or -- the MOFO code's protocol -- the epoch with the best top-1
+on ``evaluate.split``, validated after every epoch, with early stopping on the validation
+loss after ``finetune.patience`` epochs without improvement (``best``); ``meta["selection"]``
+records the rule, the epoch kept and the epochs run.
 
     python -m mofo.training.finetune --pretrained results/demo/pretrain/mofo/checkpoint.pt \
         --head mca --out results/demo/finetune/mofo_mca
@@ -16,7 +24,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -25,22 +33,56 @@ from mofo.config import deep_merge, load_config
 from mofo.masking.grid import token_grid
 from mofo.models.build import build_model
 from mofo.provenance import inputs_digest, stage_settings
+from mofo.recipe.batch import planned_stage
 from mofo.stage_args import resolve_paths, stage_arg_parser
 from mofo.training import data as data_io
 from mofo.training.distributed import cleanup_distributed, init_distributed
 from mofo.training.engine import MetricsCallback, seed_everything, train
 from mofo.training.losses import classification_loss
 from mofo.training.mixup import VideoMixup
+from mofo.training.selection import last_selection_meta, selection_hook
 
 HEADS = ("mean", "mca")
 
 
-def finetune_task(heads: dict[str, int], mixer: VideoMixup | None,
-                  label_smoothing: float) -> Callable:
-    """``task(model, batch) -> (loss, extras)``: (mixed) cross-entropy summed over heads."""
+def action_lookup(actions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """int64 ``(97, 300)``: the action index of each (verb, noun) pair of ``actions`` (the
+    vocabulary, ``mofo.training.data.action_vocabulary``), -1 for pairs outside it."""
+    shape = (data_io.EPIC_HEADS["verb"], data_io.EPIC_HEADS["noun"])
+    lookup = torch.full(shape, -1, dtype=torch.int64)
+    for index, (verb, noun) in enumerate(actions):
+        lookup[int(verb), int(noun)] = index
+    return lookup
+
+
+def action_targets(lookup: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The batch's action classes from its ``verb`` / ``noun`` targets; a clip whose pair is
+    not in the vocabulary is an error (the vocabulary holds every train pair)."""
+    verb, noun = batch["verb"], batch["noun"]
+    target = lookup.to(verb.device)[verb, noun]
+    if bool((target < 0).any()):
+        bad = torch.nonzero(target < 0)[0, 0]
+        clip = batch["clip_id"][bad] if "clip_id" in batch else f"#{int(bad)} of the batch"
+        raise ValueError(f"dataset.epic100.classifier 'action': clip {clip} has "
+                         f"(verb, noun) = ({int(verb[bad])}, {int(noun[bad])}), not an action "
+                         "class of the manifest's train split")
+    return target
+
+
+def finetune_task(heads: dict[str, int], mixer: VideoMixup | None, label_smoothing: float,
+                  actions: Sequence[Sequence[int]] | None = None) -> Callable:
+    """``task(model, batch) -> (loss, extras)``: (mixed) cross-entropy summed over heads.
+    An ``action`` head (EPIC-KITCHENS-100's ``action`` classifier) needs ``actions``, the
+    vocabulary its targets are looked up in (from the batch's ``verb`` and ``noun``)."""
+    if ("action" in heads) != (actions is not None):
+        raise ValueError(f"heads {sorted(heads)}: an 'action' head needs the action vocabulary "
+                         "and only it takes one")
+    lookup = action_lookup(actions) if actions is not None else None
 
     def task(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        targets = {name: batch[name] for name in heads}
+        targets = {name: batch[name] for name in heads if name != "action"}
+        if lookup is not None:
+            targets["action"] = action_targets(lookup, batch)
         frames, inbox = batch["frames"], batch.get("inbox")
         inbox = inbox.bool() if inbox is not None else None
         if mixer is not None:
@@ -89,11 +131,15 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path,
         raise ValueError(f"fine-tuning head must be one of {HEADS}, got {head!r}")
     seed = int(config["seeds"][0] if seed is None else seed)
     config = deep_merge(config, {"finetune": {"seed": seed}})
-    ft, engine_cfg = config["finetune"], config["engine"]
+    engine_cfg = config["engine"]
     out_dir = Path(out_dir)
     ctx = init_distributed(engine_cfg)
     try:
-        heads = data_io.output_heads(config, data_io.read_manifest(manifest_path))
+        ft, plan = planned_stage(config["finetune"], ctx.world_size, f"finetune-{head}",
+                                 ctx.is_main)
+        manifest = data_io.read_manifest(manifest_path)
+        heads = data_io.output_heads(config, manifest)
+        actions = data_io.epic_actions(config, manifest)  # None unless EPIC's action classifier
         loader = data_io.build_train_loader(config, manifest_path, results_dir, "finetune", ft,
                                             ctx.world_size)
         seed_everything(int(ft["seed"]))  # same head init on every rank and run
@@ -112,17 +158,22 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path,
                 "pretrain_masking": src_meta.get("masking",
                                                  "external" if pretrained_ckpt else "none"),
                 "pretrained": str(pretrained_ckpt or ""), "dataset": config["dataset"]["name"],
-                "model_size": config["model"]["size"]}
+                "model_size": config["model"]["size"], "batch": plan.as_dict()}
+        if actions is not None:  # action index -> [verb_class, noun_class], for evaluation
+            meta["actions"] = [list(pair) for pair in actions]
         mixer = VideoMixup(ft, heads, token_grid(config["model"]),
                            int(config["model"]["patch_size"]))
         task = finetune_task(heads, mixer if mixer.enabled else None,
-                             float(ft["label_smoothing"]))
+                             float(ft["label_smoothing"]), actions)
+        hook = selection_hook(config, manifest_path, results_dir, list(heads), ctx,
+                              None if actions is None else action_lookup(actions))
+        meta["selection"] = last_selection_meta(ft) if hook is None else {"rule": "best"}
         result = train(model, loader, task, stage_cfg=ft, engine_cfg=engine_cfg, ctx=ctx,
                        out_dir=out_dir,
                        hash_config=provenance(config, head, manifest_path, results_dir,
                                               pretrained_ckpt),
                        meta=meta, metrics_callback=metrics_callback, max_steps=max_steps,
-                       stage=f"finetune-{head}")
+                       stage=f"finetune-{head}", epoch_end=hook)
         return result.final_checkpoint or result.last_checkpoint
     finally:
         cleanup_distributed()

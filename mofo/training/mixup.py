@@ -11,7 +11,8 @@ and its helpers give the CutMix box (``cutmix_bbox_and_lam``) and the soft targe
   "batch" mode). Mixup (pixel blend): both clips' moving objects are visible, so the flags are
   the union of both clips' flags. CutMix: tokens whose patch centre lies inside the pasted box
   take the partner's flag, the others keep their own.
-- EPIC-KITCHENS: the same partner and lam mix every head's targets (verb and noun).
+- EPIC-KITCHENS: the same partner and lam mix every head's targets (verb and noun; with
+  ``dataset.epic100.classifier: action`` the one ``action`` head is mixed like any head).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Weight decay skips biases, norms, position embeddings and tokens (timm's
 ``create_optimizer_v2`` filters 1-d parameters and the names in ``model.no_weight_decay()``);
 layer-wise lr decay uses timm's ``param_groups_layer_decay`` with VideoMAE's layer ids
-(``VIT_GROUP_MATCHER``). The schedule is a per-iteration cosine with linear warm-up.
+(``VIT_GROUP_MATCHER``). The schedule is VideoMAE's per-iteration cosine with linear warm-up,
+all three lrs (peak, floor, warm-up start) scaled by total batch / 256.
 """
 
 from __future__ import annotations
@@ -12,11 +13,7 @@ import torch
 from timm.optim import create_optimizer_v2, param_groups_layer_decay
 from timm.scheduler import CosineLRScheduler
 
-
-def scaled_lr(base_lr: float, total_batch: int) -> float:
-    """The linear scaling rule: ``base_lr`` is quoted per 256 clips."""
-    return base_lr * total_batch / 256.0
-
+from mofo.recipe.batch import scaled_lr
 
 # VideoMAE/BEiT layer ids for timm's layer decay (our models have no group_matcher()):
 # embeddings are layer 0, blocks.i is layer i+1, everything after (norm, fc_norm, head, the
@@ -66,19 +63,36 @@ def build_optimizer(
                                foreach=False)
 
 
+class VideoMAECosine(CosineLRScheduler):
+    """timm's per-iteration cosine with VideoMAE's warm-up: VideoMAE's ``cosine_scheduler``
+    warms up with ``np.linspace(warmup_lr, lr, warmup_iters)``, which reaches the peak on
+    the LAST warm-up step; timm's linear warm-up reaches it one step later. The cosine part
+    is the same in both (``t_initial`` = the steps after warm-up). Per parameter group the
+    value is multiplied by its ``lr_scale`` (layer decay), as VideoMAE does."""
+
+    def _get_lr(self, t: int) -> list[float]:
+        if 0 < t < self.warmup_t and self.warmup_t > 1:
+            return [self.warmup_lr_init + t * (base - self.warmup_lr_init) / (self.warmup_t - 1)
+                    for base in self.base_values]
+        return super()._get_lr(t)
+
+
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, stage_cfg: dict, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer, stage_cfg: dict, steps_per_epoch: int, total_batch: int
 ) -> CosineLRScheduler:
-    """Cosine decay to ``min_lr`` over all iterations after ``warmup_epochs`` of linear
-    warm-up from ``warmup_lr``; the engine calls ``step_update(global_step)`` every step."""
+    """VideoMAE's schedule (:class:`VideoMAECosine`): ``warmup_epochs`` of linear warm-up
+    from ``warmup_lr`` to the peak, then a cosine to ``min_lr`` over the remaining steps; the
+    engine calls ``step_update(global_step)`` every optimizer step. ``min_lr`` and
+    ``warmup_lr`` are quoted per 256 clips and scaled to ``total_batch`` like the peak lr
+    (VideoMAE scales all three)."""
     total = max(1, stage_cfg["epochs"] * steps_per_epoch)
     warmup = min(round(stage_cfg["warmup_epochs"] * steps_per_epoch), total - 1)
-    return CosineLRScheduler(
+    return VideoMAECosine(
         optimizer,
         t_initial=total - warmup,
-        lr_min=stage_cfg["min_lr"],
+        lr_min=scaled_lr(stage_cfg["min_lr"], total_batch),
         warmup_t=warmup,
-        warmup_lr_init=stage_cfg["warmup_lr"],
+        warmup_lr_init=scaled_lr(stage_cfg["warmup_lr"], total_batch),
         warmup_prefix=True,
         t_in_epochs=False,
     )

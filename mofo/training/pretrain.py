@@ -27,6 +27,7 @@ from mofo.masking import STRATEGY_NAMES, is_model_side, needs_token_flow, select
 from mofo.models.build import build_pretrain_model
 from mofo.models.hog import hog_dim
 from mofo.provenance import inputs_digest, pretrain_stage, pretraining_spec, stage_settings
+from mofo.recipe.batch import planned_stage
 from mofo.stage_args import resolve_paths, stage_arg_parser
 from mofo.training import data as data_io
 from mofo.training.distributed import cleanup_distributed, init_distributed
@@ -123,17 +124,20 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path, maskin
     """Pretrain and return the path of the final checkpoint (``out_dir/checkpoint.pt``).
     ``seed``: see :func:`stage_config`."""
     config = stage_config(config, masking, seed)
-    pre_cfg, engine_cfg = config["pretrain"], config["engine"]
+    engine_cfg = config["engine"]
     out_dir = Path(out_dir)
     ctx = init_distributed(engine_cfg)
     try:
+        pre_cfg, plan = planned_stage(config["pretrain"], ctx.world_size, f"pretrain-{masking}",
+                                      ctx.is_main)
         loader = data_io.build_train_loader(config, manifest_path, results_dir, "pretrain", pre_cfg,
                                             ctx.world_size)
         seed_everything(int(pre_cfg["seed"]))  # same initial weights on every rank and run
         model = build_pretrain_model(config["model"], drop_path=float(pre_cfg["drop_path"]),
                                      mme_dims=mme_dims(config))
         meta = {"stage": "pretrain", "masking": masking, "target": pre_cfg["target"],
-                "dataset": config["dataset"]["name"], "model_size": config["model"]["size"]}
+                "dataset": config["dataset"]["name"], "model_size": config["model"]["size"],
+                "batch": plan.as_dict()}
         task = pretrain_task(config["model"], pre_cfg["normalize_target"], config["masking"],
                              pre_cfg["mme"] if pre_cfg["target"] == "mme" else None)
         result = train(model, loader, task,

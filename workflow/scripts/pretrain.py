@@ -1,11 +1,13 @@
 """Snakemake adapter: MOFO / VideoMAE pretraining (python -m mofo.training.pretrain)."""
 
 from mofo.logs import job_log
+from mofo.recipe.published import training_params
 from mofo.stages import run_stage_module
 from mofo.tracking import stage_run_from_snakemake
 
 sm = snakemake
 with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
+    tracker.log_params(training_params(sm.config, sm.rule, sm.params.nproc * sm.params.nodes))
     run_stage_module(
         "mofo.training.pretrain",
         ["--masking", sm.wildcards.masking, "--seed", sm.wildcards.seed, "--manifest", sm.input.manifest,
