@@ -21,9 +21,14 @@ check_preset(config)  # a real dataset on the demo's 32-px defaults stops here, 
 
 
 from mofo.tracking import finish_workflow_run, start_workflow_run
+from mofo.training.restart import forced_environment
 
 
+# Main process only, before any job starts: tell the training jobs what this invocation
+# forces (--forcerun/-R, -f, -F), so a forced job trains from step 0 while a retry of its
+# interrupted attempt resumes (mofo/training/restart.py explains why an environment variable).
 onstart:
+    os.environ.update(forced_environment(workflow.dag_settings))
     start_workflow_run(config)
 
 

@@ -179,7 +179,7 @@ def test_best_selection_stops_early_and_keeps_the_best_epoch(tmp_path):
     result = scripted_run(tmp_path / "full", snaps)
     assert result.status == "finished" and result.epoch == 4
     assert result.global_step == 4 * STEPS_PER_EPOCH
-    saved = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    saved = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     assert sorted(snaps) == [0, 1, 2, 3]
     assert same(saved["model"], snaps[1]) and not same(saved["model"], snaps[3])
     assert saved["epoch"] == 4
@@ -195,7 +195,7 @@ def test_best_selection_stops_early_and_keeps_the_best_epoch(tmp_path):
     # patience 0: all 6 epochs, the best is then epoch 5
     snaps = {}
     scripted_run(tmp_path / "nostop", snaps, patience=0)
-    saved = torch.load(tmp_path / "nostop" / "checkpoint.pt", weights_only=False)
+    saved = torch.load(tmp_path / "nostop" / "checkpoint.pt", weights_only=True)
     assert saved["meta"]["selection"]["epoch"] == 5
     assert saved["meta"]["selection"]["stopped_early"] is False
     assert same(saved["model"], snaps[5])
@@ -207,16 +207,16 @@ def test_resumed_run_keeps_its_best_so_far(tmp_path):
     uninterrupted one does, with the same best weights, and logs each validation once."""
     snaps = {}
     scripted_run(tmp_path / "full", snaps)
-    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     out = tmp_path / "split"
     assert scripted_run(out, max_steps=2 * STEPS_PER_EPOCH).status == "stopped"
     assert scripted_run(out, max_steps=3 * STEPS_PER_EPOCH + 2).status == "stopped"
-    last = torch.load(out / "checkpoint-last.pt", weights_only=False)
+    last = torch.load(out / "checkpoint-last.pt", weights_only=True)
     assert last["epoch_end"]["state"]["best_epoch"] == 1
     assert last["epoch_end"]["state"]["bad_epochs"] == 1
     result = scripted_run(out)
     assert result.status == "finished" and result.epoch == 4
-    resumed = torch.load(out / "checkpoint.pt", weights_only=False)
+    resumed = torch.load(out / "checkpoint.pt", weights_only=True)
     assert same(resumed["model"], full["model"]) and same(resumed["model"], snaps[1])
     assert resumed["meta"]["selection"] == full["meta"]["selection"]
     assert [r["epoch"] for r in records(out, "val")] == [0, 1, 2, 3]
@@ -389,5 +389,5 @@ def test_two_processes_validate_their_shares_and_stop_together(tmp_path):
     assert a["epoch"] == b["epoch"] == 4 and a["stopped"] and b["stopped"]
     assert a["state"]["best_top1"] == b["state"]["best_top1"]
     assert [r["val_clips"] for r in records(tmp_path, "val")] == [5] * 4
-    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert saved["meta"]["selection"]["epochs_run"] == 4

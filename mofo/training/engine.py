@@ -67,8 +67,8 @@ from mofo.training.distributed import (
 )
 from mofo.training.optim import build_optimizer, build_scheduler, current_lr
 from mofo.training.requeue import REQUEUE_EXIT_CODE, REQUEUE_MARKER
+from mofo.training.restart import LAST_CHECKPOINT
 
-LAST_CHECKPOINT = "checkpoint-last.pt"
 FINAL_CHECKPOINT = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 
@@ -396,7 +396,10 @@ def _resume_point(last_path: Path, provenance: dict, hash_: str, wrapped_model: 
                   optimizer: Any, scheduler: Any, ctx: DistContext, engine_cfg: dict,
                   stage: str) -> _StartPoint:
     """Load ``checkpoint-last.pt`` into model, optimizer and scheduler when it belongs to this
-    very run (same provenance hash: settings and input digests) -- else start at step 0."""
+    very run (same provenance hash: settings and input digests) -- else start at step 0. A job
+    Snakemake forced never gets here with an earlier run's checkpoint: its job process deletes
+    it first (``mofo.training.restart``). Raises ``UnsafeCheckpointError`` for a checkpoint
+    that is not weights-only (``resume_state.load_checkpoint``)."""
     if not bool(engine_cfg.get("resume", True)) or not last_path.exists():
         return _StartPoint()
     ckpt = ckpt_io.load_checkpoint(last_path)

@@ -4,14 +4,16 @@ A checkpoint is one ``torch.save`` file written atomically (temporary file in th
 folder, then ``os.replace``), so a kill during the write leaves the previous checkpoint
 intact. It holds the model (unwrapped ``state_dict``), optimizer, scheduler, ``epoch`` /
 ``step_in_epoch`` / ``global_step``, the RNG states of every rank (torch, CUDA, numpy,
-python) and the run's provenance with its hash (``mofo.provenance``). Weights are saved in VideoMAE's layout
-(``model`` key), so ``mofo.models.checkpoint.load_pretrained`` reads ours and the official
-ones alike.
+python) and the run's provenance with its hash (``mofo.provenance``) -- tensors and plain
+values only, so it loads with ``weights_only=True`` and a planted pickle cannot run code.
+Weights are saved in VideoMAE's layout (``model`` key), so
+``mofo.models.checkpoint.load_pretrained`` reads ours and the official ones alike.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -20,15 +22,27 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKPOINT_FORMAT = 1
+# 2: RNG states as tensors and plain values, so the file loads with weights_only=True
+# (format 1 pickled numpy arrays).
+CHECKPOINT_FORMAT = 2
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint holds objects that ``torch.load(weights_only=True)`` refuses to build (a
+    planted or foreign pickle, or a format-1 file); the message names the file."""
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Every random generator the training step touches, as picklable objects."""
+    """Every random generator the training step touches, as tensors and plain values only
+    (ints, floats, str, tuples, lists: what ``weights_only=True`` loads): torch and CUDA as
+    their byte tensors, numpy's MT19937 keys as an int64 tensor, python's state as tuples."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": (int(version), tuple(int(v) for v in internal), gauss_next),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -38,8 +52,11 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Inverse of ``capture_rng_state``."""
     torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -63,17 +80,23 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by ``atomic_torch_save`` (weights and plain objects).
+    """Read a checkpoint written by ``atomic_torch_save`` with ``weights_only=True``.
 
-    ``weights_only=False`` is needed for the numpy / python RNG states; only load
-    checkpoints this project wrote (model weights from elsewhere go through
-    ``mofo.models.checkpoint.load_pretrained``, which uses ``weights_only=True``).
+    Raises ``FileNotFoundError`` when it is missing, :class:`UnsafeCheckpointError` (naming
+    the file) when it holds anything but tensors and plain values -- no code in it runs --
+    and ``RuntimeError`` for a truncated / foreign file or one without a ``model`` key.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused a global: never unpickled
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors and plain values "
+            f"(not written by this version of mofo, or tampered with); delete it to train "
+            f"from step 0. torch said: {str(exc).splitlines()[-1][:300]}"
+        ) from exc
     except Exception as exc:  # truncated file, wrong format
         raise RuntimeError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt:
