@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,9 @@ from mofo.config import load_config
 from mofo.motion.boundaries import motion_map_from_cfg, residual_motion_map
 from mofo.motion.boxes import boxes_for_clip, mass_box, temporal_median
 from mofo.motion.camera import camera_residual, texture_confidence
+
+ROOT = Path(__file__).resolve().parent.parent
+LIST_YAML = ROOT / "config" / "list.yaml"  # by path: the tests may start in any folder
 
 H, W = 96, 128
 
@@ -44,7 +49,7 @@ def test_an_object_moving_over_a_panning_zooming_background_is_what_remains():
     flow[30:50, 70:100] += np.array([4.0, -3.0], np.float32)  # the object's own motion
     residual = np.linalg.norm(camera_residual(flow[None])[0], axis=-1)
     assert residual[30:50, 70:100].min() > 4.5 and np.delete(residual, np.s_[28:52], 0).max() < 1e-3
-    cfg = load_config(["config/list.yaml"])
+    cfg = load_config([LIST_YAML])
     maps = residual_motion_map(np.repeat(flow[None], 4, 0), 1, 2, 1.0)
     box = mass_box(maps[0], cfg["motion_boxes"])
     assert box is not None
@@ -58,7 +63,7 @@ def test_border_artefacts_make_no_box_on_a_still_scene():
     edge = rng.normal(0, 3.0, (6, H, 4, 2)).astype(np.float32)  # flow noise on the edges only
     flow[:, :, :4] += edge
     flow[:, :, -4:] += edge[:, ::-1]
-    cfg = load_config(["config/list.yaml"])
+    cfg = load_config([LIST_YAML])
     maps = motion_map_from_cfg(flow, {**cfg["motion_map"], "texture_confidence": False})
     # The real-data border (12 px at 240 px: 5 px here) removes it; what leaks is below min_motion.
     assert float(maps.max()) < cfg["motion_boxes"]["min_motion"]
@@ -76,7 +81,7 @@ def test_texture_confidence_trusts_texture_not_flat_walls():
 
 
 def test_mass_box_keeps_the_heaviest_group_not_a_faraway_mover():
-    cfg = load_config(["config/list.yaml"])["motion_boxes"]
+    cfg = load_config([LIST_YAML])["motion_boxes"]
     m = np.zeros((H, W), np.float32)
     m[40:70, 20:50] = 1.0   # hand
     m[45:60, 52:64] = 0.8   # the object it holds, 2 px away: same group

@@ -163,10 +163,17 @@ def test_ssv2_submits_one_job_per_shard_chain(ssv2_overlay):
     assert len(groups) + sum(singles.values()) == 778
 
 
-def test_one_stage_of_one_shard_reruns_alone(ssv2_overlay):
+def test_one_stage_of_one_shard_reruns_alone(ssv2_overlay, tmp_path):
     """``--forcerun motion_boxes`` on one shard's boxes: one submission, motion_boxes only --
-    not the shard's whole chain (the temporary flow is gone and is not recomputed)."""
-    results = ssv2_overlay.parent / "results" / "ssv2"
+    not the shard's whole chain (the temporary flow is gone and is not recomputed).
+
+    The outputs it fakes go to a results folder (and a working directory) of its own, not the
+    module fixture's, which the full dry run above reads in whichever order the two run."""
+    overlay = yaml.safe_load(ssv2_overlay.read_text())
+    overlay["results_dir"] = str(tmp_path / "results")
+    own_overlay = tmp_path / "overlay.yaml"
+    own_overlay.write_text(yaml.safe_dump(overlay))
+    results = tmp_path / "results" / "ssv2"
     shard = "shard-0003"
     existing = [
         results / "manifest.csv",
@@ -183,7 +190,7 @@ def test_one_stage_of_one_shard_reruns_alone(ssv2_overlay):
         path.write_text("")
         os.utime(path, (2e9 + i, 2e9 + i))
     out = dry_run(
-        ssv2_overlay, "--forcerun", "motion_boxes", "--", str(results / "boxes" / f"{shard}.csv")
+        own_overlay, "--forcerun", "motion_boxes", "--", str(results / "boxes" / f"{shard}.csv")
     )
     groups, singles = dry_run_submissions(out)
     assert groups == [{"id": "motion_chain", "rules": ["motion_boxes"], "shards": {shard}}], (

@@ -14,7 +14,7 @@ from mofo.config import load_config
 from mofo.data import dataset as D
 from mofo.data import loader as L
 from mofo.data import sampling
-from mofo.data.framestore import FrameStoreWriter
+from mofo.data.framestore import FrameStoreError, FrameStoreWriter
 from mofo.masking.grid import inbox_tokens
 
 SRC_W, SRC_H = 256, 192  # original video size: boxes are written in these pixels
@@ -324,5 +324,6 @@ def test_bad_arguments(results):
         D.VideoClipDataset(manifest, root, "train", "test", config, test_view=(2, 0))
     with pytest.raises(D.DatasetError, match="split 'test'"):
         D.VideoClipDataset(manifest, root, "test", "test", config)
-    with pytest.raises(Exception, match="shard-0009"):
+    missing = r"frame store index not found: .*frames/shard-0009\.index\.csv"
+    with pytest.raises(FrameStoreError, match=missing):
         D.VideoClipDataset(manifest.assign(shard=9), root, "train", "test", config)

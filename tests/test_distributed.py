@@ -32,13 +32,52 @@ def summaries(out, world: int) -> list[dict]:
     return [json.loads((out / f"selfcheck-rank{r}.json").read_text()) for r in range(world)]
 
 
-def initial_checksum() -> float:
+def weights(out, summary: dict) -> dict[str, torch.Tensor]:
+    from mofo.training.selfcheck import load_weights
+
+    return load_weights(out / summary["weights"])
+
+
+def initial_weights() -> dict[str, torch.Tensor]:
     from mofo.models.build import build_pretrain_model
     from mofo.training.engine import seed_everything
-    from mofo.training.selfcheck import TINY_MODEL, weights_checksum
+    from mofo.training.selfcheck import TINY_MODEL
 
     seed_everything(0)
-    return weights_checksum(build_pretrain_model(TINY_MODEL, depth=1, decoder_depth=1))
+    model = build_pretrain_model(TINY_MODEL, depth=1, decoder_depth=1)
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict, rtol: float = 0.0, atol: float = 0.0) -> None:
+    """Tensor by tensor: the same names, shapes and values (exactly, by default)."""
+    assert sorted(a) == sorted(b)
+    differ = [name for name in a if a[name].shape != b[name].shape
+              or not torch.allclose(a[name], b[name], rtol=rtol, atol=atol)]
+    assert not differ, f"tensors that differ: {differ}"
+
+
+def assert_trained(final: dict, initial: dict) -> None:
+    """Every trained tensor moved away from its initialisation."""
+    assert sorted(final) == sorted(initial)
+    unchanged = [name for name in final if torch.equal(final[name], initial[name])]
+    assert not unchanged, f"tensors left at their initialisation: {unchanged}"
+
+
+def test_weight_comparison_sees_swapped_and_offsetting_weights():
+    """What a sum of all parameters misses, the tensor-by-tensor comparison does not."""
+    a = initial_weights()
+    swapped = dict(a)
+    rows = a["decoder.head.weight"]
+    swapped["decoder.head.weight"] = rows[[1, 0, *range(2, len(rows))]]  # two rows swapped
+    offset = dict(a)
+    w = a["decoder.head.weight"].clone()
+    w[0, 0] += 1.0
+    w[0, 1] -= 1.0
+    offset["decoder.head.weight"] = w
+    for other in (swapped, offset):
+        with pytest.raises(AssertionError, match="tensors that differ"):
+            assert_same_weights(a, other, rtol=1e-6, atol=1e-6)
+    assert_same_weights(a, dict(a))
 
 
 def test_torchrun_two_cpu_processes_train_in_sync(tmp_path):
@@ -49,8 +88,9 @@ def test_torchrun_two_cpu_processes_train_in_sync(tmp_path):
     # 16 clips / 2 ranks / batch 4 = 2 steps per epoch, 2 epochs
     assert a["steps"] == b["steps"] == 4
     assert a["losses"] == pytest.approx(b["losses"], abs=1e-6)  # all-reduced mean loss
-    assert a["checksum"] == pytest.approx(b["checksum"], rel=1e-9)  # DDP kept weights equal
-    assert a["checksum"] != pytest.approx(initial_checksum(), rel=1e-9)
+    final = weights(tmp_path, a)
+    assert_same_weights(final, weights(tmp_path, b))  # DDP kept every tensor equal
+    assert_trained(final, initial_weights())
     assert (tmp_path / "checkpoint.pt").exists()
 
 
@@ -61,7 +101,7 @@ def test_deepspeed_engine_takes_optimizer_steps_on_cpu(tmp_path):
     (s,) = summaries(tmp_path, 1)
     assert s["engine"] == "deepspeed" and s["steps"] == 8 and s["status"] == "finished"
     assert all(math.isfinite(v) for v in s["losses"])
-    assert s["checksum"] != pytest.approx(initial_checksum(), rel=1e-9)
+    assert_trained(weights(tmp_path, s), initial_weights())
     final = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert final["global_step"] == 8
 
@@ -70,6 +110,8 @@ def test_ddp_accumulation_all_reduces_once_per_optimizer_step(tmp_path):
     """2 ranks x 1 micro-batch of 4 vs 2 ranks x 2 micro-batches of 2 (accum_steps 2): the same
     clips per optimizer step, so the same weights; DDP's gradient all-reduces (counted by a
     communication hook) happen once per optimizer step, not once per micro-batch."""
+    from mofo.training.selfcheck import load_weights
+
     probe = os.path.join(os.path.dirname(__file__), "cluster", "accum_probe.py")
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
          probe, str(tmp_path)], timeout=300)
@@ -78,9 +120,11 @@ def test_ddp_accumulation_all_reduces_once_per_optimizer_step(tmp_path):
         plain, acc = rec["plain"], rec["accumulated"]
         assert rec["world_size"] == 2 and plain["steps"] == acc["steps"] == 4
         assert plain["allreduces"] > 0 and acc["allreduces"] == plain["allreduces"]
-        assert acc["checksum"] == pytest.approx(plain["checksum"], rel=1e-6)
+        assert_same_weights(load_weights(acc["weights"]), load_weights(plain["weights"]),
+                            rtol=1e-5, atol=1e-6)
         assert acc["losses"] == pytest.approx(plain["losses"], rel=1e-5)
-    assert ranks[0]["accumulated"]["checksum"] == ranks[1]["accumulated"]["checksum"]
+    assert_same_weights(load_weights(ranks[0]["accumulated"]["weights"]),
+                        load_weights(ranks[1]["accumulated"]["weights"]))
 
 
 @pytest.mark.slow
@@ -97,5 +141,6 @@ def test_deepspeed_accumulation_matches_one_larger_micro_batch(tmp_path):
     (plain,), (acc,) = summaries(out[1], 1), summaries(out[2], 1)
     assert plain["steps"] == acc["steps"] == 8
     assert acc["losses"] == pytest.approx(plain["losses"], rel=1e-5)
-    assert acc["checksum"] == pytest.approx(plain["checksum"], rel=1e-7)
-    assert acc["checksum"] != pytest.approx(initial_checksum(), rel=1e-7)
+    final = weights(out[2], acc)
+    assert_same_weights(final, weights(out[1], plain), rtol=1e-5, atol=1e-6)
+    assert_trained(final, initial_weights())

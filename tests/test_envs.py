@@ -55,12 +55,47 @@ def test_envs_install_the_project_itself():
         assert "-e ../" in pip, f"{env_file.name} must install mofo itself"
 
 
+# Rules that run mofo code and so must name their conda env (the aggregating rules, e.g.
+# ``probes`` and ``figures``, run nothing and need none).
+RULES_WITH_ENV = {
+    "demo_data": "preprocess", "manifest": "preprocess", "decode": "preprocess",
+    "optical_flow": "preprocess", "trajectories": "preprocess", "motion_map": "preprocess",
+    "motion_boxes": "preprocess", "motion_pictures": "preprocess", "box_quality": "preprocess",
+    "features": "train", "probe": "train", "pretrain": "train", "finetune": "train",
+    "evaluate": "train", "table": "train",
+}
+
+
+def rule_envs() -> dict[str, str | None]:
+    """``{rule: the line after its conda: directive, or None}`` over rules/*.smk."""
+    import re
+
+    envs: dict[str, str | None] = {}
+    for smk in sorted((ROOT / "rules").glob("*.smk")):
+        lines = [line.strip() for line in smk.read_text().splitlines()]
+        rule = None
+        for i, line in enumerate(lines):
+            head = re.match(r"(?:rule|checkpoint)\s+(\w+)\s*:", line)
+            if head:
+                rule = head.group(1)
+                envs[rule] = None
+            elif line == "conda:":
+                assert rule is not None, f"{smk.name}:{i + 1}: conda: outside a rule"
+                envs[rule] = next(x for x in lines[i + 1:] if x)
+    return envs
+
+
 def test_every_rule_uses_an_env_that_exists():
-    for smk in (ROOT / "rules").glob("*.smk"):
-        for line in smk.read_text().splitlines():
-            line = line.strip()
-            if line.startswith('"../envs/'):
-                assert (ROOT / "rules" / line.strip('"')).resolve().exists(), f"{smk.name}: {line}"
+    envs = rule_envs()
+    missing = {rule for rule in RULES_WITH_ENV if envs.get(rule) is None}
+    assert not missing, f"rules without a conda env (or gone from rules/): {sorted(missing)}"
+    for rule, line in envs.items():
+        if line is None:
+            continue
+        assert line.startswith('"../envs/') and line.endswith('.yaml"'), f"{rule}: {line}"
+        assert (ROOT / "rules" / line.strip('"')).resolve().exists(), f"{rule}: {line}"
+    for rule, name in RULES_WITH_ENV.items():
+        assert envs[rule] == f'"../envs/{name}.yaml"', f"{rule}: {envs[rule]}"
 
 
 def test_timm_internals_that_mofo_mirrors_are_there():

@@ -50,7 +50,10 @@ def test_xfail_is_not_a_skip():
 @pytest.fixture
 def inner(pytester):
     pytester.makeconftest(CONFTEST)
-    pytester.makeini("[pytest]\nmarkers =\n    slurm: x\n    mlflow: x\n")
+    # -p no:randomly: pytest-randomly (a dev extra) would load itself into the inner run too
+    # and shuffle it; the inner order must be the collected one, as in the outer suite.
+    pytester.makeini("[pytest]\naddopts = -p no:randomly\nmarkers =\n    slurm: x\n"
+                     "    mlflow: x\n")
     return pytester
 
 

@@ -199,3 +199,53 @@ def test_inbox_tokens_order_and_any_frame():
     assert inbox_tubes(got, (2, 2, 2)).tolist() == [True, True, False, False]
     with pytest.raises(ValueError, match="one box per frame"):
         inbox_tokens(boxes[:3], 4, 16, 8, 2)
+
+
+# ------------------------------------------------------- tube masking is uniform over the tubes
+def tube_uniformity_p_value(draw_mask, grid=(2, 4, 6), ratio=0.5, draws=20_000) -> float:
+    """p-value that every tube is masked equally often over ``draws`` masks of ``draw_mask``.
+
+    Each mask hides exactly k of the n = h*w tubes, so a tube's count is Binomial(draws, k/n)
+    and the counts always sum to draws*k: on that subspace the covariance is
+    draws*p*(1-p)*n/(n-1) times the identity, and the scaled squared deviations follow a
+    chi-square with n-1 degrees of freedom."""
+    from scipy.stats import chi2
+
+    t, h, w = grid
+    n = h * w
+    counts = np.zeros(n)
+    for _ in range(draws):
+        mask = draw_mask(grid, ratio).reshape(t, n)
+        assert (mask == mask[0]).all()  # a tube is masked in every slice or none
+        counts += mask[0]
+    k = num_masked(n, ratio)
+    p = k / n
+    stat = ((counts - draws * p) ** 2).sum() * (n - 1) / (draws * p * (1 - p) * n)
+    return float(chi2.sf(stat, n - 1))
+
+
+P_MIN = 1e-4  # fixed seeds below: deterministic; a fair generator falls below 1e-4 1 in 10^4
+
+
+def test_tube_masking_masks_every_tube_with_equal_probability():
+    rng = np.random.default_rng(2024)
+    assert tube_uniformity_p_value(lambda grid, ratio: make_mask("tube", grid, ratio, None, 0,
+                                                                 rng)) > P_MIN
+
+
+def test_tube_uniformity_check_rejects_a_biased_generator():
+    """The check above can fail: tubes drawn with weights 1.1 for the first and 1 for the
+    rest (a few percent more often) give a p-value far below the threshold."""
+    from mofo.masking.tube import tubes_to_tokens
+
+    rng = np.random.default_rng(2024)
+
+    def biased(grid, ratio):
+        n = grid[1] * grid[2]
+        weights = np.ones(n)
+        weights[0] = 1.1
+        tubes = np.zeros(n, bool)
+        tubes[rng.choice(n, num_masked(n, ratio), replace=False, p=weights / weights.sum())] = True
+        return tubes_to_tokens(tubes, grid)
+
+    assert tube_uniformity_p_value(biased) < P_MIN

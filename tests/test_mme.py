@@ -149,7 +149,7 @@ def test_a_resize_scales_the_displacements_and_the_crop_picks_the_region():
 
 
 def test_hog_cells_match_scikit_image():
-    feature = pytest.importorskip("skimage.feature")
+    from skimage import feature  # the dev extra (pyproject.toml): a missing one is an error
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(3, 44, 52)).astype(np.float64) / 255  # 5 x 6 full cells
     image[:, 10:30, 20:24] = 0.9  # some straight edges as well as noise

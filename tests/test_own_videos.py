@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import yaml
 
 from mofo.config import ConfigError, check_preset, load_config
 from mofo.data.manifest import build_manifest
+from tests.smkwork import run_snakemake
 from tests.videofixtures import make_frames, write_video
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,8 +21,9 @@ LIST_YAML = ROOT / "config" / "list.yaml"
 
 
 def snakemake(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "--nolock", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    """Snakemake on the repository's Snakefile in a fresh working directory of its own
+    (tests/smkwork.py: no ``.snakemake/`` shared with other tests)."""
+    return run_snakemake(*args, timeout=timeout)
 
 
 SIDE, Y0 = 30, 40  # make_frames(12, 120, 160): a 30-px square at y 40..70 ...

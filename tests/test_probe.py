@@ -196,8 +196,6 @@ def test_probes_target_runs_features_and_a_probe_per_encoder(tmp_path):
     """`snakemake -n probes` with seeds [0, 3]: features and probe per seed for each
     pretraining and for the random reference, which needs no pretraining."""
     import re
-    import subprocess
-    import sys
 
     import yaml
 
@@ -207,9 +205,11 @@ def test_probes_target_runs_features_and_a_probe_per_encoder(tmp_path):
         "results_dir": str(tmp_path / "results"), "tracking": {"mlflow": {"enabled": False}},
         "seeds": [0, 3],
         "dataset": {"demo": {"root": str(tmp_path / "demo")}}}))
-    cmd = [sys.executable, "-m", "snakemake", "--nolock", "-n", "probes", "--configfile",
-           str(root / ".test" / "config" / "tiny.yaml"), str(overlay)]
-    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    from tests.smkwork import run_snakemake
+
+    result = run_snakemake("-n", "probes", "--configfile",
+                           str(root / ".test" / "config" / "tiny.yaml"), str(overlay),
+                           timeout=600, base=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout.split("Job stats:")[1]
     counts = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, flags=re.M)}

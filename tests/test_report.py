@@ -15,11 +15,12 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.smkwork import run_snakemake
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / ".test" / "config" / "tiny.yaml"
@@ -105,19 +106,19 @@ def tiny_report(tmp_path_factory) -> tuple[Path, Path]:
         "tracking": {"mlflow": {"enabled": False}},
     }))
     report = root / "results" / "demo" / "report.html"
-    cmd = [sys.executable, "-m", "snakemake", "--nolock", "--cores", "2", "figures",
-           "--configfile", str(TINY), str(paths), "--report", str(report), "--report-after-run"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
-                            check=False)
+    result = run_snakemake("--cores", "2", "figures", "--configfile", str(TINY), str(paths),
+                           "--report", str(report), "--report-after-run", timeout=1800,
+                           base=root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root, report
 
 
 @pytest.mark.slow
 @pytest.mark.browser
+# A skipif mark is decided before the fixtures are set up: no pipeline run without a browser.
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium (tools/install.sh installs it as "
+                    "root: apt-get install chromium)")
 def test_report_renders_the_table_and_the_pictures(tiny_report):
-    if CHROMIUM is None:
-        pytest.skip("no chromium (tools/install.sh installs it as root: apt-get install chromium)")
     root, report = tiny_report
     res = root / "results" / "demo"
     for variant in ("scratch-mean", "tube-mean", "mofo-mean", "tube-mca", "mofo-mca"):

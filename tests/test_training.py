@@ -13,7 +13,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import DataLoader
 
 from mofo.config import load_config
-from mofo.models.patches import patchify, unpatchify
+from mofo.models.layers import PatchEmbed3D
+from mofo.models.patches import denormalize, patchify, unpatchify
 from mofo.training import engine
 from mofo.training.distributed import DistContext, RankInfo, rank_info
 from mofo.training.losses import masked_reconstruction_loss, patch_normalized_target
@@ -91,13 +92,51 @@ def test_masked_loss_compares_only_masked_tokens():
     assert masked_reconstruction_loss(pred, frames, mask, 2, 2).item() == pytest.approx(0.25)
 
 
-def test_patchify_roundtrip_and_model_order_agree():
-    model_patchify = patchify
+def reference_tokens(x: torch.Tensor, p: int, q: int) -> torch.Tensor:
+    """Tubelet tokens written out independently of ``mofo``: time-major (t, row, col) over
+    the grid, each token (frame, row, column, channel) with the channel innermost."""
+    from einops import rearrange
 
-    x = torch.randn(2, 3, 4, 8, 8)
-    tokens = patchify(x, 4, 2)
-    assert torch.equal(tokens.flatten(2), model_patchify(x, 4, 2))
-    assert torch.equal(unpatchify(tokens.flatten(2), 4, 2, (2, 2, 2)), x)
+    return rearrange(x, "b c (t q) (h p1) (w p2) -> b (t h w) (q p1 p2 c)", q=q, p1=p, p2=p)
+
+
+def test_patchify_roundtrip_and_model_order_agree():
+    """The loss targets, ``patchify`` and the encoder's Conv3d patch embedding all cut a clip
+    into the same tokens in the same order as an einops reference (non-square grid, so a
+    swapped row/column or time/space order cannot agree by accident)."""
+    torch.manual_seed(0)
+    p, q, grid = 4, 2, (3, 2, 3)
+    x = torch.randn(2, 3, grid[0] * q, grid[1] * p, grid[2] * p)
+    want = reference_tokens(x, p, q)
+
+    assert torch.equal(patchify(x, p, q), want)
+    assert torch.equal(unpatchify(want, p, q, grid), x)
+    # The training loss's target (ImageNet normalisation undone, no per-patch norm).
+    targets = patch_normalized_target(x, p, q, normalize=False)
+    assert torch.allclose(targets, reference_tokens(denormalize(x), p, q), atol=1e-6)
+
+    # The model's own token order: with the encoder's patch embedding set so that output
+    # channel d reads pixel d (mod the token size) of the reference layout, its tokens are
+    # the reference tokens row for row.
+    model = tiny_model()
+    embed = model.encoder.patch_embed
+    assert isinstance(embed, PatchEmbed3D)
+    p, q = embed.patch_size, embed.tubelet_size
+    x = torch.randn(2, 3, TINY_MODEL["num_frames"], TINY_MODEL["input_size"],
+                    TINY_MODEL["input_size"])
+    pixels = [(f, r, col, c) for f in range(q) for r in range(p) for col in range(p)
+              for c in range(3)]
+    with torch.no_grad():
+        weight = torch.zeros_like(embed.proj.weight)  # (D, c, q, p, p)
+        for d in range(weight.shape[0]):
+            f, r, col, c = pixels[d % len(pixels)]
+            weight[d, c, f, r, col] = 1.0
+        embed.proj.weight.copy_(weight)
+        embed.proj.bias.zero_()
+        got = model.encoder.embed(x)
+    index = torch.arange(weight.shape[0]) % len(pixels)
+    assert torch.allclose(got, reference_tokens(x, p, q)[..., index], atol=1e-5)
+    assert torch.equal(patchify(x, p, q), reference_tokens(x, p, q))
 
 
 # ----------------------------------------------------------------- optimizer
@@ -234,7 +273,7 @@ def test_signal_writes_checkpoint_and_exits_for_requeue(tmp_path):
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert info.value.code == engine.REQUEUE_EXIT_CODE
-    ckpt = torch.load(tmp_path / "checkpoint-last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint-last.pt", weights_only=True)
     assert ckpt["global_step"] == 3 and ckpt["step_in_epoch"] == 3
     assert after is before_handler  # the handler in place before training is restored
     resumed = run_train(tmp_path, stage_cfg())
@@ -339,7 +378,7 @@ def test_accumulation_resumes_at_optimizer_steps_only(tmp_path):
     with pytest.raises(SystemExit):
         run_train(tmp_path / "part", cfg, task=task)
     assert calls["n"] == 6  # the window was finished before the checkpoint
-    ckpt = torch.load(tmp_path / "part" / "checkpoint-last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "part" / "checkpoint-last.pt", weights_only=True)
     assert (ckpt["global_step"], ckpt["epoch"], ckpt["step_in_epoch"]) == (3, 1, 1)
     resumed = run_train(tmp_path / "part", cfg)
     assert resumed.global_step == 6

@@ -84,7 +84,8 @@ def test_pretrain_finetune_evaluate_end_to_end(results, tmp_path):
     assert (tmp_path / "ev" / "confusion.png").exists()
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["top1"] == metrics["top1"]
     assert metrics["selection"] == meta["selection"]
-    with pytest.raises(Exception, match="head"):
+    with pytest.raises(evaluate.EvaluationError,
+                       match=r"was fine-tuned with head 'mca', asked to evaluate 'mean'"):
         evaluate.run(cfg, manifest, root, ft, "mean", tmp_path / "ev2")
 
 
@@ -293,11 +294,11 @@ def test_an_unfinished_run_resumes_only_with_the_same_inputs(results, tmp_path, 
     err = capfd.readouterr().err
     assert "resuming from" not in err and f"boxes/{boxes.name}" in err
     assert result.name == "checkpoint-last.pt"
-    assert torch.load(result, weights_only=False)["global_step"] == 3
+    assert torch.load(result, weights_only=True)["global_step"] == 3
 
     ckpt = pretrain.run(cfg, manifest, root, "mofo", tmp_path / "pre2")
     finetune.run(cfg, manifest, root, ckpt, "mean", tmp_path / "ft", max_steps=1)
-    other = torch.load(ckpt, weights_only=False)
+    other = torch.load(ckpt, weights_only=True)
     other["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in other["model"].items()}
     torch.save(other, ckpt)
     capfd.readouterr()
@@ -333,7 +334,7 @@ def test_pretraining_resumes_exactly_on_the_real_data_path(tmp_path, capfd):
 
     stopped = pretrain.run(cfg, path, root, "mofo", tmp_path / "split", max_steps=6)
     assert stopped.name == "checkpoint-last.pt"
-    saved = torch.load(stopped, weights_only=False)
+    saved = torch.load(stopped, weights_only=True)
     assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (1, 2, 6)
     capfd.readouterr()
     pretrain.run(cfg, path, root, "mofo", tmp_path / "split")

@@ -6,20 +6,22 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
+from tests.smkwork import run_snakemake
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / ".test" / "config" / "tiny.yaml"
 
 
 def snakemake(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "--nolock", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    """Snakemake on the repository's Snakefile in a fresh working directory of its own
+    (tests/smkwork.py: no ``.snakemake/`` shared with other tests)."""
+    return run_snakemake(*args, timeout=timeout)
 
 
 @pytest.fixture()

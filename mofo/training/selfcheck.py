@@ -1,8 +1,9 @@
 """A few real training steps of a tiny model on synthetic clips, under any engine.
 
 Checks that the loop runs as launched: one process, ``torchrun`` (DDP) or DeepSpeed. Each
-rank writes ``selfcheck-rank<r>.json`` (losses, world size, a checksum of its weights) so a
-caller can verify that the ranks agree. Used by ``tests/test_distributed.py`` and CI::
+rank writes ``selfcheck-rank<r>.json`` (losses, world size, steps) and its final weights,
+``selfcheck-rank<r>.weights.pt`` (the state dict), so a caller can verify tensor by tensor
+that the ranks agree. Used by ``tests/test_distributed.py`` and CI::
 
     python -m mofo.training.selfcheck --out /tmp/sc
     torchrun --standalone --nproc-per-node=2 -m mofo.training.selfcheck --out /tmp/sc
@@ -27,9 +28,19 @@ TINY_MODEL = {"size": "demo", "input_size": 16, "num_frames": 4, "sampling_rate"
               "patch_size": 8, "tubelet_size": 2}
 
 
-def weights_checksum(model: torch.nn.Module) -> float:
-    """Sum of all parameters (float64): equal across ranks when DDP keeps them in sync."""
-    return float(sum(p.detach().double().sum() for p in model.parameters()))
+def save_weights(model: torch.nn.Module, path: str | Path) -> str:
+    """Write ``model``'s state dict (detached CPU copies) to ``path``; return its file name.
+
+    Ranks and runs are compared tensor by tensor (:func:`load_weights`), not by a sum, which
+    swapped or offsetting weights would pass."""
+    state = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
+    torch.save(state, path)
+    return Path(path).name
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict written by :func:`save_weights` (tensors only, loaded weights-only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def run_selfcheck(out_dir: str | Path, engine_kind: str = "torch", epochs: int = 2,
@@ -56,9 +67,10 @@ def run_selfcheck(out_dir: str | Path, engine_kind: str = "torch", epochs: int =
                        engine_cfg=engine_cfg, ctx=ctx, out_dir=out_dir,
                        hash_config={"selfcheck": stage_cfg}, meta={"stage": "selfcheck"},
                        stage=f"selfcheck-{engine_kind}")
+        weights = Path(out_dir) / f"selfcheck-rank{ctx.info.rank}.weights.pt"
         summary = {"rank": ctx.info.rank, "world_size": ctx.world_size, "engine": engine_kind,
                    "backend": ctx.backend, "steps": result.global_step, "losses": result.losses,
-                   "checksum": weights_checksum(unwrap(model)), "status": result.status}
+                   "weights": save_weights(unwrap(model), weights), "status": result.status}
         path = Path(out_dir) / f"selfcheck-rank{ctx.info.rank}.json"
         path.write_text(json.dumps(summary))
         return summary

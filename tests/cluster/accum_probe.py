@@ -3,8 +3,8 @@
 Trains the self-check's tiny model (drop path off) twice in the same process group: 4 clips
 per rank and optimizer step as one micro-batch of 4, then as 2 micro-batches of 2
 (``accum_steps: 2``). A DDP communication hook counts the gradient all-reduces of each run.
-Writes ``<out>/accum-rank<r>.json``: per run the optimizer steps, the all-reduce count and a
-checksum of the final weights. Started by ``tests/test_distributed.py``.
+Writes ``<out>/accum-rank<r>.json``: per run the optimizer steps, the all-reduce count, the
+losses and the file of the final weights (``<out>/<run>/weights-rank<r>.pt``, a state dict). Started by ``tests/test_distributed.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mofo.models.build import build_pretrain_model
 from mofo.training import engine
 from mofo.training.distributed import cleanup_distributed, init_distributed
 from mofo.training.pretrain import pretrain_task
-from mofo.training.selfcheck import TINY_MODEL, weights_checksum
+from mofo.training.selfcheck import TINY_MODEL, save_weights
 from mofo.training.synthetic import SyntheticClipDataset
 
 
@@ -55,7 +55,8 @@ def run_once(ctx, out: Path, batch_size: int, accum_steps: int) -> dict:
     finally:
         engine.wrap_model = original
     return {"steps": result.global_step, "allreduces": calls["n"],
-            "checksum": weights_checksum(model), "losses": result.losses}
+            "weights": str(out / save_weights(model, out / f"weights-rank{ctx.info.rank}.pt")),
+            "losses": result.losses}
 
 
 def main(out_dir: str) -> None:
