@@ -168,24 +168,30 @@ def test_preempted_job_rerun_by_the_next_invocation_resumes(pipeline: Pipeline):
     assert_resumed(pipeline, at, since)
 
 
+def rerun_after_preemption(pipeline: Pipeline, *args: str,
+                           overlays: tuple[Path, ...] = ()) -> float:
+    """Preempt a fine-tuning mid-run, then run Snakemake again with ``args`` / ``overlays``;
+    the time the second run started (its records are newer)."""
+    code, since, _ = pipeline.preempt()
+    assert code != 0
+    interrupted_at(pipeline, since)
+    since = time.time()
+    pipeline.snakemake(*args, overlays=overlays)
+    return since
+
+
 @pytest.mark.parametrize("force", [
     ("--forcerun", "finetune"), ("-R", "finetune"), ("-R", "<target>"), ("--force",),
 ], ids=["forcerun-rule", "R-rule", "R-file", "force-target"])
 def test_preempted_job_forced_trains_from_step_zero(pipeline: Pipeline, force: tuple[str, ...]):
-    code, since, _ = pipeline.preempt()
-    assert code != 0
-    interrupted_at(pipeline, since)
-    since = time.time()
-    pipeline.snakemake(*(str(pipeline.target) if a == "<target>" else a for a in force))
+    since = rerun_after_preemption(
+        pipeline, *(str(pipeline.target) if a == "<target>" else a for a in force))
     assert_trained_from_step_zero(pipeline.stage_dir, pipeline.log, since, STEPS)
 
 
 def test_preempted_job_with_a_changed_setting_trains_from_step_zero(pipeline: Pipeline):
-    code, since, _ = pipeline.preempt()
-    assert code != 0
-    interrupted_at(pipeline, since)
-    since = time.time()
-    pipeline.snakemake(overlays=(pipeline.overlay("aug", {"augment": {"random_erasing": 0.5}}),))
+    since = rerun_after_preemption(
+        pipeline, overlays=(pipeline.overlay("aug", {"augment": {"random_erasing": 0.5}}),))
     assert_trained_from_step_zero(pipeline.stage_dir, pipeline.log, since, STEPS)
     assert "belongs to another run (changed: settings: augment)" in pipeline.log.read_text()
 
@@ -203,11 +209,8 @@ def test_finished_job_forced_trains_from_step_zero(pipeline: Pipeline):
 
 
 def test_resume_false_trains_from_step_zero(pipeline: Pipeline):
-    code, since, _ = pipeline.preempt()
-    assert code != 0
-    interrupted_at(pipeline, since)
-    since = time.time()
-    pipeline.snakemake(overlays=(pipeline.overlay("noresume", {"engine": {"resume": False}}),))
+    since = rerun_after_preemption(
+        pipeline, overlays=(pipeline.overlay("noresume", {"engine": {"resume": False}}),))
     assert_trained_from_step_zero(pipeline.stage_dir, pipeline.log, since, STEPS)
 
 
