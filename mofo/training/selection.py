@@ -60,8 +60,6 @@ from mofo.training import resume_state as ckpt_io
 from mofo.training.distributed import DistContext, all_reduce_sum
 from mofo.training.engine import autocast_context, to_device, unwrap
 
-SELECTION_RULES = ("last", "best")
-
 Measure = Callable[[nn.Module, int], dict]  # (model, epoch) -> {"val_loss", "val_top1", ...}
 
 
@@ -275,15 +273,12 @@ def selection_hook(config: dict, manifest_path: str | Path, results_dir: str | P
     (``action_lookup``: an ``action`` head's (verb, noun) -> class table, see
     :func:`head_targets`)."""
     ft = config["finetune"]
-    rule = ft.get("selection", "last")
-    if rule not in SELECTION_RULES:
-        raise ValueError(f"finetune.selection must be one of {SELECTION_RULES}, got {rule!r}")
-    if rule == "last":
+    if ft["selection"] == "last":  # the schema allows last | best
         return None
     loader = validation_loader(config, manifest_path, results_dir, ctx)
 
     def measure(model: nn.Module, _epoch: int) -> dict:
         return validation_metrics(model, loader, heads, ctx, config["engine"], action_lookup)
 
-    return BestEpochSelection(measure, ctx, int(ft.get("patience", 10)),
+    return BestEpochSelection(measure, ctx, int(ft["patience"]),
                               config["evaluate"]["split"])
