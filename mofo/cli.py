@@ -113,7 +113,7 @@ def cmd_clip(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_motion(args: argparse.Namespace) -> int:
-    from mofo.motion.bench import run_motion_benchmark
+    from mofo.bench.motion import run_motion_benchmark
 
     config = _config(args)
     height, width = (int(v) for v in args.size.split(","))
@@ -125,7 +125,7 @@ def cmd_bench_motion(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from mofo.training.bench import run_training_benchmark
+    from mofo.bench.train import run_training_benchmark
 
     config = _config(args)
     strategies = [s for s in args.strategies.split(",") if s]
@@ -138,7 +138,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 def cmd_bench_mca(args: argparse.Namespace) -> int:
     import torch
 
-    from mofo.training.bench import mca_head_summary, time_mca_head
+    from mofo.bench.train import mca_head_summary, time_mca_head
 
     torch.set_num_threads(args.threads)
     grid = tuple(int(v) for v in args.grid.split(","))
@@ -175,7 +175,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
-    from mofo.training.bench_gpu import BenchRequestError, run_gpu_benchmark
+    from mofo.bench.gpu import BenchRequestError, run_gpu_benchmark
 
     config = _config(args)
     if args.threads:
@@ -195,12 +195,12 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_boxes_real(args: argparse.Namespace) -> int:
-    from mofo.motion.realbench import bench_config, format_table, run_benchmark
+    from mofo.bench.realboxes import bench_config, format_table, run_benchmark
 
     config = bench_config(args.configfile, flow=args.flow)
     only = [c.strip() for c in (args.clips or "").split(",") if c.strip()] or None
     try:
-        result = run_benchmark(config, args.videos, out=args.out, only=only,
+        result = run_benchmark(config, args.videos, args.ground_truth, out=args.out, only=only,
                                invariance=not args.no_invariance, threads=args.threads,
                                log=lambda msg: print(msg, file=sys.stderr))
     except (FileNotFoundError, ValueError) as err:
@@ -356,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--videos", default="data/real",
                    help="folder with the videos (tools/fetch_real_clips.sh; default: %(default)s)")
+    p.add_argument("--ground-truth", default="benchmarks/real_boxes",
+                   help="folder with clips.csv and the hand-drawn keyframes.csv (default: %(default)s)")
     p.add_argument("--out", default="results/bench-boxes-real",
                    help="folder for boxes-real.md / .json, per-frame CSV, pictures (default: %(default)s)")
     p.add_argument("--flow", choices=["tvl1", "dis", "farneback"],

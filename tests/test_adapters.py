@@ -24,7 +24,6 @@ from mofo.data.adapters import (
     ssv2_template_key,
 )
 from mofo.data.decode import decode_shard
-from mofo.data.framestore import FrameStore
 from mofo.data.manifest import (
     MANIFEST_COLUMNS,
     ManifestError,
@@ -36,6 +35,7 @@ from mofo.data.manifest import (
     shard_names,
     write_manifest,
 )
+from mofo.formats.framestore import FrameStore
 from tests.videofixtures import write_video
 
 

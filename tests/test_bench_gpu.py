@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from mofo import cli
-from mofo.training import bench_gpu, bench_gpu_checks
+from mofo.bench import gpu as bench_gpu
+from mofo.bench import gpu_checks as bench_gpu_checks
 
 EXPECTED_ROWS = [
     "| pretrain tube | bf16 |", "| pretrain tube | fp32 |",
@@ -81,7 +82,7 @@ def test_cpu_run_prints_every_row_check_and_skipped_gpu_part(tmp_path):
 # which reads the CUDA flag only. Raising that flag (no GPU needed: it is a thread-local switch)
 # makes DeepSpeed take, on the CPU, the branch it takes under a GPU run's bf16 autocast.
 AS_UNDER_CUDA_AUTOCAST = ("import sys, torch; torch.set_autocast_enabled('cuda', True); "
-                          "from mofo.training.bench_gpu_worker import main; "
+                          "from mofo.bench.gpu_worker import main; "
                           "sys.exit(main(sys.argv[1:]))")
 
 

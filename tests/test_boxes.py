@@ -170,7 +170,7 @@ def test_paths():
 
 
 def test_boxes_shard_writes_original_pixel_boxes_and_a_report(tmp_path, sharp):
-    from mofo.data.framestore import FrameStoreWriter
+    from mofo.formats.framestore import FrameStoreWriter
 
     prefix = tmp_path / "frames" / "shard-0000"
     frames = np.zeros((4, 48, 64, 3), np.uint8)
@@ -224,8 +224,8 @@ def test_boxes_shard_writes_original_pixel_boxes_and_a_report(tmp_path, sharp):
 
 
 def test_pictures_draw_every_column_and_the_boxes(tmp_path):
-    from mofo.data.framestore import FrameStoreWriter
-    from mofo.motion.viz import GREEN, draw_clip_panel, flow_to_rgb, write_shard_pictures
+    from mofo.formats.framestore import FrameStoreWriter
+    from mofo.viz.motion import GREEN, draw_clip_panel, flow_to_rgb, write_shard_pictures
 
     frames = np.full((5, 48, 64, 3), 128, np.uint8)
     maps = np.zeros((4, 24, 32), np.float32)

@@ -1,4 +1,4 @@
-"""VideoClipDataset and mofo.data.loader.make_loader on a tiny real frame store with motion boxes."""
+"""VideoClipDataset and mofo.runtime.loader.make_loader on a tiny real frame store with motion boxes."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from mofo.config import load_config
-from mofo.data import dataset as D
-from mofo.data import loader as L
-from mofo.data import sampling
-from mofo.data.framestore import FrameStoreError, FrameStoreWriter
+from mofo.formats.framestore import FrameStoreError, FrameStoreWriter
+from mofo.inputs import dataset as D
+from mofo.inputs import sampling
 from mofo.masking.grid import inbox_tokens
+from mofo.runtime import loader as L
 
 SRC_W, SRC_H = 256, 192  # original video size: boxes are written in these pixels
 W, H = 128, 96  # stored frame size
@@ -300,7 +300,7 @@ def test_flip_and_sampling_rules():
 
 def test_skipped_clips_are_logged_once(results, caplog):
     manifest, root = results
-    with caplog.at_level(logging.WARNING, logger="mofo.data.dataset"):
+    with caplog.at_level(logging.WARNING, logger="mofo.inputs.dataset"):
         D.VideoClipDataset(manifest, root, "train", "finetune", make_config())
     messages = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(messages) == 1 and "skipped 1 of 4" in messages[0] and "c3" in messages[0]

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from mofo.data.decode import STATUS_COLUMNS, decode_shard, read_status, status_path
-from mofo.data.framestore import FrameStore, index_path, pack_path
 from mofo.data.video import VideoReadError, frame_indices, iter_frames, probe, resized_size
+from mofo.formats.framestore import FrameStore, index_path, pack_path
 from tests.videofixtures import (
     make_frames,
     psnr,

@@ -33,15 +33,15 @@ def summaries(out, world: int) -> list[dict]:
 
 
 def weights(out, summary: dict) -> dict[str, torch.Tensor]:
-    from mofo.training.selfcheck import load_weights
+    from mofo.bench.selfcheck import load_weights
 
     return load_weights(out / summary["weights"])
 
 
 def initial_weights() -> dict[str, torch.Tensor]:
+    from mofo.bench.selfcheck import TINY_MODEL
     from mofo.models.build import build_pretrain_model
-    from mofo.training.engine import seed_everything
-    from mofo.training.selfcheck import TINY_MODEL
+    from mofo.runtime.device import seed_everything
 
     seed_everything(0)
     model = build_pretrain_model(TINY_MODEL, depth=1, decoder_depth=1)
@@ -82,7 +82,7 @@ def test_weight_comparison_sees_swapped_and_offsetting_weights():
 
 def test_torchrun_two_cpu_processes_train_in_sync(tmp_path):
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "-m", "mofo.training.selfcheck", "--out", str(tmp_path)], timeout=300)
+         "-m", "mofo.bench.selfcheck", "--out", str(tmp_path)], timeout=300)
     a, b = summaries(tmp_path, 2)
     assert a["world_size"] == b["world_size"] == 2 and a["backend"] == "gloo"
     # 16 clips / 2 ranks / batch 4 = 2 steps per epoch, 2 epochs
@@ -96,7 +96,7 @@ def test_torchrun_two_cpu_processes_train_in_sync(tmp_path):
 
 @pytest.mark.slow
 def test_deepspeed_engine_takes_optimizer_steps_on_cpu(tmp_path):
-    run([sys.executable, "-m", "mofo.training.selfcheck", "--engine", "deepspeed", "--out",
+    run([sys.executable, "-m", "mofo.bench.selfcheck", "--engine", "deepspeed", "--out",
          str(tmp_path)], timeout=900)
     (s,) = summaries(tmp_path, 1)
     assert s["engine"] == "deepspeed" and s["steps"] == 8 and s["status"] == "finished"
@@ -110,7 +110,7 @@ def test_ddp_accumulation_all_reduces_once_per_optimizer_step(tmp_path):
     """2 ranks x 1 micro-batch of 4 vs 2 ranks x 2 micro-batches of 2 (accum_steps 2): the same
     clips per optimizer step, so the same weights; DDP's gradient all-reduces (counted by a
     communication hook) happen once per optimizer step, not once per micro-batch."""
-    from mofo.training.selfcheck import load_weights
+    from mofo.bench.selfcheck import load_weights
 
     probe = os.path.join(os.path.dirname(__file__), "cluster", "accum_probe.py")
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -135,7 +135,7 @@ def test_deepspeed_accumulation_matches_one_larger_micro_batch(tmp_path):
     out = {}
     for batch, accum in ((4, 1), (2, 2)):
         out[accum] = tmp_path / f"accum{accum}"
-        run([sys.executable, "-m", "mofo.training.selfcheck", "--engine", "deepspeed",
+        run([sys.executable, "-m", "mofo.bench.selfcheck", "--engine", "deepspeed",
              "--batch-size", str(batch), "--accum-steps", str(accum), "--out", str(out[accum])],
             timeout=900)
     (plain,), (acc,) = summaries(out[1], 1), summaries(out[2], 1)

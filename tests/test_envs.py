@@ -110,9 +110,9 @@ def test_timm_internals_that_mofo_mirrors_are_there():
     op = auto_augment.AugmentOp("Rotate", prob=0.5, magnitude=7, hparams={"magnitude_std": 0.5})
     for name in ("name", "prob", "magnitude", "magnitude_std", "magnitude_max", "level_fn",
                  "aug_fn", "kwargs", "hparams"):
-        assert hasattr(op, name), f"timm AugmentOp has no {name!r} (mofo.data.transforms)"
+        assert hasattr(op, name), f"timm AugmentOp has no {name!r} (mofo.inputs.transforms)"
     ra = auto_augment.rand_augment_transform("rand-m7-n4-mstd0.5-inc1", {})
     for name in ("ops", "num_layers", "choice_weights"):
-        assert hasattr(ra, name), f"timm RandAugment has no {name!r} (mofo.data.transforms)"
+        assert hasattr(ra, name), f"timm RandAugment has no {name!r} (mofo.inputs.transforms)"
     params = inspect.signature(Mixup._params_per_batch).parameters
     assert list(params) == ["self"], "timm Mixup._params_per_batch changed (mofo.training.mixup)"

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mofo.evaluation import metrics as M
-from mofo.evaluation.figures import confusion_figure, reconstruction_figure
 from mofo.evaluation.table import Run, make_table, variant_name
+from mofo.viz.figures import confusion_figure, reconstruction_figure
 
 
 def test_aggregate_views_averages_softmax_per_clip():
@@ -119,8 +119,8 @@ def test_figures_are_written(tmp_path):
 
 
 def test_reconstruction_keeps_visible_patches():
-    from mofo.evaluation.figures import reconstruct_clip
     from mofo.models.patches import denormalize
+    from mofo.viz.figures import reconstruct_clip
 
     frames = torch.rand(3, 2, 8, 8)
     mask = torch.tensor([True, False, False, False])

@@ -186,7 +186,7 @@ def test_mean_head_drop_keeps_the_most_moving_tokens():
 
 
 def test_bench_prints_tokens_and_step_time_per_strategy():
-    from mofo.training.bench import format_strategy_table, time_pretrain_strategies
+    from mofo.bench.train import format_strategy_table, time_pretrain_strategies
 
     cfg = load_config(overrides={"model": model_cfg(), "engine": {"device": "cpu"}})
     result = time_pretrain_strategies(cfg, steps=1, batch_size=2)

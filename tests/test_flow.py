@@ -73,7 +73,7 @@ def test_flow_size():
 
 
 def test_flow_shard_writes_float16_per_clip(tmp_path, flow_cfg):
-    from mofo.data.framestore import FrameStoreWriter
+    from mofo.formats.framestore import FrameStoreWriter
 
     prefix = tmp_path / "frames" / "shard-0000"
     with FrameStoreWriter(prefix) as writer:

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mofo.data import framestore as fs
-from mofo.data.framestore import (
+from mofo.formats import framestore as fs
+from mofo.formats.framestore import (
     INDEX_COLUMNS,
     DecodedFrameCache,
     FrameStore,

@@ -218,7 +218,7 @@ def test_mca_runs_fc2_once_per_clip_and_needs_its_dropout_off():
 
 
 def test_mca_head_flops_by_hand():
-    from mofo.training.bench import mca_head_flops
+    from mofo.bench.train import mca_head_flops
 
     # D = 2, MLP width 8. Clip 0: 2 queries, 2 keys; clip 1: no box (the loop skips it, the
     # batched head gives it one key); clip 2: all in the box, 4 queries attending to themselves.
@@ -251,7 +251,7 @@ def test_mean_pool_head():
 
 
 def test_bench_times_the_head_beside_a_per_clip_loop():
-    from mofo.training.bench import box_flags, mca_head_summary, time_mca_head
+    from mofo.bench.train import box_flags, mca_head_summary, time_mca_head
 
     flags = box_flags(4, (2, 8, 8), 0.25)
     assert flags.shape == (4, 128) and 0 < flags.sum(1).min() and flags.sum(1).max() < 128

@@ -30,16 +30,18 @@ LAYERS: dict[str, int] = {
     "mofo.recipe": 1,
     "mofo.tracking": 1,
     "mofo.stage_args": 1,
+    "mofo.formats": 2,
     "mofo.models": 2,
-    "mofo.data": 2,
-    "mofo.motion": 3,
-    # Drawing only (matplotlib + mofo.models.patches): training draws its reconstructions
-    # with it, so it sits below training although it lives beside the evaluation stage.
-    "mofo.evaluation.figures": 3,
-    "mofo.training": 4,
-    "mofo.evaluation": 5,
-    "mofo.stages": 6,
-    "mofo.cli": 7,
+    "mofo.data": 3,
+    "mofo.viz": 3,
+    "mofo.inputs": 4,
+    "mofo.motion": 5,
+    "mofo.runtime": 5,
+    "mofo.training": 6,
+    "mofo.evaluation": 7,
+    "mofo.stages": 8,
+    "mofo.bench": 9,
+    "mofo.cli": 10,
 }
 
 # Edges that break a rule above on purpose, each with why and when it goes away. The test

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mofo.config import load_config
-from mofo.data import dataset as D
-from mofo.data.tokenflow import clip_token_flow, pool_flow, pooled_flow_path, pooled_grid
+from mofo.formats.tokenflow import clip_token_flow, pool_flow, pooled_flow_path, pooled_grid
+from mofo.inputs import dataset as D
 from mofo.masking import make_mask, mask_from_config, needs_token_flow, tube_mask
 from mofo.masking.mgmae import bilinear_sample, mgmae_scores, top_cells
 from tests.test_dataset import NUM_FRAMES, PATCH, SIZE, TUBELET, H, W, make_config, make_results
@@ -230,7 +230,7 @@ def test_token_flow_is_cropped_scaled_and_chained():
 
 
 def test_flow_shard_keeps_the_pooled_flow(tmp_path):
-    from mofo.data.framestore import FrameStoreWriter
+    from mofo.formats.framestore import FrameStoreWriter
     from mofo.motion.flow import flow_shard
     from tests.test_flow import translating_clip
 
@@ -292,7 +292,7 @@ def test_dataset_masks_each_clip_from_its_cropped_flow(tmp_path):
 
 
 def test_pretraining_accepts_registered_strategies_and_digests_the_flow(tmp_path):
-    from mofo.training import data as data_io
+    from mofo.runtime import data as data_io
     from mofo.training.pretrain import provenance, stage_config
 
     config = stage_config(load_config(), "mgmae")
@@ -326,7 +326,7 @@ def test_mgmae_settings_rerun_the_mgmae_pretraining_only():
 
 
 def test_test_views_carry_their_flow_and_validation_masks_use_it(tmp_path):
-    from mofo.data import transforms
+    from mofo.inputs import transforms
     from mofo.models.build import build_pretrain_model
     from mofo.training.validation import validation_reconstruction
 

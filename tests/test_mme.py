@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mofo.config import load_config
-from mofo.data.trajfile import (
+from mofo.formats.trajfile import (
     ClipTrajectories,
     TrajectoryFile,
     dequantize,
@@ -61,7 +61,7 @@ def test_a_shard_s_trajectories_are_those_of_its_stored_flow(tmp_path):
     temporary flow file): its file equals, array for array, the trajectories of the flow file
     the flow job writes, and a clip whose frames cannot be read is left out of both."""
     from mofo.config import load_config
-    from mofo.data.framestore import FrameStoreWriter
+    from mofo.formats.framestore import FrameStoreWriter
     from mofo.motion.flow import flow_shard
     from tests.test_flow import translating_clip
 
@@ -312,7 +312,7 @@ def tiny_mme_config(**pretrain):
 
 
 def test_the_dataset_delivers_trajectories_scaled_with_the_crop(mme_results):
-    from mofo.training import data as data_io
+    from mofo.runtime import data as data_io
 
     manifest, root = mme_results
     ds = data_io.build_dataset(tiny_mme_config(), manifest, root, "train", "pretrain")
@@ -390,8 +390,8 @@ def test_the_dag_has_trajectories_jobs_only_for_mme_pretrainings(tmp_path):
 
 def test_mme_target_with_model_side_masking_scores_the_reconstructed_tokens():
     """everest_mme: EVEREST selects in the model; the MME loss covers its reconstructed tokens."""
+    from mofo.bench.train import synthetic_batch, with_trajectories
     from mofo.models.build import build_pretrain_model
-    from mofo.training.bench import synthetic_batch, with_trajectories
     from mofo.training.pretrain import mme_dims, pretrain_masks, pretrain_task, stage_config
 
     cfg = stage_config(load_config(), "everest_mme")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
+from mofo.bench.motion import COST_ROWS
 from mofo.cli import main
-from mofo.motion.bench import COST_ROWS
 
 
 def test_bench_motion_prints_the_robust_cost_rows(tmp_path, capsys):

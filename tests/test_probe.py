@@ -14,7 +14,7 @@ from mofo.config import load_config
 from mofo.data.decode import decode_shard
 from mofo.data.manifest import build_manifest, shard_name
 from mofo.evaluation import features, probe
-from mofo.evaluation.featurefile import FeatureTable, read_features
+from mofo.formats.featurefile import FeatureTable, read_features
 from tests.videofixtures import make_frames, write_video
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -141,7 +141,7 @@ def test_features_write_one_row_per_clip_of_a_list_dataset(list_dataset, tmp_pat
 
 def test_random_reference_is_the_pretrainings_init_for_the_seed(list_dataset, tmp_path):
     from mofo.models.build import build_pretrain_model
-    from mofo.training.engine import seed_everything
+    from mofo.runtime.device import seed_everything
 
     config, manifest_path, results = list_dataset
 
@@ -167,7 +167,7 @@ def test_features_of_a_checkpoint_are_its_encoders_mean_token(list_dataset, tmp_
     over all tokens of the checkpoint model's encoder output (after its norm) on the same
     centre view, computed here by hand."""
     from mofo.models.build import build_pretrain_model
-    from mofo.training import data as data_io
+    from mofo.runtime import data as data_io
 
     config, manifest_path, results = list_dataset
     torch.manual_seed(5)

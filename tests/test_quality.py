@@ -69,7 +69,7 @@ def test_camera_moves():
 def shard(tmp_path):
     """Two clips with ground truth: 'still_cam' (our boxes exact) and 'panning' (ours off by
     half a box), plus a clip without ground truth; raw-flow boxes are the full frame."""
-    from mofo.data.framestore import FrameStoreWriter
+    from mofo.formats.framestore import FrameStoreWriter
 
     prefix = tmp_path / "frames" / "shard-0000"
     with FrameStoreWriter(prefix) as writer:

@@ -1,4 +1,4 @@
-"""The real-footage box benchmark's machinery (mofo/motion/realbench.py) on a tiny synthetic
+"""The real-footage box benchmark's machinery (mofo/bench/realboxes.py) on a tiny synthetic
 clip: ground-truth interpolation, IoU, the known window transforms and the table. The real
 run (`mofo bench boxes-real`) needs downloaded videos and is a benchmark command, not a test.
 """
@@ -6,14 +6,17 @@ run (`mofo bench boxes-real`) needs downloaded videos and is a benchmark command
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from mofo.bench import realboxes as rb
 from mofo.config import load_config
-from mofo.motion import realbench as rb
 from tests.videofixtures import make_frames, write_video
+
+GROUND_TRUTH = Path(__file__).resolve().parents[1] / "benchmarks" / "real_boxes"
 
 N_FRAMES, H, W = 16, 64, 96
 
@@ -29,8 +32,8 @@ def test_interpolation_is_linear_between_keys_and_constant_outside():
 
 
 def test_the_benchmark_ground_truth_files_are_consistent():
-    clips = rb.load_clips()
-    keys = rb.load_keyframes()
+    clips = rb.load_clips(GROUND_TRUTH / rb.CLIPS_FILE)
+    keys = rb.load_keyframes(GROUND_TRUTH / rb.KEYFRAMES_FILE)
     assert len(clips) >= 6 and sum(c.camera_motion for c in clips) >= 2
     for c in clips:
         k = keys[c.clip]
@@ -112,9 +115,7 @@ def test_benchmark_runs_end_to_end_on_a_tiny_clip(tmp_path):
     cfg, videos = _tiny_benchmark(tmp_path)
     out = tmp_path / "out"
     st = rb.InvarianceSettings(crop=0.8, pan_px=2, shake_px=3)
-    result = rb.run_benchmark(cfg, videos, out=out, clips_csv=tmp_path / "clips.csv",
-                              keyframes_csv=tmp_path / "keyframes.csv", settings=st,
-                              log=lambda m: None)
+    result = rb.run_benchmark(cfg, videos, tmp_path, out=out, settings=st, log=lambda m: None)
     assert [c["clip"] for c in result["clips"]] == ["moving_square", "same_but_moving_camera"]
     c = result["clips"][0]
     assert c["n_frames"] == 7 and c["source_hw"] == [H, W]
@@ -150,11 +151,10 @@ def test_benchmark_runs_end_to_end_on_a_tiny_clip(tmp_path):
 
 def test_missing_videos_and_unknown_clips_are_named(tmp_path):
     cfg, videos = _tiny_benchmark(tmp_path)
-    kw = {"clips_csv": tmp_path / "clips.csv", "keyframes_csv": tmp_path / "keyframes.csv"}
     with pytest.raises(FileNotFoundError, match="fetch_real_clips"):
-        rb.run_benchmark(cfg, tmp_path / "nowhere", **kw)
+        rb.run_benchmark(cfg, tmp_path / "nowhere", tmp_path)
     with pytest.raises(ValueError, match="unknown clips"):
-        rb.run_benchmark(cfg, videos, only=["nope"], **kw)
+        rb.run_benchmark(cfg, videos, tmp_path, only=["nope"])
 
 
 def test_cli_names_the_fetch_script_when_videos_are_missing(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Temporal clip sampling (mofo.data.sampling)."""
+"""Temporal clip sampling (mofo.inputs.sampling)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mofo.data import sampling as S
+from mofo.inputs import sampling as S
 
 
 def test_dense_train_window_is_strided_and_inside():

@@ -16,17 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from mofo.bench.synthetic import SyntheticClipDataset
 from mofo.config import load_config
 from mofo.provenance import stage_hash
+from mofo.runtime.distributed import DistContext, RankInfo
 from mofo.training import engine
-from mofo.training.distributed import DistContext, RankInfo
 from mofo.training.selection import (
     BestEpochSelection,
     SelectionState,
     update_selection,
     validation_metrics,
 )
-from mofo.training.synthetic import SyntheticClipDataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -330,13 +330,14 @@ import json, sys
 import torch
 from torch.utils.data import DataLoader, Subset
 from mofo.config import load_config
-from mofo.data.loader import make_loader
+from mofo.runtime.loader import make_loader
 from mofo.models.build import build_classifier
 from mofo.training import engine
-from mofo.training.distributed import cleanup_distributed, init_distributed
+from mofo.runtime.device import seed_everything
+from mofo.runtime.distributed import cleanup_distributed, init_distributed
 from mofo.training.finetune import finetune_task
 from mofo.training.selection import BestEpochSelection, validation_metrics
-from mofo.training.synthetic import SyntheticClipDataset
+from mofo.bench.synthetic import SyntheticClipDataset
 
 out, model_cfg, losses = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 torch.set_num_threads(1)
@@ -355,7 +356,7 @@ def measure(model, epoch):  # real, all-reduced validation; scripted loss
             "val_loss": losses[epoch]}
 
 hook = BestEpochSelection(measure, ctx, 2 if rank == 0 else 0, "validation")
-engine.seed_everything(0)
+seed_everything(0)
 model = build_classifier(model_cfg, 4, pooling="mean", depth=1)
 result = engine.train(model, loader, finetune_task({"label": 4}, None, 0.0), stage_cfg=ft,
                       engine_cfg=engine_cfg, ctx=ctx, out_dir=out, hash_config={"ft": ft},

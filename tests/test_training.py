@@ -12,14 +12,14 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import DataLoader
 
+from mofo.bench.synthetic import SyntheticClipDataset
 from mofo.config import load_config
 from mofo.models.layers import PatchEmbed3D
 from mofo.models.patches import denormalize, patchify, unpatchify
+from mofo.runtime.distributed import DistContext, RankInfo, rank_info
 from mofo.training import engine
-from mofo.training.distributed import DistContext, RankInfo, rank_info
 from mofo.training.losses import masked_reconstruction_loss, patch_normalized_target
 from mofo.training.optim import build_optimizer
-from mofo.training.synthetic import SyntheticClipDataset
 
 TINY_MODEL = {"size": "demo", "input_size": 16, "num_frames": 4, "sampling_rate": 1,
               "patch_size": 8, "tubelet_size": 2}

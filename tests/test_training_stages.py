@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from mofo.bench.synthetic import SyntheticClipDataset
 from mofo.config import load_config
+from mofo.runtime.distributed import DistContext, RankInfo
 from mofo.training import engine
-from mofo.training.distributed import DistContext, RankInfo
 from mofo.training.mixup import VideoMixup
-from mofo.training.synthetic import SyntheticClipDataset
 from tests.test_dataset import make_results
 
 TINY = {"size": "demo", "input_size": 32, "num_frames": 8, "sampling_rate": 2, "patch_size": 8,
@@ -185,7 +185,7 @@ def test_epic_verb_noun_heads_end_to_end(results, tmp_path):
 
 
 def test_action_vocabulary_is_the_sorted_train_pairs():
-    from mofo.training.data import action_vocabulary
+    from mofo.runtime.data import action_vocabulary
 
     manifest = pd.DataFrame({
         "split": ["train", "train", "validation", "train", "train", "test"],

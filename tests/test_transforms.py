@@ -1,4 +1,4 @@
-"""Boxes follow the pixels through every transform of mofo.data.transforms.
+"""Boxes follow the pixels through every transform of mofo.inputs.transforms.
 
 The check used throughout: draw a filled white box into black frames, transform frames and
 boxes together, then compare the transformed box with the bounding box of the white pixels.
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from timm.data.auto_augment import AugmentOp
 
-from mofo.data import transforms as T
+from mofo.inputs import transforms as T
 
 
 def draw_clip(width: int, height: int, box: tuple[int, int, int, int], num_frames: int = 2):

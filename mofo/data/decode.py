@@ -2,7 +2,7 @@
 
 ``decode_shard(shard_df, out_prefix, decode_cfg, min_frames)`` writes
 
-* ``<out_prefix>.jpgpack`` and ``<out_prefix>.index.csv`` (see mofo.data.framestore),
+* ``<out_prefix>.jpgpack`` and ``<out_prefix>.index.csv`` (see mofo.formats.framestore),
 * ``<out_prefix>.status.csv``: ``clip_id, status, n_frames, message`` per manifest row,
 
 and returns the status table. Statuses: ``ok``; ``short`` (decoded, fewer than ``min_frames``
@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from mofo.data.framestore import FrameStoreWriter
 from mofo.data.video import VideoReadError, iter_frames
+from mofo.formats.framestore import FrameStoreWriter
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from mofo.data.boxfile import FRAME_BOX_COLUMNS as BOX_COLUMNS  # one home for the columns
 from mofo.data.video import write_video
+from mofo.formats.boxfile import FRAME_BOX_COLUMNS as BOX_COLUMNS  # one home for the columns
 
 SPLITS = ("train", "validation")
 #: x264's constant-quality setting for the demo videos: 0 = lossless. At crf 18, single-threaded

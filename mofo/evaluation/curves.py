@@ -20,8 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from mofo.evaluation.figures import save_figure
 from mofo.evaluation.table import PAPER
+from mofo.viz.figures import save_figure
 
 
 def read_metrics(path: str | Path | None) -> list[dict[str, Any]]:

@@ -32,7 +32,6 @@ import torch
 from tqdm import tqdm
 
 from mofo.config import load_config
-from mofo.evaluation.figures import confusion_figure
 from mofo.evaluation.metrics import (
     action_labels,
     action_metrics,
@@ -44,10 +43,11 @@ from mofo.evaluation.metrics import (
 from mofo.evaluation.table import variant_name
 from mofo.models.build import build_model
 from mofo.models.checkpoint import load_pretrained
+from mofo.runtime import data as data_io
+from mofo.runtime.device import autocast_context, to_device
+from mofo.runtime.distributed import apply_cpu_threads, rank_info, select_device
 from mofo.stage_args import resolve_paths, stage_arg_parser
-from mofo.training import data as data_io
-from mofo.training.distributed import apply_cpu_threads, rank_info, select_device
-from mofo.training.engine import autocast_context, to_device
+from mofo.viz.figures import confusion_figure
 
 
 class EvaluationError(RuntimeError):

@@ -18,7 +18,7 @@ the centre square crop. No box files are read (``with_boxes=False``): only decod
 Feature = the mean over all ``N = t x h x w`` tokens (nothing masked) of the encoder's output
 after its final LayerNorm (the pretraining encoder's ``norm``), float32 ``(D,)``.
 
-File layout: :mod:`mofo.evaluation.featurefile` (one row per clip: clip_id, label, split,
+File layout: :mod:`mofo.formats.featurefile` (one row per clip: clip_id, label, split,
 features; ``meta`` JSON).
 
 ``python -m mofo.evaluation.features --checkpoint <ckpt | random> --out <dir>`` is the CLI.
@@ -34,15 +34,14 @@ import torch
 from tqdm import tqdm
 
 from mofo.config import load_config
-from mofo.evaluation.featurefile import FeatureTable, write_features
+from mofo.formats.featurefile import FeatureTable, write_features
 from mofo.models.build import build_encoder, build_pretrain_model
-from mofo.models.checkpoint import load_pretrained
+from mofo.models.checkpoint import load_pretrained, pretrained_meta
 from mofo.models.vit import VideoEncoder
+from mofo.runtime import data as data_io
+from mofo.runtime.device import autocast_context, seed_everything, to_device
+from mofo.runtime.distributed import apply_cpu_threads, rank_info, select_device
 from mofo.stage_args import resolve_paths, stage_arg_parser
-from mofo.training import data as data_io
-from mofo.training.distributed import apply_cpu_threads, rank_info, select_device
-from mofo.training.engine import autocast_context, seed_everything, to_device
-from mofo.training.finetune import pretrained_meta
 
 RANDOM = "random"
 POOLING = "mean over all tokens of the encoder output after its final LayerNorm"

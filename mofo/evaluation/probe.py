@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mofo.evaluation.featurefile import FeatureTable, read_features
+from mofo.formats.featurefile import FeatureTable, read_features
 
 KNN_CHUNK = 1024  # validation rows per similarity block: memory ~ chunk x n_train floats
 

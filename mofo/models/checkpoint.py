@@ -251,3 +251,15 @@ def load_pretrained(
         )
     model.load_state_dict(to_load, strict=False)
     return report
+
+
+def pretrained_meta(pretrained_ckpt: str | Path | None) -> dict:
+    """``meta`` of one of our checkpoints ({} for official files or no checkpoint)."""
+    if not pretrained_ckpt:
+        return {}
+    try:
+        obj = torch.load(pretrained_ckpt, map_location="cpu", weights_only=True,
+                         mmap=True)
+    except Exception:  # official files may pickle extra objects
+        return {}
+    return dict(obj.get("meta") or {}) if isinstance(obj, dict) else {}

@@ -204,7 +204,7 @@ def cross_block_mean_packed(block: Block, tokens: Tensor, queries: Tensor, keys:
     activations instead of once per query: ``mean_i(W h_i + c) = W mean_i(h_i) + c``, so the
     result is the block's (to float rounding) for ~21 % fewer FLOPs than a per-clip loop of
     the whole block at ViT-B shapes with 25 % in-box tokens (``fc2``'s share of them, forward
-    and backward; see ``mofo.training.bench.mca_head_flops``). The drop path scale
+    and backward; see ``mofo.bench.train.mca_head_flops``). The drop path scale
     (one draw per clip, after the attention's) is constant over a clip, so it commutes with
     the mean too. The dropout after ``fc2`` would not: it must be off (the MCA head's is).
     """

@@ -1,7 +1,7 @@
 """Clips <-> tubelet tokens of pixels: ``patchify``, ``unpatchify``, the pixel targets.
 
 The one place that knows how a clip is cut into the decoder's pixel tokens; the loss
-(:mod:`mofo.training.losses`) and the reconstruction pictures (:mod:`mofo.evaluation.figures`)
+(:mod:`mofo.training.losses`) and the reconstruction pictures (:mod:`mofo.viz.figures`)
 both use it. Token order is the encoder's, time-major ``(t, row, col)`` over the tubelet grid
 ``(T / tubelet, H / patch, W / patch)`` (the order in which a ``Conv3d`` patch embedding
 flattens its output); one token's vector is ``(frame, row, column, channel)`` with the
@@ -15,7 +15,7 @@ import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
-# The statistics the data loader normalises frames with (mofo.data.transforms).
+# The statistics the data loader normalises frames with (mofo.inputs.transforms).
 IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
 PATCH_NORM_EPS = 1e-6  # VideoMAE's per-patch target normalisation: (x - mean) / (std + eps)

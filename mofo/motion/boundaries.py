@@ -204,7 +204,7 @@ def motion_map_shard(
     failed: list[str] = []
     store = None
     if motion_map_cfg["method"] == "residual" and motion_map_cfg["texture_confidence"]:
-        from mofo.data.framestore import FrameStore
+        from mofo.formats.framestore import FrameStore
 
         store = FrameStore(frames_prefix)
     with np.load(flow_path) as data:

@@ -69,7 +69,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from mofo.data.boxfile import BOX_COLUMNS  # the columns this stage writes (one home)
+from mofo.formats.boxfile import BOX_COLUMNS  # the columns this stage writes (one home)
 from mofo.motion.faithful import AUTHORS_CLEANUP, faithful_box, two_contour_box
 
 Box = tuple[int, int, int, int]
@@ -380,7 +380,7 @@ def boxes_shard(
     the same rule also runs on them and writes ``shard-XXXX.rawflow.csv``; its counts go into
     the report under ``"raw_flow"``. Returns the report dict.
     """
-    from mofo.data.framestore import FrameStore  # imported here: array-level code needs none
+    from mofo.formats.framestore import FrameStore  # imported here: array-level code needs none
 
     store = FrameStore(frames_prefix)
     out_csv = Path(out_csv)

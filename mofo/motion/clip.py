@@ -16,7 +16,7 @@ from mofo.data.manifest import read_manifest
 from mofo.motion.boundaries import motion_map_shard
 from mofo.motion.boxes import boxes_shard
 from mofo.motion.flow import flow_shard
-from mofo.motion.viz import write_shard_pictures
+from mofo.viz.motion import write_shard_pictures
 
 
 def clip_row(manifest: pd.DataFrame, clip_id: str, source: str = "manifest") -> pd.DataFrame:

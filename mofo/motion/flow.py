@@ -167,13 +167,13 @@ def flow_shard(frames_prefix: str | Path, out_path: str | Path, flow_cfg: dict,
     whose flow fails is left out of the file with a message on stderr (later stages count it
     as a clip without flow and fall back to centre boxes); the other clips are kept.
     ``picture_out``: a second, small npz with the flow of the shard's first
-    ``n_picture_clips`` clips (the ones ``mofo.motion.viz.write_shard_pictures`` draws), kept
+    ``n_picture_clips`` clips (the ones ``mofo.viz.motion.write_shard_pictures`` draws), kept
     when the full flow file is deleted. ``pooled_out``: the kept coarse flow of every clip
-    (``mofo.data.tokenflow``: ``optical_flow.pooled_cells`` cells along the short side, frame
+    (``mofo.formats.tokenflow``: ``optical_flow.pooled_cells`` cells along the short side, frame
     fractions), which flow-guided masking reads. Returns ``{"clips": n, "failed": [clip ids]}``.
     """
-    from mofo.data.framestore import FrameStore  # imported here: array-level code needs none
-    from mofo.data.tokenflow import pool_flow
+    from mofo.formats.framestore import FrameStore  # imported here: array-level code needs none
+    from mofo.formats.tokenflow import pool_flow
 
     store = FrameStore(frames_prefix)
     arrays: dict[str, np.ndarray] = {}

@@ -5,7 +5,7 @@ Two measures per frame, averaged per clip, then over clips (each clip weighs the
 * ``box_iou``: the usual intersection over union of (x1, y1, x2, y2) boxes, x2/y2 exclusive.
 * ``token_grid_iou``: what the model actually sees. Both boxes are mapped into the evaluation
   view of the model input — resize so the short side is ``input_size`` (the long side rounded
-  as ``mofo.data.transforms.resize_short_side`` does), then the centred ``input_size`` square
+  as ``mofo.inputs.transforms.resize_short_side`` does), then the centred ``input_size`` square
   crop (``center_crop``) — and each box becomes the set of ``patch_size`` token cells it
   overlaps (``mofo.masking.grid.inbox_tokens``, the same rule the MOFO masking uses). The
   measure is the IoU of the two cell sets; two boxes that both miss the crop agree (1.0).
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mofo.data.boxfile import BOX_COORDS, FRAME_BOX_COLUMNS
-from mofo.data.transforms import short_side_size, spatial_crop_offset
+from mofo.formats.boxfile import BOX_COORDS, FRAME_BOX_COLUMNS
+from mofo.inputs.transforms import short_side_size, spatial_crop_offset
 from mofo.masking.grid import inbox_tokens
 from mofo.motion.boxes import report_path
 
@@ -52,7 +52,7 @@ def box_iou_many(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def evaluation_view(frame_size: tuple[int, int], input_size: int) -> tuple[float, float, int, int]:
     """(scale_x, scale_y, x0, y0): frame pixels -> the evaluation crop, from the geometry of
-    ``resize_short_side`` + ``center_crop`` (``mofo.data.transforms``, its one home)."""
+    ``resize_short_side`` + ``center_crop`` (``mofo.inputs.transforms``, its one home)."""
     height, width = int(frame_size[0]), int(frame_size[1])
     out_w, out_h = short_side_size(width, height, input_size)
     x0, y0 = spatial_crop_offset(out_w, out_h, input_size)
@@ -142,7 +142,7 @@ def _frame_sizes(
     given (no video decoding), else from the video files named in clips.csv."""
     sizes: dict[str, tuple[int, int]] = {}
     if frames_prefixes:
-        from mofo.data.framestore import read_index
+        from mofo.formats.framestore import read_index
 
         for prefix in frames_prefixes:
             idx = read_index(prefix).drop_duplicates("clip_id")

@@ -5,7 +5,7 @@ grid (at cell centres) are followed through ``trajectories.steps`` consecutive f
 Each step reads the flow at the point's current position (bilinear), clips it to
 ``+-optical_flow.bound`` and moves the point. A point that leaves the grid is invalid from
 that step on. The file format (int8 displacements, valid-step counts) is
-:mod:`mofo.data.trajfile`'s.
+:mod:`mofo.formats.trajfile`'s.
 
 Differences from MME's released tool: the flow is read as float pixels (their loader adds the
 raw uint8 codes, its de-quantisation being commented out), looked up bilinearly instead of at
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mofo.data.trajfile import encode_clip
+from mofo.formats.trajfile import encode_clip
 from mofo.motion.flow import save_npz_atomic, shard_flows
 
 
@@ -77,7 +77,7 @@ def compute_trajectories(flow: np.ndarray, steps: int, spacing: int, bound: floa
 def write_trajectories(flows: Iterable[tuple[str, np.ndarray]], out_path: str | Path,
                        traj_cfg: dict, bound: float) -> dict:
     """Trajectories of every ``(clip_id, flow (T-1, h, w, 2))``, written to ``out_path`` in
-    :mod:`mofo.data.trajfile`'s format.
+    :mod:`mofo.formats.trajfile`'s format.
 
     ``traj_cfg``: the ``trajectories`` config section (``steps``, ``spacing``); ``bound``:
     ``optical_flow.bound``. Returns ``{"clips": n, "valid_fraction": f}`` (the share of valid
@@ -116,7 +116,7 @@ def trajectories_shard(frames_prefix: str | Path, out_path: str | Path, traj_cfg
     for MME pretrainings only, costs less. Clips whose flow fails are left out, as in the flow
     file. Returns :func:`write_trajectories`'s report plus ``failed`` (clip ids).
     """
-    from mofo.data.framestore import FrameStore  # imported here: array-level code needs none
+    from mofo.formats.framestore import FrameStore  # imported here: array-level code needs none
 
     failed: list[str] = []
     flows = shard_flows(FrameStore(frames_prefix), flow_cfg,

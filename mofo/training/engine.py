@@ -51,20 +51,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from mofo.data.loader import set_loader_epoch
 from mofo.provenance import digest
-from mofo.training import resume_state as ckpt_io
-from mofo.training.distributed import (
+from mofo.runtime.device import (
+    AUTOCAST_DTYPE,
+    autocast_context,
+    seed_everything,
+    to_device,
+    uses_autocast,
+)
+from mofo.runtime.distributed import (
     DistContext,
     all_gather_objects,
     all_reduce_sum,
     barrier,
+    unwrap,
 )
+from mofo.runtime.loader import set_loader_epoch
+from mofo.training import resume_state as ckpt_io
 from mofo.training.optim import build_optimizer, build_scheduler, current_lr
 from mofo.training.requeue import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 from mofo.training.restart import LAST_CHECKPOINT
@@ -154,51 +161,6 @@ class StopFlag:
 
 
 # --------------------------------------------------------------------------- helpers
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor inside a (nested) batch to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-# The autocast dtype of engine.precision auto / bf16 (torch's autocast and DeepSpeed's config).
-AUTOCAST_DTYPE = torch.bfloat16
-
-
-def uses_autocast(engine_cfg: dict, device: torch.device) -> bool:
-    """Whether the forward runs under bf16 autocast: ``engine.precision`` bf16, or auto on a
-    GPU; fp32 otherwise."""
-    precision = engine_cfg.get("precision", "auto")
-    return not (precision == "fp32" or (precision == "auto" and device.type != "cuda"))
-
-
-def autocast_context(engine_cfg: dict, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU (``engine.precision`` auto/bf16), fp32 otherwise."""
-    if not uses_autocast(engine_cfg, device):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPE)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP / DeepSpeed wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
 def effective_batch(stage_cfg: dict, world_size: int) -> int:
     """Clips per optimizer step: ``batch_size x processes x accum_steps`` (what the linear
     lr scaling rule is applied to)."""

@@ -32,12 +32,14 @@ import torch
 from mofo.config import deep_merge, load_config
 from mofo.masking.grid import token_grid
 from mofo.models.build import build_model
+from mofo.models.checkpoint import pretrained_meta
 from mofo.provenance import inputs_digest, stage_settings
 from mofo.recipe.batch import planned_stage
+from mofo.runtime import data as data_io
+from mofo.runtime.device import seed_everything
+from mofo.runtime.distributed import cleanup_distributed, init_distributed
 from mofo.stage_args import resolve_paths, stage_arg_parser
-from mofo.training import data as data_io
-from mofo.training.distributed import cleanup_distributed, init_distributed
-from mofo.training.engine import MetricsCallback, seed_everything, train
+from mofo.training.engine import MetricsCallback, train
 from mofo.training.losses import classification_loss
 from mofo.training.mixup import VideoMixup
 from mofo.training.selection import last_selection_meta, selection_hook
@@ -47,7 +49,7 @@ HEADS = ("mean", "mca")
 
 def action_lookup(actions: Sequence[Sequence[int]]) -> torch.Tensor:
     """int64 ``(97, 300)``: the action index of each (verb, noun) pair of ``actions`` (the
-    vocabulary, ``mofo.training.data.action_vocabulary``), -1 for pairs outside it."""
+    vocabulary, ``mofo.runtime.data.action_vocabulary``), -1 for pairs outside it."""
     shape = (data_io.EPIC_HEADS["verb"], data_io.EPIC_HEADS["noun"])
     lookup = torch.full(shape, -1, dtype=torch.int64)
     for index, (verb, noun) in enumerate(actions):
@@ -95,18 +97,6 @@ def finetune_task(heads: dict[str, int], mixer: VideoMixup | None, label_smoothi
         return loss, {}
 
     return task
-
-
-def pretrained_meta(pretrained_ckpt: str | Path | None) -> dict:
-    """``meta`` of one of our checkpoints ({} for official files or no checkpoint)."""
-    if not pretrained_ckpt:
-        return {}
-    try:
-        obj = torch.load(pretrained_ckpt, map_location="cpu", weights_only=True,
-                         mmap=True)
-    except Exception:  # official files may pickle extra objects
-        return {}
-    return dict(obj.get("meta") or {}) if isinstance(obj, dict) else {}
 
 
 def provenance(config: dict, head: str, manifest_path: str | Path, results_dir: str | Path,

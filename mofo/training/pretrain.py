@@ -28,10 +28,11 @@ from mofo.models.build import build_pretrain_model
 from mofo.models.hog import hog_dim
 from mofo.provenance import inputs_digest, pretrain_stage, pretraining_spec, stage_settings
 from mofo.recipe.batch import planned_stage
+from mofo.runtime import data as data_io
+from mofo.runtime.device import seed_everything
+from mofo.runtime.distributed import cleanup_distributed, init_distributed, unwrap
 from mofo.stage_args import resolve_paths, stage_arg_parser
-from mofo.training import data as data_io
-from mofo.training.distributed import cleanup_distributed, init_distributed
-from mofo.training.engine import MetricsCallback, TrainResult, seed_everything, train, unwrap
+from mofo.training.engine import MetricsCallback, TrainResult, train
 from mofo.training.losses import masked_reconstruction_loss, mme_loss
 
 
@@ -188,7 +189,7 @@ def save_reconstructions(model: torch.nn.Module, dataset, config: dict, out_dir:
                          n_clips: int, device: torch.device) -> list[Path]:
     """Original / masked / reconstructed frames (motion box drawn) of the first clips;
     tokens a model-side strategy dropped are drawn black."""
-    from mofo.evaluation.figures import reconstruction_figure
+    from mofo.viz.figures import reconstruction_figure
 
     model.eval()
     paths = []

@@ -56,9 +56,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mofo.runtime.device import autocast_context, to_device
+from mofo.runtime.distributed import DistContext, all_reduce_sum, unwrap
 from mofo.training import resume_state as ckpt_io
-from mofo.training.distributed import DistContext, all_reduce_sum
-from mofo.training.engine import autocast_context, to_device, unwrap
 
 Measure = Callable[[nn.Module, int], dict]  # (model, epoch) -> {"val_loss", "val_top1", ...}
 
@@ -188,7 +188,7 @@ def validation_loader(config: dict, manifest_path: str | Path, results_dir: str 
     batches with ``evaluate.num_workers`` workers, in order."""
     from torch.utils.data import Subset
 
-    from mofo.training import data as data_io
+    from mofo.runtime import data as data_io
 
     ev = config["evaluate"]
     dataset = data_io.build_dataset(config, manifest_path, results_dir, ev["split"], "test",

@@ -28,7 +28,7 @@ import torch
 
 from mofo.masking import is_model_side, mask_from_config, needs_token_flow, select_from_config
 from mofo.masking.grid import token_grid
-from mofo.training import data as data_io
+from mofo.runtime import data as data_io
 from mofo.training.losses import patch_normalized_target
 
 MASK_SEED = 20231215  # one fixed base seed for the validation masks of every run

@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from mofo.data.loader import make_loader
+from mofo.bench.selfcheck import TINY_MODEL, save_weights
+from mofo.bench.synthetic import SyntheticClipDataset
 from mofo.models.build import build_pretrain_model
+from mofo.runtime.device import seed_everything
+from mofo.runtime.distributed import cleanup_distributed, init_distributed
+from mofo.runtime.loader import make_loader
 from mofo.training import engine
-from mofo.training.distributed import cleanup_distributed, init_distributed
 from mofo.training.pretrain import pretrain_task
-from mofo.training.selfcheck import TINY_MODEL, save_weights
-from mofo.training.synthetic import SyntheticClipDataset
 
 
 def run_once(ctx, out: Path, batch_size: int, accum_steps: int) -> dict:
@@ -45,7 +46,7 @@ def run_once(ctx, out: Path, batch_size: int, accum_steps: int) -> dict:
                  "checkpoint_every": 1, "log_interval": 1, "seed": 0}
     loader = make_loader(SyntheticClipDataset(16, TINY_MODEL, mask_ratio=0.75), batch_size, 0,
                          shuffle=True, seed=0, drop_last=True, distributed=True)
-    engine.seed_everything(0)
+    seed_everything(0)
     model = build_pretrain_model(TINY_MODEL, depth=1, decoder_depth=1)
     engine.wrap_model = wrap_and_count
     try:

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from mofo.logs import job_log
-from mofo.motion.viz import write_shard_pictures
 from mofo.tracking import stage_run_from_snakemake
+from mofo.viz.motion import write_shard_pictures
 
 sm = snakemake
 with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]) as log:

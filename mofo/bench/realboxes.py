@@ -62,9 +62,9 @@ from mofo.motion.boxes import boxes_for_clip, centre_box, scale_boxes
 from mofo.motion.flow import compute_flow
 from mofo.motion.quality import box_iou_many
 
-BENCH_DIR = REPO_ROOT / "benchmarks" / "real_boxes"
-CLIPS_CSV = BENCH_DIR / "clips.csv"
-KEYFRAMES_CSV = BENCH_DIR / "keyframes.csv"
+# The ground-truth folder holds these two files; its location is the CLI's --ground-truth.
+CLIPS_FILE = "clips.csv"
+KEYFRAMES_FILE = "keyframes.csv"
 REAL_OVERLAY = REPO_ROOT / "config" / "list.yaml"  # the real-data defaults (TV-L1 @ 0.5, 256 px)
 
 _MAP_TAKES_FRAMES = "frames" in inspect.signature(motion_map_from_cfg).parameters
@@ -106,7 +106,7 @@ class InvarianceSettings:
 # --------------------------------------------------------------------------- ground truth
 
 
-def load_clips(path: str | Path = CLIPS_CSV) -> list[Clip]:
+def load_clips(path: str | Path) -> list[Clip]:
     df = pd.read_csv(path, dtype={"clip": str, "file": str})
     missing = {f.name for f in Clip.__dataclass_fields__.values()} - set(df.columns)
     if missing:
@@ -124,7 +124,7 @@ def load_clips(path: str | Path = CLIPS_CSV) -> list[Clip]:
     return clips
 
 
-def load_keyframes(path: str | Path = KEYFRAMES_CSV) -> dict[str, pd.DataFrame]:
+def load_keyframes(path: str | Path) -> dict[str, pd.DataFrame]:
     """clip -> its key-frame boxes (frame, x1, y1, x2, y2), sorted by frame."""
     df = pd.read_csv(path, dtype={"clip": str})
     missing = {"clip", "frame", *COORDS} - set(df.columns)
@@ -354,14 +354,17 @@ def bench_config(configfiles=(), flow: str | None = None) -> dict:
     return load_config([REAL_OVERLAY, *configfiles], overrides)
 
 
-def run_benchmark(cfg: dict, videos: str | Path, out: str | Path | None = None,
-                  clips_csv: str | Path = CLIPS_CSV, keyframes_csv: str | Path = KEYFRAMES_CSV,
-                  only: list[str] | None = None, invariance: bool = True,
-                  settings: InvarianceSettings | None = None, threads: int = 1,
-                  log=print) -> dict:
+def run_benchmark(cfg: dict, videos: str | Path, ground_truth: str | Path,
+                  out: str | Path | None = None, only: list[str] | None = None,
+                  invariance: bool = True, settings: InvarianceSettings | None = None,
+                  threads: int = 1, log=print) -> dict:
     """All clips: returns the result dict; with ``out`` also writes boxes-real.json, .md, the
-    per-frame CSV and pictures/<clip>.png there. ``threads``: OpenCV threads (1 = per-core)."""
+    per-frame CSV and pictures/<clip>.png there. ``ground_truth``: the folder with
+    ``clips.csv`` and ``keyframes.csv`` (``benchmarks/real_boxes`` in the repository).
+    ``threads``: OpenCV threads (1 = per-core)."""
     videos = Path(videos)
+    clips_csv = Path(ground_truth) / CLIPS_FILE
+    keyframes_csv = Path(ground_truth) / KEYFRAMES_FILE
     clips = load_clips(clips_csv)
     keys = load_keyframes(keyframes_csv)
     if only:
@@ -521,7 +524,7 @@ def format_table(result: dict) -> str:
 def write_picture(r: dict, path: str | Path, n: int = 4) -> None:
     """``n`` evenly spaced frames: the frame with GT (green), ours (red), raw flow (blue,
     thin) over the motion map of that frame."""
-    from mofo.motion.viz import map_to_rgb
+    from mofo.viz.motion import map_to_rgb
 
     frames, maps, pf = r["_frames"], r["_maps"], r["per_frame"]
     h, w = frames.shape[1:3]

@@ -14,7 +14,7 @@ mask            bool ``(N,)``               pretrain only: True = masked (``mask
 trajectories    float32 ``(N, P, L, 2)``    pretrain with ``pretrain.target: mme`` only: the
                                             trajectories (model-input px) of the ``P`` cells
                                             of each token, from its tubelet's first frame
-                                            (:func:`mofo.data.trajfile.token_trajectories`)
+                                            (:func:`mofo.formats.trajfile.token_trajectories`)
 trajectory_valid bool ``(N, P, L)``         which of those steps are valid
 token_flow      float32 ``(T-1, h, w, 2)``  with ``token_flow=True`` only (pretrain, test):
                                             the flow between the sampled frames at the
@@ -36,7 +36,7 @@ temporal views x ``test_crops`` spatial crops after resizing the short side to `
 Per-sample randomness: ``numpy.random.default_rng([seed, epoch, item])``, so a run is
 reproducible for any number of workers. The epoch lives in shared memory, so
 :meth:`VideoClipDataset.set_epoch` reaches persistent workers too (call it before iterating
-the loader for that epoch; :func:`mofo.data.loader.set_loader_epoch` does it with the
+the loader for that epoch; :func:`mofo.runtime.loader.set_loader_epoch` does it with the
 sampler's).
 
 ``with_boxes=False`` reads no box files (a stage that pools all tokens, e.g. the features
@@ -46,7 +46,7 @@ frame and every token is in-box.
 Frame stores, box files and trajectory files are opened lazily and cached per worker process, one per shard;
 only the sampled frames are decoded. A masking strategy that follows the flow
 (``mofo.masking.FLOW_STRATEGIES``: ``mgmae``) also reads the clip's pooled flow
-(``flow/shard-XXXX.pooled.npz``, :mod:`mofo.data.tokenflow`), cropped with the clip's own
+(``flow/shard-XXXX.pooled.npz``, :mod:`mofo.formats.tokenflow`), cropped with the clip's own
 pretraining crop and sampled at the token grid; a clip the flow job left out (its flow
 failed) moves nothing, with a warning. Clips that are not in their shard's frame store (decode
 failed) are skipped when the dataset is built, counted in ``n_skipped`` and logged once.
@@ -64,12 +64,12 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from mofo.data import sampling, transforms
-from mofo.data.boxfile import BoxFileError, read_boxes
-from mofo.data.framestore import DecodedFrameCache, FrameStore
 from mofo.data.manifest import shard_name
-from mofo.data.tokenflow import clip_token_flow, pooled_flow_path
-from mofo.data.trajfile import TrajectoryFile, TrajectoryFileError, token_trajectories
+from mofo.formats.boxfile import BoxFileError, read_boxes
+from mofo.formats.framestore import DecodedFrameCache, FrameStore
+from mofo.formats.tokenflow import clip_token_flow, pooled_flow_path
+from mofo.formats.trajfile import TrajectoryFile, TrajectoryFileError, token_trajectories
+from mofo.inputs import sampling, transforms
 from mofo.masking import mask_from_config, needs_token_flow
 from mofo.masking.grid import inbox_tokens, token_grid
 
@@ -142,7 +142,7 @@ class VideoClipDataset(Dataset):
             test modes, whose crops are plain rectangles), e.g. to draw an ``mgmae`` mask
             outside the loader. Pretraining with ``mgmae`` reads it for the mask either way.
         frame_cache_mb: decoded frames kept in memory across epochs, per loader process
-            (:class:`mofo.data.framestore.DecodedFrameCache`; 0 = decode every read). The
+            (:class:`mofo.formats.framestore.DecodedFrameCache`; 0 = decode every read). The
             samples are the same either way.
     """
 
@@ -209,7 +209,7 @@ class VideoClipDataset(Dataset):
         n_short = int((self.clips["n_frames"] < span).sum())
         if n_short:
             log.info("%s/%s: %d of %d clips have fewer than the model's %d-frame span; their "
-                     "frames are spread over the clip and repeated (mofo/data/sampling.py)",
+                     "frames are spread over the clip and repeated (mofo/inputs/sampling.py)",
                      self.results_dir, split, n_short, len(self.clips), span)
 
         if mode == "test":
@@ -322,7 +322,7 @@ class VideoClipDataset(Dataset):
                    frame_size: tuple[int, int]) -> np.ndarray:
         """Flow between the sampled frames at the token grid of the crop ``(x0, y0, w, h)`` of
         the ``frame_size = (width, height)`` stored frames: float32 ``(T-1, h, w, 2)`` in token
-        cells (``mofo.data.tokenflow.clip_token_flow``)."""
+        cells (``mofo.formats.tokenflow.clip_token_flow``)."""
         clip_id = str(self.clips.at[index, "clip_id"])
         shard = int(self.clips.at[index, "shard"])
         pooled = self._clip_pooled_flow(shard, clip_id, int(self.clips.at[index, "n_frames"]))

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 DEFAULT_TORCH_EXTENSIONS_DIR = "~/.cache/mofo/torch_extensions"
 
@@ -182,3 +183,10 @@ def all_gather_objects(obj: Any) -> list[Any]:
         dist.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / DeepSpeed wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model

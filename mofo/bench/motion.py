@@ -333,7 +333,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m mofo.motion.bench [n_clips] [repeats]
+if __name__ == "__main__":  # python -m mofo.bench.motion [n_clips] [repeats]
     from mofo.config import load_config
 
     args = [int(a) for a in sys.argv[1:3]]

@@ -9,7 +9,7 @@ in pretraining and fine-tuning mode. Peak memory: ``torch.cuda.max_memory_alloca
 (reset per row); on CPU the process's peak resident set size (``resource.getrusage``), which
 never decreases, so each row is the peak up to and including that row.
 
-    python -m mofo.training.bench [--config overlay.yaml] [--steps 5]
+    python -m mofo.bench.train [--config overlay.yaml] [--steps 5]
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mofo.bench.synthetic import SyntheticClipDataset
 from mofo.config import dataset_results_dir, deep_merge, load_config
 from mofo.masking import STRATEGY_NAMES, is_model_side, mask_from_config, needs_token_flow
 from mofo.masking.grid import token_grid
 from mofo.models.build import build_model, build_pretrain_model
-from mofo.training.distributed import rank_info, select_device
-from mofo.training.engine import autocast_context, seed_everything, to_device
+from mofo.runtime.device import autocast_context, seed_everything, to_device
+from mofo.runtime.distributed import rank_info, select_device
 from mofo.training.finetune import finetune_task
 from mofo.training.mixup import VideoMixup
 from mofo.training.optim import build_optimizer
 from mofo.training.pretrain import mme_dims, pretrain_masks, pretrain_task
-from mofo.training.synthetic import SyntheticClipDataset
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -273,7 +273,7 @@ def format_strategy_table(result: dict) -> str:
 
 def time_loader(config: dict, mode: str, batch_size: int, num_workers: int, batches: int) -> dict:
     """clips/s the real loader delivers (first batch excluded: worker start-up)."""
-    from mofo.training import data as data_io
+    from mofo.runtime import data as data_io
 
     root = dataset_results_dir(config)
     dataset = data_io.build_dataset(config, root / "manifest.csv", root, "train", mode)

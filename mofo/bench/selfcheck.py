@@ -5,9 +5,9 @@ rank writes ``selfcheck-rank<r>.json`` (losses, world size, steps) and its final
 ``selfcheck-rank<r>.weights.pt`` (the state dict), so a caller can verify tensor by tensor
 that the ranks agree. Used by ``tests/test_distributed.py`` and CI::
 
-    python -m mofo.training.selfcheck --out /tmp/sc
-    torchrun --standalone --nproc-per-node=2 -m mofo.training.selfcheck --out /tmp/sc
-    python -m mofo.training.selfcheck --engine deepspeed --out /tmp/sc
+    python -m mofo.bench.selfcheck --out /tmp/sc
+    torchrun --standalone --nproc-per-node=2 -m mofo.bench.selfcheck --out /tmp/sc
+    python -m mofo.bench.selfcheck --engine deepspeed --out /tmp/sc
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from mofo.training.distributed import cleanup_distributed, init_distributed
-from mofo.training.engine import seed_everything, train, unwrap
+from mofo.bench.synthetic import SyntheticClipDataset
+from mofo.runtime.device import seed_everything
+from mofo.runtime.distributed import cleanup_distributed, init_distributed, unwrap
+from mofo.training.engine import train
 from mofo.training.pretrain import pretrain_task
-from mofo.training.synthetic import SyntheticClipDataset
 
 TINY_MODEL = {"size": "demo", "input_size": 16, "num_frames": 4, "sampling_rate": 1,
               "patch_size": 8, "tubelet_size": 2}
@@ -47,8 +48,8 @@ def run_selfcheck(out_dir: str | Path, engine_kind: str = "torch", epochs: int =
                   n_clips: int = 16, batch_size: int = 4, accum_steps: int = 1) -> dict:
     """Train the tiny pretraining model; return (and write) this rank's summary.
     ``accum_steps`` micro-batches of ``batch_size`` make one optimizer step."""
-    from mofo.data.loader import make_loader
     from mofo.models.build import build_pretrain_model
+    from mofo.runtime.loader import make_loader
 
     torch.set_num_threads(1)
     engine_cfg = {"kind": engine_kind, "device": "auto", "precision": "auto", "resume": False}

@@ -4,15 +4,15 @@ On one GPU (``--size base``: VideoMAE ViT-B, 16 x 224², tubelet 2, patch 16) it
 synthetic clips held in memory:
 
 - pretraining steps with ``tube`` and ``mofo`` masks and fine-tuning steps with the ``mean``
-  and ``mca`` heads, each in bf16 autocast and in fp32 (``mofo.training.bench.time_model_steps``);
+  and ``mca`` heads, each in bf16 autocast and in fp32 (``mofo.bench.train.time_model_steps``);
 - a few evaluation batches (the evaluation stage's forward: no grad, softmax on the host);
 - the data loader with the configured workers, beside the model's clips/s (the real loader
   when ``<results>/<dataset>/manifest.csv`` exists, else the synthetic clips);
 - a one-process DDP step under ``torchrun`` (NCCL) and a DeepSpeed step, in their own
-  processes (:mod:`mofo.training.bench_gpu_worker`);
+  processes (:mod:`mofo.bench.gpu_worker`);
 - which attention kernel ``scaled_dot_product_attention`` dispatched to (the profiler's op).
 
-and checks (:mod:`mofo.training.bench_gpu_checks`): bf16 and fp32 losses agree; the batched
+and checks (:mod:`mofo.bench.gpu_checks`): bf16 and fp32 losses agree; the batched
 MCA head equals the per-clip computation; a checkpoint written on the GPU loads and resumes
 on the CPU. On a machine without a GPU the same command runs every path that has a CPU
 equivalent at ``--size tiny`` (DDP with gloo, DeepSpeed on CPU) and names what it skipped.
@@ -39,13 +39,13 @@ from typing import Any
 
 import torch
 
-from mofo.training.bench_gpu_checks import (
+from mofo.bench.gpu_checks import (
     CheckResult,
     check_bf16_agreement,
     check_checkpoint_to_cpu,
     check_mca_batched,
 )
-from mofo.training.bench_gpu_presets import (
+from mofo.bench.gpu_presets import (
     BenchPreset,
     build_finetuner,
     build_pretrainer,
@@ -54,7 +54,7 @@ from mofo.training.bench_gpu_presets import (
     get_preset,
     pretrain_batch,
 )
-from mofo.training.engine import AUTOCAST_DTYPE, uses_autocast
+from mofo.runtime.device import AUTOCAST_DTYPE, uses_autocast
 
 PARTS = ("checks", "train", "sdpa", "eval", "loader", "ddp", "deepspeed")
 PRECISIONS = ("bf16", "fp32")
@@ -142,9 +142,9 @@ def engine_precision(device: torch.device) -> str:
 def run_train_part(report: Report, preset: BenchPreset, config: dict, device: torch.device,
                    steps: int) -> None:
     """Pretraining (tube, mofo masks) and fine-tuning (mean, mca heads) steps in bf16 and fp32."""
+    from mofo.bench.train import time_model_steps
     from mofo.masking import token_grid
-    from mofo.training.bench import time_model_steps
-    from mofo.training.engine import seed_everything
+    from mofo.runtime.device import seed_everything
     from mofo.training.finetune import finetune_task
     from mofo.training.mixup import VideoMixup
     from mofo.training.pretrain import pretrain_task
@@ -185,7 +185,7 @@ def sdpa_ops(fn) -> str:
 def run_sdpa_part(report: Report, preset: BenchPreset, config: dict,
                   device: torch.device) -> None:
     """The SDPA kernel of the encoder (no mask) and of the MCA head (boolean key mask)."""
-    from mofo.training.engine import autocast_context, to_device
+    from mofo.runtime.device import autocast_context, to_device
 
     model = build_finetuner(preset, "mca", config["finetune"]).to(device).eval()
     batch = to_device(finetune_batch(preset, n=2), device)
@@ -204,7 +204,7 @@ def evaluate_batches(model: torch.nn.Module, batches: list[dict], device: torch.
     """The evaluation stage's forward on ``batches``: eval mode, no grad, engine precision,
     softmax probabilities copied to the host. Returns the clip count; raises
     ``FloatingPointError`` on a non-finite probability."""
-    from mofo.training.engine import autocast_context, to_device
+    from mofo.runtime.device import autocast_context, to_device
 
     model.eval().to(device)
     clips = 0
@@ -254,7 +254,7 @@ def time_synthetic_loader(preset: BenchPreset, batch_size: int, workers: int,
     batch excluded: worker start-up)."""
     from torch.utils.data import DataLoader
 
-    from mofo.training.synthetic import SyntheticClipDataset
+    from mofo.bench.synthetic import SyntheticClipDataset
 
     ds = SyntheticClipDataset((batches + 1) * batch_size, preset.model)
     it = iter(DataLoader(ds, batch_size=batch_size, num_workers=workers))
@@ -269,8 +269,8 @@ def run_loader_part(report: Report, preset: BenchPreset, config: dict, device: t
                     workers: int | None) -> None:
     """The loader's clips/s with the configured workers (``<stage>.num_workers``, or
     ``workers``), beside the model's clips/s at the engine precision."""
+    from mofo.bench.train import time_loader
     from mofo.config import dataset_results_dir
-    from mofo.training.bench import time_loader
 
     root = dataset_results_dir(config)
     real = (root / "manifest.csv").exists() and (root / "boxes").exists()
@@ -301,14 +301,14 @@ def worker_env() -> dict[str, str]:
 
 
 def launch_worker(kind: str, spec: dict, out_dir: Path, timeout_s: int) -> dict:
-    """Run :mod:`mofo.training.bench_gpu_worker` ``kind`` (ddp under torchrun, deepspeed as
+    """Run :mod:`mofo.bench.gpu_worker` ``kind`` (ddp under torchrun, deepspeed as
     one process); its output goes to ``<out>/<kind>.log``; returns its result JSON."""
     spec_path, result_path = out_dir / f"{kind}-spec.json", out_dir / f"{kind}.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     result_path.unlink(missing_ok=True)
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  "--nproc-per-node=1"] if kind == "ddp" else [sys.executable])
-    cmd = [*launcher, "-m", "mofo.training.bench_gpu_worker", kind, str(spec_path),
+    cmd = [*launcher, "-m", "mofo.bench.gpu_worker", kind, str(spec_path),
            str(result_path)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,

@@ -138,7 +138,7 @@ def write_shard_pictures(
     """Write ``<out_dir>/<clip_id>.png`` for ``n_clips`` clips of a shard (the first ones, or
     ``clip_ids``). Flow, ground truth and raw-flow boxes are drawn when their files exist
     (flow is usually deleted after the motion map). Returns the written paths."""
-    from mofo.data.framestore import FrameStore
+    from mofo.formats.framestore import FrameStore
 
     store = FrameStore(frames_prefix)
     chosen = list(clip_ids) if clip_ids is not None else store.clip_ids[: max(0, int(n_clips))]

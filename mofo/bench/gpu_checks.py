@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mofo.training.bench_gpu_presets import (
+from mofo.bench.gpu_presets import (
     BenchPreset,
     build_finetuner,
     build_pretrainer,
@@ -32,7 +32,7 @@ from mofo.training.bench_gpu_presets import (
     finetune_heads,
     pretrain_batch,
 )
-from mofo.training.engine import autocast_context, seed_everything, to_device
+from mofo.runtime.device import autocast_context, seed_everything, to_device
 
 BF16_LOSS_RTOL = 2e-2  # bf16 keeps 8 mantissa bits (~0.4 % per value); a loss averages many
 BF16_LOSS_ATOL = 1e-3
@@ -157,11 +157,11 @@ def _checkpoint_run(preset: BenchPreset, config: dict, device: torch.device, out
                     model: torch.nn.Module, max_steps: int, precision: str):
     """``engine.train`` of the pretraining model on ``device`` for 4 steps of one epoch
     (stopping at ``max_steps``), resuming from ``out_dir/checkpoint-last.pt`` when there."""
-    from mofo.data.loader import make_loader
-    from mofo.training.distributed import DistContext, RankInfo
+    from mofo.bench.synthetic import SyntheticClipDataset
+    from mofo.runtime.distributed import DistContext, RankInfo
+    from mofo.runtime.loader import make_loader
     from mofo.training.engine import train
     from mofo.training.pretrain import pretrain_task
-    from mofo.training.synthetic import SyntheticClipDataset
 
     b = preset.checkpoint_batch
     stage_cfg = {**config["pretrain"], "epochs": 1, "warmup_epochs": 0.5, "batch_size": b,

@@ -8,10 +8,10 @@ a plain backward of the same batch, then times optimizer steps.
 ``deepspeed``: one process; ``init_distributed`` + ``wrap_model`` with ``engine.kind:
 deepspeed`` (as the engine does), then times ``engine.backward`` / ``engine.step``.
 
-Both read a spec JSON (written by :mod:`mofo.training.bench_gpu`) and write a result JSON::
+Both read a spec JSON (written by :mod:`mofo.bench.gpu`) and write a result JSON::
 
-    torchrun --standalone --nproc-per-node=1 -m mofo.training.bench_gpu_worker ddp SPEC OUT
-    python -m mofo.training.bench_gpu_worker deepspeed SPEC OUT
+    torchrun --standalone --nproc-per-node=1 -m mofo.bench.gpu_worker ddp SPEC OUT
+    python -m mofo.bench.gpu_worker deepspeed SPEC OUT
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from mofo.training.bench_gpu_presets import build_pretrainer, get_preset, pretrain_batch
-from mofo.training.engine import autocast_context, seed_everything, to_device
+from mofo.bench.gpu_presets import build_pretrainer, get_preset, pretrain_batch
+from mofo.runtime.device import autocast_context, seed_everything, to_device
 
 
 def _sync(device: torch.device) -> None:
@@ -90,7 +90,7 @@ def run_ddp(spec: dict) -> dict:
     """One DDP process: NCCL on GPU, gloo on CPU; gradient check, then timed steps."""
     import torch.distributed as dist
 
-    from mofo.training.distributed import backend_for, rank_info, select_device
+    from mofo.runtime.distributed import backend_for, rank_info, select_device
     from mofo.training.optim import build_optimizer
     from mofo.training.pretrain import pretrain_task
 
@@ -128,7 +128,7 @@ def run_ddp(spec: dict) -> dict:
 
 def run_deepspeed(spec: dict) -> dict:
     """One DeepSpeed process (ZeRO 0, fp32 weights, torch autocast): timed steps."""
-    from mofo.training.distributed import cleanup_distributed, init_distributed
+    from mofo.runtime.distributed import cleanup_distributed, init_distributed
     from mofo.training.engine import wrap_model
     from mofo.training.optim import build_optimizer
     from mofo.training.pretrain import pretrain_task
@@ -165,7 +165,7 @@ def run_deepspeed(spec: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=["ddp", "deepspeed"])
-    parser.add_argument("spec", help="spec JSON written by mofo.training.bench_gpu")
+    parser.add_argument("spec", help="spec JSON written by mofo.bench.gpu")
     parser.add_argument("out", help="result JSON to write")
     args = parser.parse_args(argv)
     spec = json.loads(Path(args.spec).read_text())

@@ -5,7 +5,7 @@ A :class:`BenchPreset` fixes the model input, the model-size overrides, the batc
 number of timed steps. ``base`` is VideoMAE's ViT-B (16 frames of 224², patch 16, tubelet 2);
 ``tiny`` is a one-block model on 4 frames of 32², small enough for CI on two CPU cores.
 
-Batches are built in memory from :class:`~mofo.training.synthetic.SyntheticClipDataset`; the
+Batches are built in memory from :class:`~mofo.bench.synthetic.SyntheticClipDataset`; the
 pretraining batches get real ``tube`` or ``mofo`` masks (``mofo.masking.make_mask``) computed
 from the synthetic clips' in-box flags, so both strategies run the path they run in training.
 """
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from mofo.bench.synthetic import SyntheticClipDataset
 from mofo.masking import make_mask, token_grid
-from mofo.training.synthetic import SyntheticClipDataset
 
 NUM_CLASSES = 6  # synthetic fine-tuning labels (the demo's class count)
 

@@ -2,7 +2,7 @@
 turns a clip's stored trajectories into per-token targets.
 
 The trajectories stage (:mod:`mofo.motion.trajectories`) writes them; this module sits below
-it, in the data layer, so that the dataset can read them (as :mod:`mofo.data.boxfile` does for
+it, in the data layer, so that the dataset can read them (as :mod:`mofo.formats.boxfile` does for
 the boxes).
 
 File ``trajectories/shard-XXXX.npz`` (one per shard; deflated), one int8 array per clip id,

@@ -1,4 +1,4 @@
-"""The stages' bridge to ``mofo.data.dataset``: datasets, loaders and class counts."""
+"""The stages' bridge to ``mofo.inputs.dataset``: datasets, loaders and class counts."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def input_files(manifest_path: str | Path, results_dir: str | Path,
     (``mofo.provenance.inputs_digest``): new boxes, frames, flow or clips make a new run. The
     frame packs are covered by their index (offsets and sizes of every frame)."""
     from mofo.data.manifest import shard_name
-    from mofo.data.tokenflow import pooled_flow_path
+    from mofo.formats.tokenflow import pooled_flow_path
 
     results_dir = Path(results_dir)
     files = {"manifest.csv": Path(manifest_path)}
@@ -100,8 +100,8 @@ def input_files(manifest_path: str | Path, results_dir: str | Path,
 
 def build_dataset(config: dict, manifest_path: str | Path, results_dir: str | Path, split: str,
                   mode: str, **kwargs: Any):
-    """``mofo.data.dataset.VideoClipDataset`` for one split and mode."""
-    from mofo.data.dataset import VideoClipDataset
+    """``mofo.inputs.dataset.VideoClipDataset`` for one split and mode."""
+    from mofo.inputs.dataset import VideoClipDataset
 
     manifest = read_manifest(manifest_path)
     return VideoClipDataset(manifest, results_dir, split, mode=mode, config=config, **kwargs)
@@ -109,8 +109,8 @@ def build_dataset(config: dict, manifest_path: str | Path, results_dir: str | Pa
 
 def build_loader(dataset: Any, batch_size: int, num_workers: int, shuffle: bool, seed: int,
                  drop_last: bool, distributed: bool):
-    """``mofo.data.loader.make_loader`` (sampler, workers, collate of the data module)."""
-    from mofo.data.loader import make_loader
+    """``mofo.runtime.loader.make_loader`` (sampler, workers, collate of the data module)."""
+    from mofo.runtime.loader import make_loader
 
     return make_loader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
                        seed=seed, drop_last=drop_last, distributed=distributed)

@@ -1,0 +1,1 @@
+"""Benchmarks and self-checks: tools that import the product; imported by nothing but the CLI."""

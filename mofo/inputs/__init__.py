@@ -1,0 +1,1 @@
+"""The training input pipeline: clip sampling, transforms and the clip dataset."""

@@ -1,0 +1,1 @@
+"""Drawing only: reconstruction, confusion and motion pictures."""
