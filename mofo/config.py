@@ -81,7 +81,7 @@ def check_preset(config: dict) -> dict:
     own overlay alone keeps ``demo``. Raises ConfigError naming the overlay to add.
     """
     name = config["dataset"]["name"]
-    if name != "demo" and config.get("preset", "demo") == "demo":
+    if name != "demo" and config["preset"] == "demo":
         overlay = REAL_OVERLAYS[name]
         raise ConfigError(
             f"dataset.name is {name!r} but the demo's defaults are in force (preset: demo: a "
@@ -90,11 +90,6 @@ def check_preset(config: dict) -> dict:
             f"in your overlay if you really mean to set every training key yourself)"
         )
     return config
-
-
-def dataset_results_dir(config: dict) -> Path:
-    """``<results_dir>/<dataset name>``: the root of every output of this configuration."""
-    return Path(config["results_dir"]) / config["dataset"]["name"]
 
 
 def get(config: dict, dotted: str) -> Any:

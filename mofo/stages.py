@@ -66,8 +66,8 @@ def with_job_threads(config: dict, threads: int | None, nproc: int = 1) -> dict:
     """The config with ``engine.cpu_threads`` = the job's threads split over its processes,
     when the config leaves it at 0 (torch would otherwise start one thread per core of the
     machine in every job, however many jobs Snakemake runs side by side)."""
-    engine = config.get("engine", {})
-    if not threads or int(engine.get("cpu_threads", 0)) > 0:
+    engine = config["engine"]
+    if not threads or int(engine["cpu_threads"]) > 0:
         return config
     return {**config, "engine": {**engine, "cpu_threads": max(1, int(threads) // max(nproc, 1))}}
 

@@ -66,3 +66,38 @@ def test_dataset_overlays_validate(overlay):
 
     config = load_config([REPO_ROOT / "config" / overlay])
     assert config["dataset"]["name"] == overlay.removesuffix(".yaml")
+
+
+def _closed_objects(schema: dict, defaults: dict, path: tuple = ()):
+    """(config path, schema node, defaults node) for every object of the schema reached
+    through plain ``properties`` chains that config/config.yaml fills with a mapping."""
+    if "properties" in schema:  # not a map of the user's own names (variants)
+        yield path, schema, defaults
+    for key, sub in schema.get("properties", {}).items():
+        if isinstance(defaults.get(key), dict) and sub.get("type") == "object":
+            yield from _closed_objects(sub, defaults[key], (*path, key))
+
+
+def test_the_schema_requires_every_key_the_defaults_set():
+    """One owner per default: config/config.yaml sets every key and the schema requires each
+    one, so the code reads validated keys without a second, code-side default
+    (``.get(key, default)``) that could disagree with the file."""
+    import yaml
+
+    from mofo.config import DEFAULT_CONFIG, SCHEMA
+
+    schema, defaults = yaml.safe_load(SCHEMA.read_text()), yaml.safe_load(DEFAULT_CONFIG.read_text())
+    missing = {".".join(path) or "<root>": sorted(set(node) - set(sch.get("required", [])))
+               for path, sch, node in _closed_objects(schema, defaults)}
+    assert not {k: v for k, v in missing.items() if v}, missing
+
+
+def test_a_missing_key_is_a_config_error_naming_it():
+    import copy
+
+    from mofo.config import ConfigError, load_config, validate
+
+    config = copy.deepcopy(load_config())
+    del config["engine"]["precision"]
+    with pytest.raises(ConfigError, match="precision"):
+        validate(config)

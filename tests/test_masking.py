@@ -37,7 +37,7 @@ def test_tube_mask_counts_and_tubes(grid, ratio, seed):
     slices = mask.reshape(t, h * w)
     assert (slices == slices[0]).all()  # the same spatial mask in every temporal slice
     # Independent of num_masked: round half up, never more than the tubes there are.
-    assert slices[0].sum() == min(h * w, math.floor(ratio * h * w + 0.5))
+    assert slices[0].sum() == min(h * w, math.floor(ratio * (h * w) + 0.5))
 
 
 @settings(max_examples=300, deadline=None)
@@ -56,7 +56,7 @@ def test_mofo_mask_counts_and_inbox_share(grid, ratio, inbox_ratio, p_in, seed):
     slices = mask.reshape(t, h * w)
     assert (slices == slices[0]).all()
     tubes = slices[0]
-    n_mask = min(h * w, math.floor(ratio * h * w + 0.5))  # not from num_masked itself
+    n_mask = min(h * w, math.floor(ratio * (h * w) + 0.5))  # not from num_masked itself
     assert tubes.sum() == n_mask  # exactly, whatever the box
     tubes_in = inbox.reshape(t, h * w).any(0)
     quota = min(n_mask, math.floor(inbox_ratio * tubes_in.sum() + 1e-9))

@@ -31,6 +31,7 @@ from mofo.training.selection import (
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CTX = DistContext(RankInfo(0, 0, 1, "single"), torch.device("cpu"), None, "torch")
+ENGINE = load_config()["engine"]  # the defaults: resume on, precision auto
 MODEL_CFG = {"size": "demo", "input_size": 16, "num_frames": 4, "sampling_rate": 2,
              "patch_size": 8, "tubelet_size": 2}
 
@@ -97,7 +98,7 @@ def test_validation_loss_and_top1_over_heads_skip_unlabelled_clips():
              "verb": verb_y, "noun": noun_y}
     model = FixedLogits({"verb": 3, "noun": 4}).train()
     rng = torch.get_rng_state()
-    got = validation_metrics(model, [batch], ["verb", "noun"], CTX, {})
+    got = validation_metrics(model, [batch], ["verb", "noun"], CTX, ENGINE)
     keep = slice(0, 3)  # clips 3 and 4 miss a label
     loss = (F.cross_entropy(verb[keep], verb_y[keep], reduction="sum")
             + F.cross_entropy(noun[keep], noun_y[keep], reduction="sum")) / 3
@@ -108,12 +109,12 @@ def test_validation_loss_and_top1_over_heads_skip_unlabelled_clips():
     assert model.training and torch.equal(torch.get_rng_state(), rng)
 
     one = validation_metrics(FixedLogits({"label": 3}), [{**batch, "label": verb_y}],
-                             ["label"], CTX, {})
+                             ["label"], CTX, ENGINE)
     assert one["val_top1"] == pytest.approx(50.0) and set(one) == {"val_loss", "val_top1",
                                                                    "val_clips"}
     with pytest.raises(ValueError, match="no labelled clip"):
         validation_metrics(FixedLogits({"label": 3}),
-                           [{**batch, "label": torch.full((5,), -1)}], ["label"], CTX, {})
+                           [{**batch, "label": torch.full((5,), -1)}], ["label"], CTX, ENGINE)
 
 
 def test_action_head_pairs_outside_the_vocabulary_count_as_wrong():
@@ -124,13 +125,13 @@ def test_action_head_pairs_outside_the_vocabulary_count_as_wrong():
     logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
     batch = {"frames": logits, "inbox": torch.zeros(3, 2),
              "verb": torch.tensor([0, 0, 5]), "noun": torch.tensor([1, 1, 5])}
-    got = validation_metrics(FixedLogits({"action": 2}), [batch], ["action"], CTX, {}, lookup)
+    got = validation_metrics(FixedLogits({"action": 2}), [batch], ["action"], CTX, ENGINE, lookup)
     assert got["val_clips"] == 3 and got["val_top1"] == pytest.approx(100 / 3)
     expected = F.cross_entropy(logits[:2], torch.tensor([0, 0]))  # the unseen pair: no loss
     assert got["val_loss"] == pytest.approx(float(expected))
     unseen = {k: v[2:] for k, v in batch.items()}
     with pytest.raises(ValueError, match="outside the action vocabulary"):
-        validation_metrics(FixedLogits({"action": 2}), [unseen], ["action"], CTX, {}, lookup)
+        validation_metrics(FixedLogits({"action": 2}), [unseen], ["action"], CTX, ENGINE, lookup)
 
 
 # --------------------------------------------------------------------------- the engine hook
@@ -161,7 +162,7 @@ def scripted_run(out, snapshots=None, max_steps=None, patience=2):
 
     hook = BestEpochSelection(measure, CTX, patience, "validation")
     return engine.train(model, loader, finetune_task({"label": 4}, None, 0.0), stage_cfg=ft,
-                        engine_cfg={}, ctx=CTX, out_dir=out, hash_config={"ft": ft},
+                        engine_cfg=ENGINE, ctx=CTX, out_dir=out, hash_config={"ft": ft},
                         max_steps=max_steps, epoch_end=hook)
 
 
@@ -239,9 +240,9 @@ def test_validation_does_not_change_training(tmp_path):
         val = DataLoader(SyntheticClipDataset(4, MODEL_CFG, seed=1, global_rng_jitter=0.1),
                          batch_size=2)
         hook = BestEpochSelection(
-            lambda m, _e: validation_metrics(m, val, ["label"], CTX, {}), CTX, 0, "validation")
+            lambda m, _e: validation_metrics(m, val, ["label"], CTX, ENGINE), CTX, 0, "validation")
         return engine.train(model, loader, finetune_task({"label": 4}, None, 0.0),
-                            stage_cfg=ft, engine_cfg={}, ctx=CTX, out_dir=out,
+                            stage_cfg=ft, engine_cfg=ENGINE, ctx=CTX, out_dir=out,
                             hash_config={"ft": ft}, epoch_end=hook if with_hook else None)
 
     plain, hooked = go(tmp_path / "plain", False), go(tmp_path / "hooked", True)
@@ -341,7 +342,7 @@ from mofo.bench.synthetic import SyntheticClipDataset
 
 out, model_cfg, losses = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 torch.set_num_threads(1)
-engine_cfg = {"device": "cpu", "resume": False}
+engine_cfg = {**load_config()["engine"], "device": "cpu", "resume": False}
 ctx = init_distributed(engine_cfg)
 rank, world = ctx.info.rank, ctx.world_size
 ft = dict(load_config()["finetune"], epochs=len(losses), warmup_epochs=0.5, batch_size=4,

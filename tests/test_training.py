@@ -25,6 +25,9 @@ TINY_MODEL = {"size": "demo", "input_size": 16, "num_frames": 4, "sampling_rate"
               "patch_size": 8, "tubelet_size": 2}
 
 
+ENGINE = load_config()["engine"]  # the defaults: resume on, precision auto
+
+
 def cpu_ctx() -> DistContext:
     return DistContext(RankInfo(0, 0, 1, "single"), torch.device("cpu"), None, "torch")
 
@@ -181,7 +184,7 @@ def test_rank_info_prefers_torchrun_over_slurm():
 # ----------------------------------------------------------------- the loop
 def run_train(out, cfg, max_steps=None, callback=None, task=None):
     return engine.train(tiny_model(), tiny_loader(), task or pretrain_task(), stage_cfg=cfg,
-                        engine_cfg={"resume": True}, ctx=cpu_ctx(), out_dir=out,
+                        engine_cfg=ENGINE, ctx=cpu_ctx(), out_dir=out,
                         hash_config={"cfg": cfg}, meta={"masking": "tube"},
                         metrics_callback=callback, max_steps=max_steps, stage="test")
 
@@ -329,7 +332,7 @@ def grads_of_first_step(batch_size: int, accum_steps: int, tmp_path) -> tuple[di
     handle = register_optimizer_step_pre_hook(capture)
     try:
         cfg = stage_cfg(batch_size=batch_size, accum_steps=accum_steps, clip_grad=0.0, epochs=1)
-        engine.train(model, loader, pretrain_task(), stage_cfg=cfg, engine_cfg={"resume": False},
+        engine.train(model, loader, pretrain_task(), stage_cfg=cfg, engine_cfg={**ENGINE, "resume": False},
                      ctx=cpu_ctx(), out_dir=tmp_path, hash_config={"cfg": cfg}, max_steps=1,
                      stage="test")
     finally:
@@ -355,7 +358,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_large_batch(tmp_path
 def test_effective_batch_is_batch_times_processes_times_accumulation():
     assert engine.effective_batch({"batch_size": 32, "accum_steps": 8}, 8) == 2048
     assert engine.effective_batch({"batch_size": 4, "accum_steps": 1}, 2) == 8
-    ds = engine.deepspeed_config({"clip_grad": 1.0}, {}, batch_size=4, world=2, accum_steps=3,
+    ds = engine.deepspeed_config({"clip_grad": 1.0}, ENGINE, batch_size=4, world=2, accum_steps=3,
                                  device=torch.device("cpu"))
     assert ds["gradient_accumulation_steps"] == 3 and ds["train_batch_size"] == 24
 

@@ -156,7 +156,7 @@ def test_finetune_resume_with_mixup_reproduces_losses(tmp_path):
         mixer = VideoMixup(ft, heads, (2, 2, 2), 8)
         assert mixer.enabled
         return engine.train(model, loader, finetune_task(heads, mixer, 0.1), stage_cfg=ft,
-                            engine_cfg={}, ctx=ctx, out_dir=out, hash_config={"ft": ft},
+                            engine_cfg=load_config()["engine"], ctx=ctx, out_dir=out, hash_config={"ft": ft},
                             max_steps=max_steps)
 
     full = go(tmp_path / "a")

@@ -170,7 +170,8 @@ def _checkpoint_run(preset: BenchPreset, config: dict, device: torch.device, out
     loader = make_loader(dataset, b, 0, shuffle=True, seed=0, drop_last=True, distributed=False)
     ctx = DistContext(RankInfo(0, 0, 1, "single"), device, None, "torch")
     return train(model, loader, pretrain_task(preset.model, True), stage_cfg=stage_cfg,
-                 engine_cfg={"precision": precision, "resume": True}, ctx=ctx, out_dir=out_dir,
+                 engine_cfg={**config["engine"], "precision": precision, "resume": True},
+                 ctx=ctx, out_dir=out_dir,
                  hash_config={"bench-gpu-checkpoint": preset.name, "stage": stage_cfg},
                  max_steps=max_steps, stage="bench-gpu-checkpoint")
 

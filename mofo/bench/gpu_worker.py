@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from mofo.bench.gpu_presets import build_pretrainer, get_preset, pretrain_batch
+from mofo.config import load_config
 from mofo.runtime.device import autocast_context, seed_everything, to_device
 
 
@@ -134,7 +135,8 @@ def run_deepspeed(spec: dict) -> dict:
     from mofo.training.pretrain import pretrain_task
 
     preset = get_preset(spec["preset"])
-    engine_cfg = {"kind": "deepspeed", "device": spec["device"], "precision": spec["precision"],
+    engine_cfg = {**load_config()["engine"], "kind": "deepspeed", "device": spec["device"],
+                  "precision": spec["precision"],
                   "torch_extensions_dir": spec["torch_extensions_dir"],
                   "deepspeed": {"zero_stage": 0}}
     ctx = init_distributed(engine_cfg)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from mofo.bench.synthetic import SyntheticClipDataset
+from mofo.config import load_config
 from mofo.runtime.device import seed_everything
 from mofo.runtime.distributed import cleanup_distributed, init_distributed, unwrap
 from mofo.training.engine import train
@@ -52,7 +53,7 @@ def run_selfcheck(out_dir: str | Path, engine_kind: str = "torch", epochs: int =
     from mofo.runtime.loader import make_loader
 
     torch.set_num_threads(1)
-    engine_cfg = {"kind": engine_kind, "device": "auto", "precision": "auto", "resume": False}
+    engine_cfg = {**load_config()["engine"], "kind": engine_kind, "resume": False}
     ctx = init_distributed(engine_cfg)
     try:
         stage_cfg = {"epochs": epochs, "warmup_epochs": 0.5, "batch_size": batch_size,

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from mofo.data.video import VideoReadError, iter_frames
 from mofo.formats.framestore import FrameStoreWriter
+from mofo.paths import beside
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ STATUS_COLUMNS = ["clip_id", "status", "n_frames", "message"]
 
 
 def status_path(prefix: str | os.PathLike) -> Path:
-    return Path(f"{prefix}.status.csv")
+    """``<prefix>.status.csv`` (the name: ``mofo.paths.BESIDE``)."""
+    return Path(beside(prefix, "frames_status"))
 
 
 def decode_clip_into(
@@ -49,9 +51,9 @@ def decode_clip_into(
             path,
             start_frame=int(row.get("start_frame", -1)),
             stop_frame=int(row.get("stop_frame", -1)),
-            short_side=int(decode_cfg.get("short_side", 0)),
-            max_frames=int(decode_cfg.get("max_frames", 0)),
-            threads=int(decode_cfg.get("threads", 1)),
+            short_side=int(decode_cfg["short_side"]),
+            max_frames=int(decode_cfg["max_frames"]),
+            threads=int(decode_cfg["threads"]),
         )
         # The manifest's fps (e.g. EPIC video_info) wins over the container's estimate.
         fps = float(row["fps"]) if pd.notna(row.get("fps", float("nan"))) else info.fps
@@ -99,7 +101,7 @@ def decode_shard(
         raise ValueError(f"{out_prefix}: clip_id {dup!r} appears twice in the shard")
     rows = []
     with FrameStoreWriter(
-        out_prefix, jpeg_quality=int(decode_cfg.get("jpeg_quality", 90))
+        out_prefix, jpeg_quality=int(decode_cfg["jpeg_quality"])
     ) as writer:
         for _, row in tqdm(
             shard_df.iterrows(),

@@ -113,7 +113,10 @@ MODEL_SIDE_STRATEGIES: dict[str, SelectFn] = {"everest": _everest}
 STRATEGY_NAMES: tuple[str, ...] = (*MASKING_STRATEGIES, *MODEL_SIDE_STRATEGIES)
 
 
-def _check_name(strategy: str) -> None:
+def check_strategy(strategy: str) -> None:
+    """Raise ValueError naming the registered strategies unless ``strategy`` is one. The
+    registry is the one list of strategies: the schema checks only that the setting is a name,
+    and the workflow calls this for every pretraining of the DAG when it starts."""
     if strategy not in STRATEGY_NAMES:
         raise ValueError(
             f"unknown masking strategy {strategy!r}; choose one of {sorted(STRATEGY_NAMES)}"
@@ -122,7 +125,7 @@ def _check_name(strategy: str) -> None:
 
 def is_model_side(strategy: str) -> bool:
     """True when ``strategy`` is chosen inside the model (no loader mask)."""
-    _check_name(strategy)
+    check_strategy(strategy)
     return strategy in MODEL_SIDE_STRATEGIES
 
 

@@ -13,6 +13,7 @@ per cell); MME's code uses Sobel gradients, which only rescale and smooth the sa
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 
@@ -59,14 +60,12 @@ def hog_token_targets(clip: Tensor, patch_size: int, tubelet_size: int, cell: in
     """
     if patch_size % cell:
         raise ValueError(f"pretrain.mme.cell {cell} must divide model.patch_size {patch_size}")
-    b, c, t, s, _ = clip.shape
-    first = clip[:, :, ::tubelet_size].transpose(1, 2).reshape(-1, c, s, s)  # (B*Tt, C, S, S)
+    b, _, _, s, _ = clip.shape
+    first = rearrange(clip[:, :, ::tubelet_size], "b c t h w -> (b t) c h w")
     hist = hog_cells(first, cell, orientations)  # (B*Tt, C, G, G, n)
     k, side = patch_size // cell, s // patch_size
     hist = hist[:, :, : side * k, : side * k]
-    hist = hist.reshape(b, t // tubelet_size, c, side, k, side, k, orientations)
-    hist = hist.permute(0, 1, 3, 5, 4, 6, 2, 7)  # (B, Tt, side, side, k, k, C, n)
-    return hist.reshape(b, -1, k * k * c * orientations)
+    return rearrange(hist, "(b t) c (h k1) (w k2) n -> b (t h w) (k1 k2 c n)", b=b, k1=k, k2=k)
 
 
 def hog_dim(patch_size: int, cell: int, orientations: int, channels: int = 3) -> int:

@@ -12,6 +12,7 @@ predicts.
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
@@ -31,40 +32,27 @@ def denormalize(frames: Tensor) -> Tensor:
 def patchify(videos: Tensor, patch_size: int, tubelet_size: int) -> Tensor:
     """Cut ``(B, C, T, H, W)`` clips into tokens ``(B, N, tubelet * patch * patch * C)``.
 
-    ``.reshape(B, N, -1, C)`` gives the pixels of each token with the channel apart.
+    Token order is time-major ``(t, h, w)`` (the tubelet embedding's flatten order); inside a token
+    the pixels run ``(tubelet, row, column)`` with the channel last, so ``.reshape(B, N, -1, C)``
+    gives the pixels of each token with the channel apart.
     """
-    b, c, t, h, w = videos.shape
+    _, _, t, h, w = videos.shape
     if t % tubelet_size or h % patch_size or w % patch_size:
         raise ValueError(
             f"clip of shape {tuple(videos.shape)} does not divide into tubelets of "
             f"{tubelet_size}x{patch_size}x{patch_size}"
         )
-    x = videos.reshape(
-        b,
-        c,
-        t // tubelet_size,
-        tubelet_size,
-        h // patch_size,
-        patch_size,
-        w // patch_size,
-        patch_size,
-    )
-    # (b, c, t', p0, h', p1, w', p2) -> (b, t', h', w', p0, p1, p2, c)
-    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)
-    return x.reshape(b, -1, tubelet_size * patch_size * patch_size * c)
+    return rearrange(videos, "b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2 c)",
+                     p0=tubelet_size, p1=patch_size, p2=patch_size)
 
 
 def unpatchify(
     tokens: Tensor, patch_size: int, tubelet_size: int, grid: tuple[int, int, int]
 ) -> Tensor:
     """Inverse of :func:`patchify`: ``(B, N, q*p*p*C)`` on ``grid`` -> ``(B, C, T, H, W)``."""
-    b = tokens.shape[0]
     gt, gh, gw = grid
-    p, q = patch_size, tubelet_size
-    c = tokens.shape[-1] // (q * p * p)
-    x = tokens.reshape(b, gt, gh, gw, q, p, p, c)
-    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
-    return x.reshape(b, c, gt * q, gh * p, gw * p)
+    return rearrange(tokens, "b (t h w) (p0 p1 p2 c) -> b c (t p0) (h p1) (w p2)",
+                     t=gt, h=gh, w=gw, p0=tubelet_size, p1=patch_size, p2=patch_size)
 
 
 def pixel_targets(

@@ -39,7 +39,7 @@ AUTOCAST_DTYPE = torch.bfloat16
 def uses_autocast(engine_cfg: dict, device: torch.device) -> bool:
     """Whether the forward runs under bf16 autocast: ``engine.precision`` bf16, or auto on a
     GPU; fp32 otherwise."""
-    precision = engine_cfg.get("precision", "auto")
+    precision = engine_cfg["precision"]
     return not (precision == "fp32" or (precision == "auto" and device.type != "cuda"))
 
 

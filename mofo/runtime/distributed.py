@@ -17,8 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-DEFAULT_TORCH_EXTENSIONS_DIR = "~/.cache/mofo/torch_extensions"
-
 
 @dataclass(frozen=True)
 class RankInfo:
@@ -75,7 +73,7 @@ def export_rank_env(info: RankInfo, master_port: int | None = None) -> None:
 
 def select_device(engine_cfg: dict, info: RankInfo) -> torch.device:
     """``engine.device``: auto -> cuda:<local rank> when a GPU is visible, else cpu."""
-    want = engine_cfg.get("device", "auto")
+    want = engine_cfg["device"]
     if want == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("engine.device is 'cuda' but no CUDA device is visible")
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
@@ -88,14 +86,14 @@ def select_device(engine_cfg: dict, info: RankInfo) -> torch.device:
 def apply_cpu_threads(engine_cfg: dict) -> None:
     """``engine.cpu_threads`` > 0: torch intra-op threads (small CPU jobs on a shared machine
     can be faster on fewer threads); 0 leaves torch's default."""
-    threads = int(engine_cfg.get("cpu_threads", 0))
+    threads = int(engine_cfg["cpu_threads"])
     if threads > 0:
         torch.set_num_threads(threads)
 
 
 def backend_for(engine_cfg: dict, device: torch.device) -> str:
     """``engine.dist_backend``: auto -> nccl on GPU, gloo on CPU."""
-    backend = engine_cfg.get("dist_backend", "auto")
+    backend = engine_cfg["dist_backend"]
     if backend == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     return backend
@@ -105,7 +103,7 @@ def setup_torch_extensions_dir(engine_cfg: dict) -> Path:
     """Point TORCH_EXTENSIONS_DIR at a persistent cache so DeepSpeed compiles its ops once."""
     path = Path(
         os.environ.get("TORCH_EXTENSIONS_DIR")
-        or os.path.expanduser(engine_cfg.get("torch_extensions_dir", DEFAULT_TORCH_EXTENSIONS_DIR))
+        or os.path.expanduser(engine_cfg["torch_extensions_dir"])
     )
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCH_EXTENSIONS_DIR"] = str(path)
@@ -138,7 +136,7 @@ def init_distributed(engine_cfg: dict) -> DistContext:
     """Create the process group this engine needs (none for one plain torch process)."""
     info = rank_info()
     apply_cpu_threads(engine_cfg)
-    kind = engine_cfg.get("kind", "torch")
+    kind = engine_cfg["kind"]
     device = select_device(engine_cfg, info)
     backend = backend_for(engine_cfg, device)
     if kind == "deepspeed":

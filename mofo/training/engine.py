@@ -232,7 +232,7 @@ def deepspeed_config(stage_cfg: dict, engine_cfg: dict, batch_size: int, world: 
     every gradient's all-reduce in fp32, as DDP's; DeepSpeed's default would reduce the
     ``nn.Linear`` gradients in bf16.
     """
-    ds_cfg = engine_cfg.get("deepspeed", {})
+    ds_cfg = engine_cfg["deepspeed"]
     dtype = str(AUTOCAST_DTYPE).removeprefix("torch.")
     autocast = ({"torch_autocast": {"enabled": True, "dtype": dtype,
                                     "lower_precision_safe_modules": []}}
@@ -243,7 +243,7 @@ def deepspeed_config(stage_cfg: dict, engine_cfg: dict, batch_size: int, world: 
         "gradient_accumulation_steps": accum_steps,
         "train_batch_size": batch_size * world * accum_steps,
         "gradient_clipping": float(stage_cfg.get("clip_grad") or 0.0),
-        "zero_optimization": {"stage": int(ds_cfg.get("zero_stage", 0))},
+        "zero_optimization": {"stage": int(ds_cfg["zero_stage"])},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -258,7 +258,7 @@ def wrap_model(
     if ctx.kind == "deepspeed":
         import deepspeed
 
-        if int(engine_cfg.get("deepspeed", {}).get("zero_stage", 0)) != 0:
+        if int(engine_cfg["deepspeed"]["zero_stage"]) != 0:
             raise ValueError(
                 "engine.deepspeed.zero_stage must be 0: mofo checkpoints hold full optimizer "
                 "states (ViT-B fits on one GPU, so ZeRO sharding is not needed)"
@@ -274,7 +274,7 @@ def wrap_model(
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=ids,
-            find_unused_parameters=bool(engine_cfg.get("find_unused_parameters", False)),
+            find_unused_parameters=bool(engine_cfg["find_unused_parameters"]),
         )
         return Wrapped(ddp, optimizer, None)
     return Wrapped(model, optimizer, None)
@@ -362,7 +362,7 @@ def _resume_point(last_path: Path, provenance: dict, hash_: str, wrapped_model: 
     Snakemake forced never gets here with an earlier run's checkpoint: its job process deletes
     it first (``mofo.training.restart``). Raises ``UnsafeCheckpointError`` for a checkpoint
     that is not weights-only (``resume_state.load_checkpoint``)."""
-    if not bool(engine_cfg.get("resume", True)) or not last_path.exists():
+    if not bool(engine_cfg["resume"]) or not last_path.exists():
         return _StartPoint()
     ckpt = ckpt_io.load_checkpoint(last_path)
     if ckpt.get("config_hash") != hash_:
@@ -564,7 +564,7 @@ def train(
     last_path, final_path = out_dir / LAST_CHECKPOINT, out_dir / FINAL_CHECKPOINT
     log = MetricsLog(out_dir / METRICS_FILE, ctx.is_main, metrics_callback)
     hash_ = digest(hash_config)
-    seed = int(stage_cfg.get("seed", 0))
+    seed = int(stage_cfg["seed"])
     epochs = int(stage_cfg["epochs"])
     if not isinstance(stage_cfg["accum_steps"], int):
         raise ValueError(f"{stage}: accum_steps {stage_cfg['accum_steps']!r} is not resolved; "
@@ -598,8 +598,8 @@ def train(
 
     wrapped = wrap_model(model, optimizer, ctx, stage_cfg, engine_cfg,
                          int(stage_cfg["batch_size"]), accum)
-    log_interval = max(1, int(stage_cfg.get("log_interval", 10)))
-    checkpoint_every = max(1, int(stage_cfg.get("checkpoint_every", 1)))
+    log_interval = max(1, int(stage_cfg["log_interval"]))
+    checkpoint_every = max(1, int(stage_cfg["checkpoint_every"]))
     marker = out_dir / REQUEUE_MARKER
     if ctx.is_main and marker.exists():
         marker.unlink()

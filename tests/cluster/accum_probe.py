@@ -18,6 +18,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 
 from mofo.bench.selfcheck import TINY_MODEL, save_weights
 from mofo.bench.synthetic import SyntheticClipDataset
+from mofo.config import load_config
 from mofo.models.build import build_pretrain_model
 from mofo.runtime.device import seed_everything
 from mofo.runtime.distributed import cleanup_distributed, init_distributed
@@ -51,7 +52,7 @@ def run_once(ctx, out: Path, batch_size: int, accum_steps: int) -> dict:
     engine.wrap_model = wrap_and_count
     try:
         result = engine.train(model, loader, pretrain_task(TINY_MODEL, True), stage_cfg=stage_cfg,
-                              engine_cfg={"resume": False}, ctx=ctx, out_dir=out,
+                              engine_cfg={**load_config()["engine"], "resume": False}, ctx=ctx, out_dir=out,
                               hash_config={"probe": stage_cfg}, stage="accum-probe")
     finally:
         engine.wrap_model = original
@@ -62,7 +63,7 @@ def run_once(ctx, out: Path, batch_size: int, accum_steps: int) -> dict:
 
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
-    ctx = init_distributed({"kind": "torch", "device": "cpu", "dist_backend": "gloo"})
+    ctx = init_distributed({**load_config()["engine"], "device": "cpu", "dist_backend": "gloo"})
     try:
         out = Path(out_dir)
         record = {"world_size": ctx.world_size,
