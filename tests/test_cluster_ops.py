@@ -102,7 +102,8 @@ def ssv2_overlay(tmp_path_factory) -> Path:
 
 def dry_run(overlay: Path, *args: str) -> str:
     """``snakemake -n --profile <checkout>/profiles/slurm`` on the SSV2 config plus ``overlay``:
-    the profile by path, not by the name ``slurm`` (README), so that the test reads this
+    the profile by path, not by the name ``slurm`` (docs/CLUSTER.md "Running on a SLURM
+    cluster"), so that the test reads this
     checkout's profile whatever ~/.config/snakemake/slurm links to (tests/test_profile.py
     checks the name)."""
     work = overlay.parent / "work"
@@ -133,7 +134,7 @@ def dry_run(overlay: Path, *args: str) -> str:
 
 @pytest.mark.slow
 def test_ssv2_submits_one_job_per_shard_chain(ssv2_overlay):
-    """The README's numbers: 3,806 SLURM jobs without groups, 778 with them."""
+    """docs/CLUSTER.md "One job per shard": 3,806 SLURM jobs without groups, 778 with them."""
     out = dry_run(ssv2_overlay)
     shards = -(-(N_TRAIN + N_VAL) // 256)  # config/ssv2.yaml: 256 clips per shard
     assert shards == 757

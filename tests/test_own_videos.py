@@ -1,4 +1,4 @@
-"""A user's own videos through a list file, as the README's "Your own videos" walks it."""
+"""A user's own videos through a list file, as docs/DATASETS.md "Your own videos" walks it."""
 
 from __future__ import annotations
 

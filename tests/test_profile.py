@@ -1,4 +1,4 @@
-"""`snakemake --profile slurm` from a fresh clone (README "Running on a SLURM cluster").
+"""`snakemake --profile slurm` from a fresh clone (docs/CLUSTER.md "Running on a SLURM cluster").
 
 Snakemake looks a profile NAME up in the current directory, ${XDG_CONFIG_HOME:-~/.config}/
 snakemake and /etc/xdg/snakemake -- never in ./profiles/ -- so the set-up step (`make install`
@@ -75,7 +75,7 @@ def tiny_ssv2(tmp_path) -> Path:
 
 def dry_run_by_name(env: dict[str, str], overlay: Path, *extra: str) -> subprocess.CompletedProcess:
     """``snakemake --profile slurm -n --configfile config/ssv2.yaml <overlay>`` started in the
-    repository, as the README says. ``-d`` keeps Snakemake's own .snakemake/ folder out of the
+    repository, as docs/CLUSTER.md says. ``-d`` keeps Snakemake's own .snakemake/ folder out of the
     checkout (the profile is looked up from the current directory, the repository, before it)."""
     work = overlay.parent / "work"
     work.mkdir(exist_ok=True)

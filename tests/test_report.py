@@ -97,7 +97,8 @@ def chromium(*args: str, user_dir: Path, timeout: int = 180) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory) -> tuple[Path, Path]:
-    """The tiny pipeline, its figures and the report, in one snakemake command (README)."""
+    """The tiny pipeline, its figures and the report, in one snakemake command (docs/PIPELINE.md
+    "Report")."""
     root = tmp_path_factory.mktemp("report")
     paths = root / "paths.yaml"
     paths.write_text(yaml.safe_dump({

@@ -1,4 +1,4 @@
-"""README's table "When training restarts and when it resumes", one test per row, each
+"""docs/RERUNS.md's table "When training restarts and when it resumes", one test per row, each
 starting from a real interrupted run.
 
 The interruption is real: a tiny Snakemake run of fine-tuning gets SIGUSR1 (what SLURM's

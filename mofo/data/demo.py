@@ -160,7 +160,8 @@ def _background(
     same ramp, so an autoencoder that sees a few patches can predict the masked ones; the grain
     gives optical flow something to hold on to (on a bare ramp DIS smears the object's flow into
     the background and the boxes grow); the 32-px model input averages only part of it away,
-    and what remains the reconstruction cannot predict (README: what the grain costs).
+    and what remains the reconstruction cannot predict (what the grain costs: docs/BENCHMARKS.md
+    "How good are the boxes? (demo)").
     ``texture``: smoothed noise + stripes + a checker grid, so optical flow has texture
     everywhere -- but at the demo's 32-px model input its patches are unpredictable noise and
     masked reconstruction stays at the floor (``grain`` is not used).

@@ -32,7 +32,7 @@ so it stays sharp however far it travels (resampling a map frame after frame blu
 Values between cell centres are bilinear; the flow is read with its edge values beyond the
 outermost centres.
 
-Where this differs from MGMAE's released code (README "MGMAE masking"): their
+Where this differs from MGMAE's released code (docs/METHODS.md "MGMAE masking"): their
 frames before the base are warped with the flow of the wrong direction (a ``'backwarp'``
 typo leaves the frame order unswapped), so there the visible region moves against the
 motion; here both directions follow it. Their flow is RAFT-small on the augmented clip,

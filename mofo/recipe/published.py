@@ -3,7 +3,7 @@
 ``config/published.yaml`` lists every setting a MOFO paper rerun takes from a publication
 (paper, authors' code, VideoMAE's scripts) with its source; ``config/ssv2.yaml`` and
 ``config/epic100.yaml`` give exactly those values, and each deliberate deviation is a named
-overlay in ``config/deviations/`` (``<name>.yaml``, its first comment line says what it
+overlay in ``config/deviations/`` (``<name>.yaml``, its first comment paragraph says what it
 changes). From these files alone:
 
 * :func:`deviations` lists the settings of a merged config that differ from the published
@@ -122,10 +122,17 @@ def _cell(value: Any) -> str:
 
 
 def _overlay_summary(path: Path) -> str:
+    """The overlay's first comment paragraph: its leading comment lines, joined, up to a blank
+    comment line, the ``# Add after ...`` line or the first key."""
+    parts = []
     for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("# ").strip()
+        if not text or text.startswith("Add after"):
+            break
+        parts.append(text)
+    return " ".join(parts)
 
 
 def _batch_section(configs: dict[str, dict]) -> list[str]:
