@@ -68,13 +68,13 @@ localrules:
 
 rule all:
     input:
-        f"{RESULTS}/table.csv",
-        f"{RESULTS}/table.md",
-        f"{RESULTS}/motion/box_quality.json",
+        P("table"),
+        P("table_md"),
+        P("box_quality"),
     default_target: True
 
 
 rule motion:
     input:
-        f"{RESULTS}/motion/box_quality.json",
-        expand(f"{RESULTS}/boxes/{{shard}}.csv", shard=SHARDS),
+        P("box_quality"),
+        expand(P("boxes"), shard=SHARDS),

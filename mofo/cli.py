@@ -39,7 +39,8 @@ def profile_resources(profile: str) -> dict[str, dict]:
     found = get_profile_dir(profile)
     if found is None:
         raise ConfigError(f"Snakemake profile {profile!r} not found (a folder with config.yaml, "
-                          f"by path or by name in ~/.config/snakemake; see README set-up)")
+                          f"by path or by name in ~/.config/snakemake; see docs/CLUSTER.md "
+                          f"\"Running on a SLURM cluster\")")
     settings = yaml.safe_load(found[1].read_text()) or {}
     return dict(settings.get("set-resources") or {})
 
@@ -98,15 +99,16 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def cmd_clip(args: argparse.Namespace) -> int:
-    from mofo.config import dataset_results_dir
     from mofo.motion.clip import process_clip
+    from mofo.paths import pattern, results_root
 
     config = _config(args)
-    root = dataset_results_dir(config)
-    out = Path(args.out) if args.out else root / "clips" / args.clip_id
+    root = results_root(config)
+    out = Path(args.out) if args.out else Path(pattern("clip", root, clip=args.clip_id))
     gt = Path(config["dataset"]["demo"]["root"]) / "gt_boxes.csv"
     gt_boxes = gt if config["dataset"]["name"] == "demo" and gt.exists() else None
-    report = process_clip(config, args.manifest or root / "manifest.csv", args.clip_id, out, gt_boxes)
+    manifest = args.manifest or Path(pattern("manifest", root))
+    report = process_clip(config, manifest, args.clip_id, out, gt_boxes)
     print(json.dumps(report, indent=2, default=str))
     print(f"wrote {out}/boxes.csv and {out}/{args.clip_id}.png")
     return 0
@@ -178,6 +180,8 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     from mofo.bench.gpu import BenchRequestError, run_gpu_benchmark
 
     config = _config(args)
+    if args.compile:
+        config["engine"]["compile"] = True
     if args.threads:
         import torch
 
@@ -187,7 +191,7 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
         report = run_gpu_benchmark(config, device=args.device, size=args.size, out=args.out,
                                    steps=args.steps, skip=skip, workers=args.workers,
                                    timeout_s=args.worker_timeout,
-                                   time_limit_s=args.time_limit)
+                                   time_limit_s=args.time_limit, peak_tflops=args.peak_tflops)
     except BenchRequestError as err:
         print(f"mofo bench gpu: {err}", file=sys.stderr)
         return 2
@@ -336,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int,
                    help="loader workers (default: the config's <stage>.num_workers)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the timed models (engine.compile_backend); the note gives "
+                        "each row's first step: the compile time")
+    p.add_argument("--peak-tflops",
+                   help="the device's dense peak TFLOP/s for the utilisation column: N (every "
+                        "precision) or bf16=N,fp32=M (default: the table in mofo/bench/flops.py "
+                        "for known GPUs; none on a CPU)")
     p.add_argument("--worker-timeout", type=int, default=600,
                    help="seconds allowed to each DDP / DeepSpeed worker (default: %(default)s)")
     p.add_argument("--time-limit", type=float, default=450,

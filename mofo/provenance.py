@@ -104,6 +104,10 @@ READS_WHEN: dict[str, tuple[tuple[str, Any, tuple[str, ...]], ...]] = {
 
 
 PRETRAIN_TARGETS = ("pixels", "mme")
+#: A pretraining name, the DAG's ``{masking}`` wildcard: ``<strategy>`` or ``<strategy>_<target>``
+#: (the rules' wildcard_constraints; config/config.schema.yaml's variants[].masking is
+#: ``^PRETRAINING_NAME$``, tests/test_paths.py holds them equal).
+PRETRAINING_NAME = r"[a-z]+(_[a-z]+)?"
 
 
 def pretraining_spec(name: str) -> tuple[str, str]:
@@ -114,7 +118,7 @@ def pretraining_spec(name: str) -> tuple[str, str]:
     strategy, sep, target = str(name).partition("_")
     target = target if sep else "pixels"
     named_target = target in PRETRAIN_TARGETS and (target != "pixels" or not sep)
-    if not (re.fullmatch("[a-z]+", strategy) and named_target):
+    if not (re.fullmatch(PRETRAINING_NAME, str(name)) and named_target):
         raise ValueError(
             f"pretraining name {name!r}: expected <strategy> (pixel targets, e.g. 'tube') or "
             f"<strategy>_<target> with target in {list(PRETRAIN_TARGETS[1:])} (e.g. 'tube_mme')")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mofo.config import dataset_results_dir
+from mofo.paths import pattern, results_root
 
 
 def stage_arg_parser(description: str) -> argparse.ArgumentParser:
@@ -34,8 +34,8 @@ def stage_arg_parser(description: str) -> argparse.ArgumentParser:
 
 def resolve_paths(config: dict, args: argparse.Namespace) -> tuple[Path, Path]:
     """``(manifest, results_dir)``: the arguments, or the dataset's results folder defaults."""
-    root = dataset_results_dir(config)
+    root = results_root(config)
     return (
-        Path(args.manifest) if args.manifest else root / "manifest.csv",
-        Path(args.results_dir) if args.results_dir else root,
+        Path(args.manifest) if args.manifest else Path(pattern("manifest", root)),
+        Path(args.results_dir) if args.results_dir else Path(root),
     )

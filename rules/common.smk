@@ -1,26 +1,54 @@
 # Shared helpers for the rules. Everything computed here is cheap: the shard list comes
 # from the annotation files (or the demo config), never from decoding video.
+from mofo import paths
 from mofo.data.adapters import annotation_files
 from mofo.data.manifest import shard_names
 from mofo.evaluation.table import RANDOM_ENCODER as RANDOM_INIT_LABEL  # the random encoder's row
-from mofo.masking import needs_token_flow
+from mofo.paths import (  # file names inside a run folder
+    CHECKPOINT,
+    CONFUSION,
+    CURVES,
+    FEATURES,
+    METRICS,
+    METRICS_LOG,
+    PREDICTIONS,
+    RECONSTRUCTIONS,
+    VALIDATION,
+)
 from mofo.recipe.batch import TRAINING_STAGES, describe_plans, processes_per_node
+from mofo.runtime.data import pretraining_reads
 from mofo.provenance import (  # a rule's rerun trigger: what its stage reads
+    PRETRAINING_NAME,
     pretrain_stage,
     pretraining_spec,
     stage_hash,
 )
 
-RESULTS = f"{config['results_dir']}/{config['dataset']['name']}"
-LOGS = f"{RESULTS}/logs"
-BENCH = f"{RESULTS}/benchmarks"
+# Every results path comes from mofo.paths (the layout's one owner): P("boxes") is
+# "<results>/<dataset>/boxes/{shard}.csv", a Snakemake pattern; P("pretrain", CHECKPOINT, seed=0)
+# fills the wildcards it is given and leaves the others to Snakemake.
+RESULTS = paths.results_root(config)
+LOGS = paths.pattern("logs", RESULTS)
+BENCH = paths.pattern("benchmarks", RESULTS)
 SHARDS = shard_names(config)
 DEMO_ROOT = config["dataset"]["demo"]["root"]
 
 
+def P(key, file="", **fixed):
+    """The results path ``key`` of mofo.paths (LAYOUT / BESIDE) under RESULTS, with ``file``
+    inside it; the wildcards not in ``fixed`` stay ``{name}`` for Snakemake."""
+    return paths.pattern(key, RESULTS, file=file, **fixed)
+
+
+def filled(key, file=""):
+    """A params function: P(key, file) with the job's own wildcards filled in."""
+    names = paths.wildcards(key, file)
+    return lambda wildcards: P(key, file, **{k: v for k, v in wildcards.items() if k in names})
+
+
 wildcard_constraints:
-    shard=r"shard-\d{4}",
-    masking=r"[a-z]+(?:_[a-z]+)?",  # a pretraining name: <strategy> or <strategy>_<target>
+    shard=paths.SHARD_WILDCARD,
+    masking=PRETRAINING_NAME,  # a pretraining name: <strategy> or <strategy>_<target>
     head=r"[a-z]+",
     seed=r"\d+",
 
@@ -38,27 +66,31 @@ def gt_boxes_input(wildcards):
     if name == "demo":
         return [f"{DEMO_ROOT}/gt_boxes.csv", f"{DEMO_ROOT}/clips.csv"]
     gt = config["dataset"][name]["gt_boxes"]  # "" (the default) = none
-    return [gt, f"{RESULTS}/manifest.csv"] if gt else []
+    return [gt, P("manifest")] if gt else []
 
 
-def pooled_flow_inputs(wildcards):
-    """The kept pooled flow of every shard for a pretraining whose masking follows the flow
-    (mgmae, mgmae_mme); [] for the others, which never wait for it."""
-    if not needs_token_flow(pretraining_spec(wildcards.masking)[0]):
-        return []
-    return expand(f"{RESULTS}/flow/{{shard}}.pooled.npz", shard=SHARDS)
+def pretrain_inputs(wildcards):
+    """What a pretraining reads (mofo.paths.training_inputs, the list its resume check digests
+    too, mofo.runtime.data.input_files): the manifest, every shard's frames and boxes, MME's
+    trajectories for target mme (tube_mme, mofo_mme) and the pooled flow for a masking that
+    follows the flow (mgmae, mgmae_mme); the others never wait for those."""
+    reads = pretraining_reads(*pretraining_spec(wildcards.masking))
+    return paths.training_inputs(RESULTS, SHARDS, **reads)
+
+
+def labelled_inputs(wildcards):
+    """What fine-tuning and evaluation read: the manifest, every shard's frames and boxes."""
+    return paths.training_inputs(RESULTS, SHARDS)
+
+
+def frames_inputs(wildcards):
+    """What the features stage reads: the manifest and every shard's frames (no boxes)."""
+    return paths.training_inputs(RESULTS, SHARDS, boxes=False)
 
 
 def maybe_temp(path):
     """Flow is large: Snakemake deletes it after its consumers unless optical_flow.keep."""
     return path if config["optical_flow"]["keep"] else temp(path)
-
-
-def pretrain_trajectories(wildcards):
-    """MME's trajectory files for a pretraining whose name asks for target mme (tube_mme,
-    mofo_mme); [] for pixel targets, so their DAG has no trajectories jobs."""
-    _, target = pretraining_spec(wildcards.masking)
-    return expand(f"{RESULTS}/trajectories/{{shard}}.npz", shard=SHARDS) if target == "mme" else []
 
 
 def pretrain_config_hash(wildcards):
@@ -78,7 +110,7 @@ def pretrained_input(wildcards):
     """The pretrained checkpoint a fine-tuning starts from; none for the scratch variant."""
     if wildcards.masking == SCRATCH:
         return []
-    return f"{RESULTS}/pretrain/{wildcards.masking}/s{wildcards.seed}/checkpoint.pt"
+    return P("pretrain", CHECKPOINT, masking=wildcards.masking, seed=wildcards.seed)
 
 
 def table_runs():
@@ -92,14 +124,14 @@ def table_runs():
             pretrained = v["masking"] != SCRATCH
             runs.append({
                 "variant": v["label"], "masking": v["masking"], "head": v["head"], "seed": seed,
-                "metrics": f"{RESULTS}/eval/{v['masking']}-{v['head']}/s{seed}/metrics.json",
-                "validation": (f"{RESULTS}/pretrain/{v['masking']}/s{seed}/validation.json"
+                "metrics": P("eval", METRICS, masking=v["masking"], head=v["head"], seed=seed),
+                "validation": (P("pretrain", VALIDATION, masking=v["masking"], seed=seed)
                                if pretrained else None),
-                "probe": (f"{RESULTS}/probe/{v['masking']}/s{seed}/metrics.json"
+                "probe": (P("probe", METRICS, masking=v["masking"], seed=seed)
                           if pretrained else None),
             })
     runs += [{"variant": RANDOM_INIT_LABEL, "masking": RANDOM_INIT, "head": "", "seed": seed,
-              "probe": f"{RESULTS}/probe/{RANDOM_INIT}/s{seed}/metrics.json"} for seed in SEEDS]
+              "probe": P("probe", METRICS, masking=RANDOM_INIT, seed=seed)} for seed in SEEDS]
     return runs
 
 
@@ -148,7 +180,7 @@ def features_checkpoint(wildcards):
     """The pretrained checkpoint an encoder's features come from; none for `random`."""
     if wildcards.masking == RANDOM_INIT:
         return []
-    return [f"{RESULTS}/pretrain/{wildcards.masking}/s{wildcards.seed}/checkpoint.pt"]
+    return [P("pretrain", CHECKPOINT, masking=wildcards.masking, seed=wildcards.seed)]
 
 
 def launch_resources(rule_name):

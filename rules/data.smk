@@ -29,7 +29,7 @@ rule manifest:
     input:
         manifest_inputs,
     output:
-        f"{RESULTS}/manifest.csv",
+        P("manifest"),
     params:
         config_hash=stage_hash(config, "manifest"),
     log:
@@ -49,13 +49,13 @@ rule manifest:
 rule decode:
     """Decode one shard's clips with decord, resize, store as a memory-mappable JPEG pack."""
     input:
-        manifest=f"{RESULTS}/manifest.csv",
+        manifest=P("manifest"),
     output:
-        pack=f"{RESULTS}/frames/{{shard}}.jpgpack",
-        index=f"{RESULTS}/frames/{{shard}}.index.csv",
-        status=f"{RESULTS}/frames/{{shard}}.status.csv",
+        pack=P("frames_pack"),
+        index=P("frames_index"),
+        status=P("frames_status"),
     params:
-        prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
+        prefix=filled("frames"),
         config_hash=stage_hash(config, "decode"),
     log:
         f"{LOGS}/decode/{{shard}}.log",

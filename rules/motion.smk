@@ -5,16 +5,16 @@
 rule optical_flow:
     """TV-L1 (default), DIS or Farneback flow for every frame pair of one shard."""
     input:
-        pack=f"{RESULTS}/frames/{{shard}}.jpgpack",
-        index=f"{RESULTS}/frames/{{shard}}.index.csv",
+        pack=P("frames_pack"),
+        index=P("frames_index"),
     output:
-        flow=maybe_temp(f"{RESULTS}/flow/{{shard}}.npz"),
+        flow=maybe_temp(P("flow")),
         # Flow of the picture clips only, kept: pictures never recompute the temporary flow.
-        picture_flow=f"{RESULTS}/flow/{{shard}}.pictures.npz",
+        picture_flow=P("picture_flow"),
         # Every clip's flow pooled to a coarse grid, kept: what mgmae masking reads.
-        pooled_flow=f"{RESULTS}/flow/{{shard}}.pooled.npz",
+        pooled_flow=P("pooled_flow"),
     params:
-        prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
+        prefix=filled("frames"),
         config_hash=stage_hash(config, "optical_flow"),
     log:
         f"{LOGS}/optical_flow/{{shard}}.log",
@@ -37,12 +37,12 @@ rule trajectories:
     from the temporary flow file, so a trajectories job added later reruns nothing before it;
     mofo/motion/trajectories.py), int8 per-step displacements + valid steps per point."""
     input:
-        pack=f"{RESULTS}/frames/{{shard}}.jpgpack",
-        index=f"{RESULTS}/frames/{{shard}}.index.csv",
+        pack=P("frames_pack"),
+        index=P("frames_index"),
     output:
-        trajectories=f"{RESULTS}/trajectories/{{shard}}.npz",
+        trajectories=P("trajectories"),
     params:
-        prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
+        prefix=filled("frames"),
         settings=config["trajectories"],
         flow=config["optical_flow"],
         config_hash=stage_hash(config, "trajectories"),
@@ -65,15 +65,15 @@ rule trajectories:
 rule motion_map:
     """Motion map: boundaries (paper Eq. 1) or camera-cancelled residual flow, low-pass filtered."""
     input:
-        flow=f"{RESULTS}/flow/{{shard}}.npz",
+        flow=P("flow"),
         # read only for motion_map.texture_confidence (the frames' texture weights the flow)
-        pack=f"{RESULTS}/frames/{{shard}}.jpgpack",
-        index=f"{RESULTS}/frames/{{shard}}.index.csv",
+        pack=P("frames_pack"),
+        index=P("frames_index"),
     output:
-        motion_map=f"{RESULTS}/motion_map/{{shard}}.npz",
-        raw_flow_map=f"{RESULTS}/motion_map/{{shard}}.rawflow.npz",
+        motion_map=P("motion_map"),
+        raw_flow_map=P("raw_flow_map"),
     params:
-        prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
+        prefix=filled("frames"),
         config_hash=stage_hash(config, "motion_map"),
     log:
         f"{LOGS}/motion_map/{{shard}}.log",
@@ -94,15 +94,15 @@ rule motion_map:
 rule motion_boxes:
     """Per-frame motion boxes from the motion map (and, as a baseline, from raw flow magnitude)."""
     input:
-        motion_map=f"{RESULTS}/motion_map/{{shard}}.npz",
-        raw_flow_map=f"{RESULTS}/motion_map/{{shard}}.rawflow.npz",
-        index=f"{RESULTS}/frames/{{shard}}.index.csv",
+        motion_map=P("motion_map"),
+        raw_flow_map=P("raw_flow_map"),
+        index=P("frames_index"),
     output:
-        boxes=f"{RESULTS}/boxes/{{shard}}.csv",
-        raw_flow_boxes=f"{RESULTS}/boxes/{{shard}}.rawflow.csv",
-        report=f"{RESULTS}/boxes/{{shard}}.report.json",
+        boxes=P("boxes"),
+        raw_flow_boxes=P("raw_flow_boxes"),
+        report=P("boxes_report"),
     params:
-        prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
+        prefix=filled("frames"),
         config_hash=stage_hash(config, "motion_boxes"),
     log:
         f"{LOGS}/motion_boxes/{{shard}}.log",
@@ -123,15 +123,15 @@ rule motion_boxes:
 rule motion_pictures:
     """Frame | flow | motion map | boxes side by side for a few clips of one shard."""
     input:
-        picture_flow=f"{RESULTS}/flow/{{shard}}.pictures.npz",
-        motion_map=f"{RESULTS}/motion_map/{{shard}}.npz",
-        boxes=f"{RESULTS}/boxes/{{shard}}.csv",
-        raw_flow_boxes=f"{RESULTS}/boxes/{{shard}}.rawflow.csv",
-        index=f"{RESULTS}/frames/{{shard}}.index.csv",
+        picture_flow=P("picture_flow"),
+        motion_map=P("motion_map"),
+        boxes=P("boxes"),
+        raw_flow_boxes=P("raw_flow_boxes"),
+        index=P("frames_index"),
         gt=gt_boxes_input,
     output:
         report(
-            directory(f"{RESULTS}/motion/pictures/{{shard}}"),
+            directory(P("motion_pictures")),
             patterns=["{clip}.png"],
             caption="../report/motion_pictures.rst",
             category="1. Motion boxes",
@@ -139,7 +139,7 @@ rule motion_pictures:
             labels={"clip": "{clip}"},  # one label: a sparse two-label grid breaks the page
         ),
     params:
-        prefix=lambda wildcards: f"{RESULTS}/frames/{wildcards.shard}",
+        prefix=filled("frames"),
         config_hash=stage_hash(config, "motion_pictures"),
     log:
         f"{LOGS}/motion_pictures/{{shard}}.log",
@@ -160,15 +160,15 @@ rule motion_pictures:
 rule box_quality:
     """Box quality against ground truth (demo), the raw-flow baseline, token-grid IoU, fallback counts."""
     input:
-        boxes=expand(f"{RESULTS}/boxes/{{shard}}.csv", shard=SHARDS),
-        raw_flow_boxes=expand(f"{RESULTS}/boxes/{{shard}}.rawflow.csv", shard=SHARDS),
-        reports=expand(f"{RESULTS}/boxes/{{shard}}.report.json", shard=SHARDS),
-        status=expand(f"{RESULTS}/frames/{{shard}}.status.csv", shard=SHARDS),
-        pictures=expand(f"{RESULTS}/motion/pictures/{{shard}}", shard=SHARDS),
+        boxes=expand(P("boxes"), shard=SHARDS),
+        raw_flow_boxes=expand(P("raw_flow_boxes"), shard=SHARDS),
+        reports=expand(P("boxes_report"), shard=SHARDS),
+        status=expand(P("frames_status"), shard=SHARDS),
+        pictures=expand(P("motion_pictures"), shard=SHARDS),
         gt=gt_boxes_input,
     output:
         report(
-            f"{RESULTS}/motion/box_quality.json",
+            P("box_quality"),
             caption="../report/box_quality.rst",
             category="1. Motion boxes",
             subcategory="Box quality",

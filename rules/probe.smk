@@ -7,14 +7,13 @@ rule features:
     """Pooled encoder features (mean over all tokens after the encoder's norm) per clip of the
     train and validation splits, one centre view per clip; reads decoded frames only."""
     input:
-        manifest=f"{RESULTS}/manifest.csv",
-        frames=expand(f"{RESULTS}/frames/{{shard}}.jpgpack", shard=SHARDS),
+        unpack(frames_inputs),  # manifest, frames
         checkpoint=features_checkpoint,
     output:
-        train=f"{RESULTS}/features/{{masking}}/s{{seed}}/train.npz",
-        validation=f"{RESULTS}/features/{{masking}}/s{{seed}}/validation.npz",
+        train=P("features", FEATURES, split="train"),
+        validation=P("features", FEATURES, split="validation"),
     params:
-        out_dir=lambda wildcards: f"{RESULTS}/features/{wildcards.masking}/s{wildcards.seed}",
+        out_dir=filled("features"),
         source=lambda wildcards, input: input.checkpoint[0] if input.checkpoint else RANDOM_INIT,
         config_hash=stage_hash(config, "features"),
     log:
@@ -34,10 +33,10 @@ rule features:
 rule probe:
     """kNN and linear probe of one encoder's features: top-1 on the validation split."""
     input:
-        train=f"{RESULTS}/features/{{masking}}/s{{seed}}/train.npz",
-        validation=f"{RESULTS}/features/{{masking}}/s{{seed}}/validation.npz",
+        train=P("features", FEATURES, split="train"),
+        validation=P("features", FEATURES, split="validation"),
     output:
-        metrics=f"{RESULTS}/probe/{{masking}}/s{{seed}}/metrics.json",
+        metrics=P("probe", METRICS),
     params:
         probe=config["probe"],
         config_hash=stage_hash(config, "probe"),
@@ -56,5 +55,4 @@ rule probe:
 rule probes:
     """Every encoder's probe: the pretrainings of the variants and the random reference."""
     input:
-        expand(f"{RESULTS}/probe/{{masking}}/s{{seed}}/metrics.json", masking=PROBE_ENCODERS,
-               seed=SEEDS),
+        expand(P("probe", METRICS), masking=PROBE_ENCODERS, seed=SEEDS),

@@ -8,18 +8,15 @@ rule pretrain:
     (token selection) masking; `<masking>_mme` predicts MME's trajectories and HOG instead of
     pixels."""
     input:
-        manifest=f"{RESULTS}/manifest.csv",
-        frames=expand(f"{RESULTS}/frames/{{shard}}.jpgpack", shard=SHARDS),
-        boxes=expand(f"{RESULTS}/boxes/{{shard}}.csv", shard=SHARDS),
-        trajectories=pretrain_trajectories,  # target mme only
-        pooled_flow=pooled_flow_inputs,
+        # manifest, frames, boxes (+ trajectories for target mme, pooled_flow for mgmae)
+        unpack(pretrain_inputs),
     output:
-        checkpoint=f"{RESULTS}/pretrain/{{masking}}/s{{seed}}/checkpoint.pt",
-        validation=f"{RESULTS}/pretrain/{{masking}}/s{{seed}}/validation.json",
+        checkpoint=P("pretrain", CHECKPOINT),
+        validation=P("pretrain", VALIDATION),
     params:
         # metrics.jsonl and checkpoint-last.pt are not declared outputs on purpose: Snakemake
         # deletes a failed (preempted) job's outputs, and a resumed run appends to them.
-        out_dir=lambda wildcards: f"{RESULTS}/pretrain/{wildcards.masking}/s{wildcards.seed}",
+        out_dir=filled("pretrain"),
         nproc=lambda wildcards, resources: processes_per_job(resources),
         nodes=lambda wildcards, resources: nodes_per_job(resources),
         config_hash=pretrain_config_hash,
@@ -40,14 +37,12 @@ rule pretrain:
 rule finetune:
     """Supervised fine-tuning from the pretrained encoder with a `mean` or `mca` head."""
     input:
-        manifest=f"{RESULTS}/manifest.csv",
-        frames=expand(f"{RESULTS}/frames/{{shard}}.jpgpack", shard=SHARDS),
-        boxes=expand(f"{RESULTS}/boxes/{{shard}}.csv", shard=SHARDS),
+        unpack(labelled_inputs),  # manifest, frames, boxes
         pretrained=pretrained_input,
     output:
-        checkpoint=f"{RESULTS}/finetune/{{masking}}-{{head}}/s{{seed}}/checkpoint.pt",
+        checkpoint=P("finetune", CHECKPOINT),
     params:
-        out_dir=lambda wildcards: f"{RESULTS}/finetune/{wildcards.masking}-{wildcards.head}/s{wildcards.seed}",
+        out_dir=filled("finetune"),
         nproc=lambda wildcards, resources: processes_per_job(resources),
         nodes=lambda wildcards, resources: nodes_per_job(resources),
         config_hash=stage_hash(config, "finetune"),
@@ -68,15 +63,13 @@ rule finetune:
 rule evaluate:
     """Multi-view testing of one fine-tuned variant: top-1/top-5, per-class, confusion matrix."""
     input:
-        manifest=f"{RESULTS}/manifest.csv",
-        frames=expand(f"{RESULTS}/frames/{{shard}}.jpgpack", shard=SHARDS),
-        boxes=expand(f"{RESULTS}/boxes/{{shard}}.csv", shard=SHARDS),
-        checkpoint=f"{RESULTS}/finetune/{{masking}}-{{head}}/s{{seed}}/checkpoint.pt",
+        unpack(labelled_inputs),  # manifest, frames, boxes
+        checkpoint=P("finetune", CHECKPOINT),
     output:
-        metrics=f"{RESULTS}/eval/{{masking}}-{{head}}/s{{seed}}/metrics.json",
-        predictions=f"{RESULTS}/eval/{{masking}}-{{head}}/s{{seed}}/predictions.csv",
+        metrics=P("eval", METRICS),
+        predictions=P("eval", PREDICTIONS),
     params:
-        out_dir=lambda wildcards: f"{RESULTS}/eval/{wildcards.masking}-{wildcards.head}/s{wildcards.seed}",
+        out_dir=filled("eval"),
         config_hash=stage_hash(config, "evaluate"),
     log:
         f"{LOGS}/evaluate/{{masking}}-{{head}}-s{{seed}}.log",
@@ -99,13 +92,13 @@ rule table:
         table_inputs,
     output:
         csv=report(
-            f"{RESULTS}/table.csv",
+            P("table"),
             caption="../report/table.rst",
             category="5. Variant table",
             labels={"file": "table.csv"},
         ),
-        md=f"{RESULTS}/table.md",
-        seeds=f"{RESULTS}/table_seeds.csv",
+        md=P("table_md"),
+        seeds=P("table_seeds"),
     params:
         runs=table_runs(),
     log:
@@ -129,10 +122,10 @@ rule table:
 rule pretrain_figures:
     """The pretraining reconstructions of one masking strategy and seed, for the report."""
     input:
-        checkpoint=f"{RESULTS}/pretrain/{{masking}}/s{{seed}}/checkpoint.pt",
+        checkpoint=P("pretrain", CHECKPOINT),
     output:
         reconstructions=report(
-            directory(f"{RESULTS}/report/pretrain-{{masking}}/s{{seed}}/reconstructions"),
+            directory(P("report_pretrain", RECONSTRUCTIONS)),
             patterns=["{clip}.png"],
             caption="../report/reconstructions.rst",
             category="2. Pretraining",
@@ -140,9 +133,7 @@ rule pretrain_figures:
             labels={"clip": "{clip}"},
         ),
     params:
-        reconstructions=lambda wildcards: (
-            f"{RESULTS}/pretrain/{wildcards.masking}/s{wildcards.seed}/reconstructions"
-        ),
+        reconstructions=filled("pretrain", RECONSTRUCTIONS),
     log:
         f"{LOGS}/report/pretrain-{{masking}}-s{{seed}}.log",
     threads: 1
@@ -160,32 +151,27 @@ rule variant_figures:
     matrix of one (masking, head) variant and seed, for the report."""
     input:
         pretrained=pretrained_input,
-        finetuned=f"{RESULTS}/finetune/{{masking}}-{{head}}/s{{seed}}/checkpoint.pt",
-        metrics=f"{RESULTS}/eval/{{masking}}-{{head}}/s{{seed}}/metrics.json",
+        finetuned=P("finetune", CHECKPOINT),
+        metrics=P("eval", METRICS),
     output:
         curves=report(
-            f"{RESULTS}/report/{{masking}}-{{head}}/s{{seed}}/curves.png",
+            P("report_variant", CURVES),
             caption="../report/curves.rst",
             category="3. Training curves",
             labels={"masking": "{masking}", "head": "{head}", "seed": "{seed}"},
         ),
         confusion=report(
-            f"{RESULTS}/report/{{masking}}-{{head}}/s{{seed}}/confusion.png",
+            P("report_variant", CONFUSION),
             caption="../report/confusion.rst",
             category="4. Confusion matrices",
             labels={"masking": "{masking}", "head": "{head}", "seed": "{seed}"},
         ),
     params:
         pretrain_metrics=lambda wildcards: (
-            f"{RESULTS}/pretrain/{wildcards.masking}/s{wildcards.seed}/metrics.jsonl"
-            if wildcards.masking != SCRATCH else ""
+            filled("pretrain", METRICS_LOG)(wildcards) if wildcards.masking != SCRATCH else ""
         ),
-        finetune_metrics=lambda wildcards: (
-            f"{RESULTS}/finetune/{wildcards.masking}-{wildcards.head}/s{wildcards.seed}/metrics.jsonl"
-        ),
-        confusion=lambda wildcards: (
-            f"{RESULTS}/eval/{wildcards.masking}-{wildcards.head}/s{wildcards.seed}/confusion.png"
-        ),
+        finetune_metrics=filled("finetune", METRICS_LOG),
+        confusion=filled("eval", CONFUSION),
     log:
         f"{LOGS}/report/{{masking}}-{{head}}-s{{seed}}.log",
     threads: 1
@@ -201,10 +187,10 @@ rule variant_figures:
 rule table_figure:
     """The variant table as a bar chart (the paper's numbers beside ours), for the report."""
     input:
-        csv=f"{RESULTS}/table.csv",
+        csv=P("table"),
     output:
         figure=report(
-            f"{RESULTS}/report/table.png",
+            P("report_table"),
             caption="../report/table_figure.rst",
             category="5. Variant table",
             labels={"file": "table.png"},
@@ -224,11 +210,10 @@ rule table_figure:
 rule figures:
     """Everything the report shows: `snakemake --cores 2 figures --report <html> --report-after-run`."""
     input:
-        f"{RESULTS}/table.csv",
-        f"{RESULTS}/table.md",
-        f"{RESULTS}/motion/box_quality.json",
-        f"{RESULTS}/report/table.png",
-        expand(f"{RESULTS}/report/pretrain-{{masking}}/s{{seed}}/reconstructions",
-               masking=PRETRAININGS, seed=SEEDS),
-        [f"{RESULTS}/report/{v['masking']}-{v['head']}/s{seed}/{name}.png"
-         for v in VARIANTS.values() for seed in SEEDS for name in ("curves", "confusion")],
+        P("table"),
+        P("table_md"),
+        P("box_quality"),
+        P("report_table"),
+        expand(P("report_pretrain", RECONSTRUCTIONS), masking=PRETRAININGS, seed=SEEDS),
+        [P("report_variant", name, masking=v["masking"], head=v["head"], seed=seed)
+         for v in VARIANTS.values() for seed in SEEDS for name in (CURVES, CONFUSION)],

@@ -132,7 +132,8 @@ def test_ssv2_manifest_skips_bad_entries_and_warns_about_missing_videos(ssv2, tm
         assert shard_names(cfg) == ["shard-0000", "shard-0001"]
     # decode a shard straight from the manifest: webm decodes, the missing video fails alone
     status = decode_shard(
-        select_shard(df, "shard-0001"), tmp_path / "frames" / "shard-0001", {"short_side": 16}
+        select_shard(df, "shard-0001"), tmp_path / "frames" / "shard-0001",
+        {**load_config()["decode"], "short_side": 16}
     )
     assert status["status"].tolist() == ["ok", "failed"]
     store = FrameStore(tmp_path / "frames" / "shard-0001")
@@ -238,7 +239,8 @@ def test_epic_manifest_frames_paths_and_bad_rows(epic, tmp_path):
         # 8 per shard, lowered to 2 so that 4 clips still make shards.min_shards (2) shards
         assert count_clips(cfg) == 4 and shard_names(cfg) == ["shard-0000", "shard-0001"]
     # the decoded segment holds exactly EPIC frames 11..20 (0-based 10..19)
-    status = decode_shard(df.reset_index().iloc[:1], tmp_path / "s", {"short_side": 0})
+    status = decode_shard(df.reset_index().iloc[:1], tmp_path / "s",
+                          {**load_config()["decode"], "short_side": 0})
     assert status["n_frames"].tolist() == [10]
     levels = FrameStore(tmp_path / "s").read("P01_01_0").mean(axis=(1, 2, 3))
     assert np.round((levels - 20) / 8).astype(int).tolist() == list(range(10, 20))

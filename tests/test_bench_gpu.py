@@ -76,6 +76,15 @@ def test_cpu_run_prints_every_row_check_and_skipped_gpu_part(tmp_path):
     assert result["ok"] and result["info"]["size"] == "tiny" and len(result["rows"]) == 13
     assert all(r["clips_per_s"] > 0 for r in result["rows"])
     assert (tmp_path / "bench-gpu.md").read_text() == table
+    # Utilisation (issue 24): every model step has its counted FLOPs and achieved rate; a CPU
+    # has no known peak, so its share is empty and the header says how to give one.
+    steps = [r for r in result["rows"] if r["part"].startswith(("pretrain", "finetune"))]
+    assert len(steps) == 8 and all(r["gflop_per_clip"] > 0 and r["tflops"] > 0 for r in steps)
+    assert all(r["peak_pct"] is None for r in result["rows"])
+    assert "none known for a CPU (--peak-tflops)" in table
+    assert "| GFLOP/clip | TFLOP/s | % of peak |" in table
+    loaders = [r["note"] for r in result["rows"] if r["part"].startswith("loader")]
+    assert len(loaders) == 2 and all(" limits; " in note for note in loaders), loaders
 
 
 # DeepSpeed decides whether to switch the caller's autocast off with torch.is_autocast_enabled(),
@@ -165,6 +174,8 @@ def test_a_part_that_errors_is_reported_and_exits_nonzero(tmp_path, capsys, monk
 def test_bad_requests_exit_2(tmp_path, capsys):
     assert run_cli(tmp_path, "--skip", "nonsense") == 2
     assert "unknown part(s) ['nonsense']" in capsys.readouterr().err
+    assert run_cli(tmp_path, "--peak-tflops", "fp16=3") == 2
+    assert "precision 'fp16' is not bf16 or fp32" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert cli.main(["bench", "gpu", "--device", "cuda", "--out", str(tmp_path)]) == 2
         assert "no CUDA device" in capsys.readouterr().err

@@ -77,6 +77,10 @@ def results(tmp_path_factory):
 
 
 def unnormalise(clip: torch.Tensor) -> np.ndarray:
+    """The clip's pixels ``(T, H, W, 3)``: uint8 as the loader sends them, or undone from the
+    ImageNet normalisation (fine-tuning with random erasing, ``engine.uint8_frames: false``)."""
+    if clip.dtype == torch.uint8:
+        return clip.permute(1, 2, 3, 0).numpy().astype(np.float32)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
     return ((clip * std + mean) * 255).permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
@@ -103,7 +107,7 @@ def test_pretrain_item_shapes_mask_and_boxes(results):
     assert list(ds.clips["clip_id"]) == ["c0", "c1", "c2"]
     for item in range(len(ds)):
         s = ds[item]
-        assert s["frames"].shape == (3, NUM_FRAMES, SIZE, SIZE) and s["frames"].dtype == torch.float32
+        assert s["frames"].shape == (3, NUM_FRAMES, SIZE, SIZE) and s["frames"].dtype == torch.uint8
         assert s["boxes"].shape == (NUM_FRAMES, 4) and s["boxes"].dtype == torch.float32
         assert s["inbox"].shape == (N_TOKENS,) and s["inbox"].dtype == torch.bool
         assert s["mask"].shape == (N_TOKENS,) and s["mask"].dtype == torch.bool
@@ -327,3 +331,26 @@ def test_bad_arguments(results):
     missing = r"frame store index not found: .*frames/shard-0009\.index\.csv"
     with pytest.raises(FrameStoreError, match=missing):
         D.VideoClipDataset(manifest.assign(shard=9), root, "train", "test", config)
+
+
+def test_uint8_clips_normalised_on_the_device_equal_the_loaders_normalisation(results):
+    """``engine.uint8_frames``: the same item, sent as uint8 and normalised by to_device, is
+    bit-for-bit the clip the loader normalises itself (on a CPU; on a GPU within float
+    rounding), and fine-tuning with random erasing keeps normalising in the loader."""
+    from mofo.runtime.device import to_device
+
+    manifest, root = results
+    cpu = torch.device("cpu")
+    for mode in ("pretrain", "finetune", "test"):
+        config = make_config(random_erasing=0.0)
+        as_uint8 = D.VideoClipDataset(manifest, root, "train", mode, config, seed=1)
+        config["engine"]["uint8_frames"] = False
+        as_float = D.VideoClipDataset(manifest, root, "train", mode, config, seed=1)
+        for i in range(len(as_uint8)):
+            sent = as_uint8[i]
+            assert sent["frames"].dtype == torch.uint8, mode
+            batch = to_device({k: v for k, v in sent.items() if k != "clip_id"}, cpu)
+            assert torch.equal(batch["frames"], as_float[i]["frames"]), (mode, i)
+    erasing = D.VideoClipDataset(manifest, root, "train", "finetune",
+                                 make_config(random_erasing=1.0), seed=1)
+    assert erasing[0]["frames"].dtype == torch.float32

@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "mofo": 0,  # the package root (version, docstring)
     "mofo.config": 0,
     "mofo.logs": 0,
+    "mofo.paths": 0,  # the results layout: imports nothing of mofo
     "mofo.provenance": 0,
     "mofo.masking": 1,
     "mofo.recipe": 1,

@@ -15,6 +15,7 @@ from mofo.data.decode import decode_shard
 from mofo.data.manifest import build_manifest, shard_name
 from mofo.evaluation import features, probe
 from mofo.formats.featurefile import FeatureTable, read_features
+from mofo.runtime.device import device_frames
 from tests.videofixtures import make_frames, write_video
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -186,7 +187,8 @@ def test_features_of_a_checkpoint_are_its_encoders_mean_token(list_dataset, tmp_
     for i in range(len(view)):
         item = view[i]
         with torch.no_grad():
-            want = model.encoder.forward_features(item["frames"][None]).mean(dim=1)[0]
+            frames = device_frames(item["frames"][None], torch.device("cpu"))
+            want = model.encoder.forward_features(frames).mean(dim=1)[0]
         row = table.clip_id.tolist().index(item["clip_id"])
         assert np.allclose(table.features[row], want.numpy(), atol=1e-5)
 

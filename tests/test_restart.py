@@ -1,8 +1,8 @@
 """Which training jobs a Snakemake invocation forced (``mofo.training.restart``), and resume
 checkpoints that load weights-only (``mofo.training.resume_state``).
 
-The end-to-end rows of the README's table are in ``tests/test_resume_rows.py``; these are the
-pieces, fast.
+The end-to-end rows of the table in docs/RERUNS.md ("When training restarts and when it resumes")
+are in ``tests/test_resume_rows.py``; these are the pieces, fast.
 """
 
 from __future__ import annotations

@@ -5,8 +5,12 @@ from __future__ import annotations
 import sys
 
 import pytest
+import yaml
 
+from mofo.config import load_config
 from mofo.stages import StageFailed, run_stage_module, stage_command
+
+CONFIG = load_config()  # the stage's config, written beside its outputs
 
 
 def test_one_process():
@@ -32,8 +36,8 @@ def test_several_nodes_use_srun_with_one_task_per_gpu():
 def test_a_failing_stage_names_itself(tmp_path):
     with pytest.raises(StageFailed, match="json.tool"):
         # json.tool exits non-zero on a missing input file: a real failing module
-        run_stage_module("json.tool", [str(tmp_path / "missing.json")], {"a": 1}, tmp_path)
-    assert (tmp_path / "config.yaml").read_text().strip() == "a: 1"
+        run_stage_module("json.tool", [str(tmp_path / "missing.json")], CONFIG, tmp_path)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == CONFIG
 
 
 FAKE_STAGE = '''
@@ -63,7 +67,7 @@ def fake_stage(tmp_path, monkeypatch):
 
 def test_a_requeue_marker_turns_torchruns_exit_1_into_the_requeue_code(fake_stage):
     with pytest.raises(SystemExit) as stopped:
-        run_stage_module("fake_stage", ["--out", str(fake_stage), "--marker"], {}, fake_stage)
+        run_stage_module("fake_stage", ["--out", str(fake_stage), "--marker"], CONFIG, fake_stage)
     assert stopped.value.code == 75
 
 
@@ -82,7 +86,7 @@ def test_slurms_warning_signal_is_passed_on_to_the_stage(fake_stage):
 
     threading.Thread(target=signal_when_ready, daemon=True).start()
     with pytest.raises(SystemExit) as stopped:
-        run_stage_module("fake_stage", ["--out", str(fake_stage)], {}, fake_stage)
+        run_stage_module("fake_stage", ["--out", str(fake_stage)], CONFIG, fake_stage)
     assert stopped.value.code == 75
     assert (fake_stage / "signal.txt").read_text() == "SIGTERM"
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handler restored

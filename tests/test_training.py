@@ -239,7 +239,7 @@ def test_nan_loss_stops_with_the_step(tmp_path):
 
 
 def test_infinite_loss_stops_with_the_step(tmp_path):
-    """+inf is not NaN: the run must stop on it too, naming the step (README claim)."""
+    """+inf is not NaN: the run must stop on it too, naming the step (docs/METHODS.md, "Resume")."""
     calls = {"n": 0}
     base = pretrain_task()
 
@@ -390,3 +390,48 @@ def test_accumulation_resumes_at_optimizer_steps_only(tmp_path):
              (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["type"] == "step"]
     assert steps == list(range(1, 7))
+
+
+# ----------------------------------------------------------------- torch.compile (issue 24)
+def test_a_compiled_run_saves_plain_keys_and_resumes_uncompiled_and_back(tmp_path):
+    """``engine.compile``: the model is trained through torch.compile (backend aot_eager here:
+    the graph capture and the wrapper, without generating kernels, which takes minutes on a
+    CPU), yet checkpoint-last.pt and checkpoint.pt hold the plain module's keys (no
+    ``_orig_mod.``), so a compiled run resumes in an uncompiled one and back, with the
+    losses of an uncompiled run from start to end."""
+    cfg = stage_cfg()
+    compiled = {**ENGINE, "compile": True, "compile_backend": "aot_eager"}
+
+    def run(out, engine_cfg, max_steps=None):
+        return engine.train(tiny_model(), tiny_loader(), pretrain_task(), stage_cfg=cfg,
+                            engine_cfg=engine_cfg, ctx=cpu_ctx(), out_dir=out,
+                            hash_config={"cfg": cfg}, max_steps=max_steps, stage="test")
+
+    plain = run(tmp_path / "plain", ENGINE)
+    out = tmp_path / "mixed"
+    first = run(out, compiled, max_steps=4)
+    keys = torch.load(out / "checkpoint-last.pt", weights_only=True)["model"]
+    assert not [k for k in keys if "_orig_mod" in k] and "mask_token" in keys
+    second = run(out, ENGINE, max_steps=9)  # compiled -> plain
+    third = run(out, compiled)  # plain -> compiled, to the end
+    assert third.status == "finished" and third.global_step == plain.global_step
+    assert first.losses + second.losses + third.losses == pytest.approx(plain.losses, rel=1e-5)
+    final = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert set(final["model"]) == set(torch.load(tmp_path / "plain" / "checkpoint.pt",
+                                                 weights_only=True)["model"])
+
+
+def test_pretrained_weights_of_a_compiled_model_load_into_a_plain_one():
+    """Other code's checkpoints of compiled (and DDP-wrapped) models carry ``_orig_mod.``
+    (VideoMAE V2's issue #33); load_pretrained takes them as plain keys."""
+    from mofo.models.checkpoint import load_pretrained
+
+    source = tiny_model()
+    wrapped = {f"module._orig_mod.{k}": v for k, v in source.state_dict().items()}
+    target = tiny_model()
+    with torch.no_grad():
+        for p in target.parameters():
+            p.zero_()
+    load_pretrained(target, {"model": wrapped})
+    for name, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], value), name

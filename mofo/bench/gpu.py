@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from mofo.bench.flops import device_peak, parse_peak, utilisation
 from mofo.bench.gpu_checks import (
     CheckResult,
     check_bf16_agreement,
@@ -125,8 +126,13 @@ def free_memory(device: torch.device) -> None:
 
 def add_row(report: Report, part: str, precision: str, timing: dict, device: torch.device,
             note: str = "") -> None:
-    """One table row from a timing dict (clips_per_s, step_s, batch, peak_memory_mb)."""
+    """One table row from a timing dict (clips_per_s, step_s, batch, peak_memory_mb and, for
+    model steps, gflop_per_clip): achieved TFLOP/s and the share of the device's dense peak
+    in ``precision`` (``report.info["peak_tflops"]``, :func:`mofo.bench.flops.device_peak`)."""
+    peak = device_peak(report.info["gpu"], precision, report.info["peak_tflops"])
+    tflops, share = utilisation(timing.get("gflop_per_clip"), timing.get("clips_per_s"), peak)
     report.rows.append({
+        "gflop_per_clip": timing.get("gflop_per_clip"), "tflops": tflops, "peak_pct": share,
         "part": part, "precision": precision, "batch": timing.get("batch"),
         "clips_per_s": timing.get("clips_per_s"), "step_ms": 1000 * timing["step_s"]
         if timing.get("step_s") is not None else None,
@@ -162,9 +168,12 @@ def run_train_part(report: Report, preset: BenchPreset, config: dict, device: to
     for name, build, stage_cfg, task, batch in cases:
         for precision in PRECISIONS:
             seed_everything(0)
-            timing = time_model_steps(build(preset), task, batch, stage_cfg,
-                                      {"precision": precision}, device, steps)
-            add_row(report, name, precision, timing, device)
+            engine_cfg = {**config["engine"], "precision": precision}
+            timing = time_model_steps(build(preset), task, batch, stage_cfg, engine_cfg,
+                                      device, steps)
+            note = (f"compiled ({engine_cfg['compile_backend']}), first step "
+                    f"{timing['first_step_s']:.1f} s" if engine_cfg["compile"] else "")
+            add_row(report, name, precision, timing, device, note)
             free_memory(device)
 
 
@@ -270,10 +279,10 @@ def run_loader_part(report: Report, preset: BenchPreset, config: dict, device: t
     """The loader's clips/s with the configured workers (``<stage>.num_workers``, or
     ``workers``), beside the model's clips/s at the engine precision."""
     from mofo.bench.train import time_loader
-    from mofo.config import dataset_results_dir
+    from mofo.paths import pattern, results_root
 
-    root = dataset_results_dir(config)
-    real = (root / "manifest.csv").exists() and (root / "boxes").exists()
+    root = results_root(config)
+    real = Path(pattern("manifest", root)).exists() and Path(pattern("boxes", root)).parent.exists()
     precision = engine_precision(device)
     for mode, model_part, batch in (("pretrain", "pretrain tube", preset.pretrain_batch),
                                     ("finetune", "finetune mca", preset.finetune_batch)):
@@ -284,9 +293,11 @@ def run_loader_part(report: Report, preset: BenchPreset, config: dict, device: t
                       f"{config['model']['input_size']}²")
         else:
             timing = time_synthetic_loader(preset, batch, n_workers, preset.loader_batches)
-            source = f"synthetic clips (no {root}/manifest.csv)"
+            source = f"synthetic clips (no {pattern('manifest', root)})"
         rate = model_rate(report, model_part, precision)
-        beside = f"model {rate:.1f} clips/s ({model_part}, {precision})" if rate else "model: -"
+        beside = (f"model {rate:.1f} clips/s ({model_part}, {precision}): the "
+                  f"{'loader' if timing['clips_per_s'] < rate else 'model'} limits"
+                  if rate else "model: -")
         add_row(report, f"loader {mode}, {n_workers} workers", "-", {**timing, "batch": batch},
                 device, f"{beside}; {source}")
 
@@ -409,7 +420,7 @@ def run_gpu_benchmark(config: dict, device: str = "auto", size: str | None = Non
                       out: str | Path = "results/bench-gpu", steps: int | None = None,
                       skip: tuple[str, ...] = (), workers: int | None = None,
                       timeout_s: int = SUBPROCESS_TIMEOUT_S,
-                      time_limit_s: float = TIME_LIMIT_S) -> Report:
+                      time_limit_s: float = TIME_LIMIT_S, peak_tflops: str | None = None) -> Report:
     """Run every part not in ``skip``; print the table; write ``<out>/bench-gpu.{json,md}``
     (also after every part, so a killed run leaves what it measured).
 
@@ -428,7 +439,12 @@ def run_gpu_benchmark(config: dict, device: str = "auto", size: str | None = Non
         raise BenchRequestError(str(exc)) from exc
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        peaks = parse_peak(peak_tflops)
+    except ValueError as exc:
+        raise BenchRequestError(str(exc)) from exc
     report = Report(run_info(preset, dev))
+    report.info["peak_tflops"] = peaks
     if dev.type != "cuda":
         report.skipped.extend(GPU_ONLY.values())
     t0 = time.perf_counter()
@@ -474,13 +490,18 @@ def format_report(report: Report) -> str:
     model = (f"Model: {m['size']}{overrides}, {m['num_frames']} x "
              f"{m['input_size']}², patch {m['patch_size']}, tubelet {m['tubelet_size']}; "
              f"{i['threads']} torch threads.")
-    lines = [header, "", model, "",
-             "| part | precision | batch | clips/s | step ms | peak GPU MiB | note |",
-             "|---|---|---|---|---|---|---|"]
+    peaks = ", ".join(f"{k} {v:g}" for k, v in i["peak_tflops"].items()) or (
+        "the table in mofo/bench/flops.py" if i["gpu"] else "none known for a CPU (--peak-tflops)")
+    lines = [header, "", model, f"FLOPs counted per clip (forward + backward); dense peak "
+             f"TFLOP/s: {peaks}.", "",
+             "| part | precision | batch | clips/s | step ms | GFLOP/clip | TFLOP/s | % of peak "
+             "| peak GPU MiB | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.rows:
         lines.append(f"| {r['part']} | {r['precision']} | {_fmt(r['batch'])} | "
-                     f"{_fmt(r['clips_per_s'])} | {_fmt(r['step_ms'])} | {_fmt(r['peak_mb'], 0)}"
-                     f" | {r['note']} |")
+                     f"{_fmt(r['clips_per_s'])} | {_fmt(r['step_ms'])} | "
+                     f"{_fmt(r.get('gflop_per_clip'), 3)} | {_fmt(r.get('tflops'), 3)} | "
+                     f"{_fmt(r.get('peak_pct'))} | {_fmt(r['peak_mb'], 0)} | {r['note']} |")
     lines += ["", "SDPA kernels:"] + [f"- {k}: {v}" for k, v in report.sdpa.items()]
     lines += ["", "Checks:"] + [
         f"- {'PASS' if c.passed else 'FAIL'} {c.name}: {c.value:.3g} (tolerance {c.tolerance:.3g})"

@@ -191,8 +191,8 @@ def check_checkpoint_to_cpu(preset: BenchPreset, config: dict, device: torch.dev
     checkpoint (bit-identical weights), compare outputs, resume and train steps 3-4."""
     import shutil
 
+    from mofo.paths import LAST_CHECKPOINT
     from mofo.training import resume_state as ckpt_io
-    from mofo.training.engine import LAST_CHECKPOINT
 
     run_dir = Path(out_dir) / "checkpoint-check"
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -22,16 +22,19 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mofo.bench.flops import step_flops
 from mofo.bench.synthetic import SyntheticClipDataset
-from mofo.config import dataset_results_dir, deep_merge, load_config
+from mofo.config import deep_merge, load_config
 from mofo.masking import STRATEGY_NAMES, is_model_side, mask_from_config, needs_token_flow
 from mofo.masking.grid import token_grid
 from mofo.models.build import build_model, build_pretrain_model
+from mofo.paths import pattern, results_root
 from mofo.runtime.device import autocast_context, seed_everything, to_device
 from mofo.runtime.distributed import rank_info, select_device
 from mofo.training.finetune import finetune_task
@@ -65,20 +68,27 @@ def timed_step(model: torch.nn.Module, task, batch: dict, optimizer, engine_cfg:
 
 def time_model_steps(model: torch.nn.Module, task, batch: dict, stage_cfg: dict,
                      engine_cfg: dict, device: torch.device, steps: int) -> dict:
-    """clips/s of forward + backward + AdamW step (after one warm-up step)."""
+    """clips/s of forward + backward + AdamW step (after one warm-up step), and the step's
+    FLOPs per clip, counted on one extra forward + backward before the timing
+    (:func:`mofo.bench.flops.step_flops`). With ``engine_cfg["compile"]`` the timed model is
+    ``torch.compile``'d as training does it, and ``first_step_s`` (the warm-up step) is the
+    compile time plus one step."""
     model.to(device).train()
     optimizer = build_optimizer(model, stage_cfg, int(stage_cfg["batch_size"]))
     batch = to_device(batch, device)
+    n = int(batch["frames"].shape[0])
+    gflop_per_clip = step_flops(model, task, batch, engine_cfg, device) / n / 1e9
+    if engine_cfg["compile"]:
+        model = torch.compile(model, backend=engine_cfg["compile_backend"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timings = []
-    for i in range(steps + 1):
-        seconds = timed_step(model, task, batch, optimizer, engine_cfg, device)
-        if i > 0:  # the first step pays for allocations and kernel selection
-            timings.append(seconds)
-    n = int(batch["frames"].shape[0])
-    return {"clips_per_s": n * len(timings) / sum(timings), "step_s": sum(timings) / len(timings),
-            "batch": n, "peak_memory_mb": peak_memory_mb(device)}
+    timings = [timed_step(model, task, batch, optimizer, engine_cfg, device)
+               for _ in range(steps + 1)]
+    first, timings = timings[0], timings[1:]  # the first pays for allocations and kernels
+    clips_per_s = n * len(timings) / sum(timings)
+    return {"clips_per_s": clips_per_s, "step_s": sum(timings) / len(timings), "first_step_s": first,
+            "batch": n, "peak_memory_mb": peak_memory_mb(device),
+            "gflop_per_clip": gflop_per_clip, "tflops": gflop_per_clip * clips_per_s / 1000}
 
 
 def box_flags(batch: int, grid: tuple[int, int, int], box_fraction: float, seed: int = 0) -> torch.Tensor:
@@ -275,8 +285,8 @@ def time_loader(config: dict, mode: str, batch_size: int, num_workers: int, batc
     """clips/s the real loader delivers (first batch excluded: worker start-up)."""
     from mofo.runtime import data as data_io
 
-    root = dataset_results_dir(config)
-    dataset = data_io.build_dataset(config, root / "manifest.csv", root, "train", mode)
+    root = results_root(config)
+    dataset = data_io.build_dataset(config, pattern("manifest", root), root, "train", mode)
     loader = data_io.build_loader(dataset, batch_size, num_workers, shuffle=True, seed=0,
                                   drop_last=True, distributed=False)
     it = iter(loader)
@@ -352,8 +362,8 @@ def run_training_benchmark(config: dict, steps: int = 5, loader_batches: int = 4
         3 if spec.embed_dim % 3 == 0 else spec.num_heads, repeats=max(steps, 1))
     out["mca_head"].pop("all_s")
     mca_line = mca_head_summary(out["mca_head"])
-    root = dataset_results_dir(config)
-    if (root / "manifest.csv").exists() and (root / "boxes").exists():
+    root = results_root(config)
+    if Path(pattern("manifest", root)).exists() and Path(pattern("boxes", root)).parent.exists():
         for mode, cfg in (("pretrain", pre), ("finetune", ft)):
             try:
                 out[f"{mode}_loader"] = time_loader(config, mode, int(cfg["batch_size"]),

@@ -20,6 +20,7 @@ import pandas as pd
 
 from mofo.data import adapters
 from mofo.data import demo as demo_data
+from mofo.paths import shard_index, shard_name  # the results layout names the shards
 
 # The adapters' columns and dtypes plus the shard each clip is assigned to.
 MANIFEST_DTYPES = {**adapters.ROW_DTYPES, "shard": "int64"}
@@ -72,20 +73,6 @@ def count_clips(config: dict) -> int:
     if name == "demo":
         return demo_data.count_clips(config["dataset"]["demo"])
     return len(_adapter(config)(config["dataset"], check_videos=False))
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{int(index):04d}"
-
-
-def shard_index(name: str | int) -> int:
-    """``"shard-0003"`` (or 3) → 3."""
-    if isinstance(name, int):
-        return name
-    text = str(name)
-    if not text.startswith("shard-") or not text[6:].isdigit():
-        raise ValueError(f"not a shard name: {name!r} (expected shard-0000 style)")
-    return int(text[6:])
 
 
 def clips_per_shard(config: dict, n_clips: int) -> int:

@@ -43,6 +43,7 @@ from mofo.evaluation.metrics import (
 from mofo.evaluation.table import variant_name
 from mofo.models.build import build_model
 from mofo.models.checkpoint import load_pretrained
+from mofo.paths import CONFUSION, METRICS, PREDICTIONS
 from mofo.runtime import data as data_io
 from mofo.runtime.device import autocast_context, to_device
 from mofo.runtime.distributed import apply_cpu_threads, rank_info, select_device
@@ -247,7 +248,7 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path,
         confusion = res.pop("confusion")
         prefix = "" if name == "label" else f"{name}_"
         metrics.update({f"{prefix}{k}": v for k, v in res.items()})
-        fig_name = "confusion.png" if name in ("label", "verb") else f"confusion_{name}.png"
+        fig_name = CONFUSION if name in ("label", "verb") else f"confusion_{name}.png"
         confusion_figure(confusion, out_dir / fig_name,
                          data_io.class_names(config, num_classes) if name == "label" else None,
                          title=f"{metrics['variant']} on {metrics['dataset']} {ev['split']} "
@@ -260,8 +261,8 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path,
         verb = clip_labels(dataset, clip_order, "verb_class")
         noun = clip_labels(dataset, clip_order, "noun_class")
         metrics.update(epic_action_results(probs, verb, noun, actions, ks, predictions))
-    predictions.to_csv(out_dir / "predictions.csv", index=False, float_format="%.5f")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    predictions.to_csv(out_dir / PREDICTIONS, index=False, float_format="%.5f")
+    (out_dir / METRICS).write_text(json.dumps(metrics, indent=1))
     return metrics
 
 

@@ -38,6 +38,7 @@ from mofo.formats.featurefile import FeatureTable, write_features
 from mofo.models.build import build_encoder, build_pretrain_model
 from mofo.models.checkpoint import load_pretrained, pretrained_meta
 from mofo.models.vit import VideoEncoder
+from mofo.paths import FEATURES
 from mofo.runtime import data as data_io
 from mofo.runtime.device import autocast_context, seed_everything, to_device
 from mofo.runtime.distributed import apply_cpu_threads, rank_info, select_device
@@ -101,7 +102,7 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path, source
         labels = dataset.clips.set_index("clip_id")["label"].loc[ids].to_numpy(np.int64)
         table = FeatureTable(np.asarray(ids), labels, np.full(len(ids), split), feats,
                              {**meta, "split": split, "n_skipped_clips": int(dataset.n_skipped)})
-        written[split] = write_features(Path(out_dir) / f"{split}.npz", table)
+        written[split] = write_features(Path(out_dir) / FEATURES.format(split=split), table)
     return written
 
 

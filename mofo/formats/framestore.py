@@ -31,6 +31,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from mofo.paths import beside
+
 INDEX_COLUMNS = [
     "clip_id",
     "frame",
@@ -50,11 +52,13 @@ class FrameStoreError(RuntimeError):
 
 
 def pack_path(prefix: str | os.PathLike) -> Path:
-    return Path(f"{prefix}.jpgpack")
+    """``<prefix>.jpgpack`` (the name: ``mofo.paths.BESIDE``)."""
+    return Path(beside(prefix, "frames_pack"))
 
 
 def index_path(prefix: str | os.PathLike) -> Path:
-    return Path(f"{prefix}.index.csv")
+    """``<prefix>.index.csv``."""
+    return Path(beside(prefix, "frames_index"))
 
 
 def encode_jpeg(frame_rgb: np.ndarray, quality: int) -> bytes:

@@ -23,13 +23,12 @@ import cv2
 import numpy as np
 
 from mofo.masking.mgmae import bilinear_sample
-
-POOLED_SUFFIX = ".pooled.npz"
+from mofo.paths import pattern
 
 
 def pooled_flow_path(results_dir: str | Path, shard_name: str) -> Path:
-    """``<results_dir>/flow/<shard_name>.pooled.npz``."""
-    return Path(results_dir) / "flow" / f"{shard_name}{POOLED_SUFFIX}"
+    """``<results_dir>/flow/<shard_name>.pooled.npz`` (``mofo.paths.LAYOUT["pooled_flow"]``)."""
+    return Path(pattern("pooled_flow", results_dir, shard=shard_name))
 
 
 def pooled_grid(height: int, width: int, cells: int) -> tuple[int, int]:

@@ -5,7 +5,10 @@ One item of :class:`VideoClipDataset` is a dict (collated by PyTorch's default c
 ==============  ==========================  =================================================
 key             type                        meaning
 ==============  ==========================  =================================================
-frames          float32 ``(3, T, S, S)``    ImageNet-normalised clip (``S = model.input_size``)
+frames          uint8 ``(3, T, S, S)``      RGB clip (``S = model.input_size``), normalised on the
+                                            device by ``mofo.runtime.device.to_device``; float32
+                                            ImageNet-normalised with ``engine.uint8_frames: false``
+                                            or in fine-tuning with random erasing
 boxes           float32 ``(T, 4)``          motion box per sampled frame, crop pixels
                                             ``x1, y1, x2, y2`` (exclusive); empty = all zero
 inbox           bool ``(N,)``               tokens overlapping the box (masking.grid)
@@ -72,6 +75,7 @@ from mofo.formats.trajfile import TrajectoryFile, TrajectoryFileError, token_tra
 from mofo.inputs import sampling, transforms
 from mofo.masking import mask_from_config, needs_token_flow
 from mofo.masking.grid import inbox_tokens, token_grid
+from mofo.paths import pattern
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +132,9 @@ class VideoClipDataset(Dataset):
 
     Args:
         manifest: the manifest table (``mofo.data.manifest.read_manifest``).
-        results_dir: ``<results_dir>/<dataset>``; frames under ``frames/shard-XXXX``, boxes
-            under ``boxes/shard-XXXX.csv``.
+        results_dir: ``<results_dir>/<dataset>``; frames, boxes, trajectories and pooled
+            flow where ``mofo.paths.LAYOUT`` puts them (``frames/shard-XXXX``,
+            ``boxes/shard-XXXX.csv``, ...).
         split: which ``split`` rows to use (``train``, ``validation``, ``test``).
         mode: ``pretrain`` | ``finetune`` | ``test``.
         config: the full mofo config (``model``, ``masking``, ``augment``, ``dataset``).
@@ -174,6 +179,7 @@ class VideoClipDataset(Dataset):
         self.model_cfg = dict(config["model"])
         self.masking_cfg = dict(config["masking"])
         self.augment_cfg = dict(config["augment"])
+        self.uint8_frames = bool(config["engine"]["uint8_frames"])
         self.dataset_name = config["dataset"]["name"]
         self.scheme = sampling_scheme(config, mode)
         self.flip = mode == "finetune" and flip_allowed(config)
@@ -208,9 +214,10 @@ class VideoClipDataset(Dataset):
         span = int(self.model_cfg["num_frames"]) * int(self.model_cfg["sampling_rate"])
         n_short = int((self.clips["n_frames"] < span).sum())
         if n_short:
-            log.info("%s/%s: %d of %d clips have fewer than the model's %d-frame span; their "
-                     "frames are spread over the clip and repeated (mofo/inputs/sampling.py)",
-                     self.results_dir, split, n_short, len(self.clips), span)
+            log.warning("%s/%s: %d of %d clips have fewer than the model's %d-frame span; "
+                        "their frames are spread over the clip and repeated "
+                        "(mofo/inputs/sampling.py)",
+                        self.results_dir, split, n_short, len(self.clips), span)
 
         if mode == "test":
             if test_view is None:
@@ -238,13 +245,13 @@ class VideoClipDataset(Dataset):
     # -- construction helpers ------------------------------------------------------------
 
     def frames_prefix(self, shard: int) -> Path:
-        return self.results_dir / "frames" / shard_name(shard)
+        return Path(pattern("frames", self.results_dir, shard=shard_name(shard)))
 
     def boxes_path(self, shard: int) -> Path:
-        return self.results_dir / "boxes" / f"{shard_name(shard)}.csv"
+        return Path(pattern("boxes", self.results_dir, shard=shard_name(shard)))
 
     def trajectories_path(self, shard: int) -> Path:
-        return self.results_dir / "trajectories" / f"{shard_name(shard)}.npz"
+        return Path(pattern("trajectories", self.results_dir, shard=shard_name(shard)))
 
     def _available_clips(self, rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         """Rows whose clip is in its shard's store, with ``n_frames``; and the skipped ids."""
@@ -407,9 +414,13 @@ class VideoClipDataset(Dataset):
             crop = (x0 * sx, y0 * sy, size * sx, size * sy)
             frames, boxes = transforms.resize_short_side(frames, boxes, size)
             frames, boxes = transforms.spatial_crop(frames, boxes, size, crop_idx, self.num_crops)
-        clip = transforms.normalize(frames)
-        if self.mode == "finetune" and aug["random_erasing"] > 0:
+        if self.mode == "finetune" and aug["random_erasing"] > 0:  # erases normalised pixels
+            clip = transforms.normalize(frames)
             transforms.random_erase(clip, float(aug["random_erasing"]), rng)
+        elif self.uint8_frames:  # normalised on the device (mofo.runtime.device.to_device)
+            clip = transforms.clip_tensor(frames)
+        else:
+            clip = transforms.normalize(frames)
         return clip, boxes, crop
 
     def __getitem__(self, item: int) -> dict[str, Any]:

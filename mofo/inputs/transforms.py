@@ -307,18 +307,35 @@ def horizontal_flip(frames: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, 
 # --------------------------------------------------------------------------- tensors
 
 
+def clip_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 ``(T, H, W, 3)`` -> uint8 tensor ``(3, T, H, W)`` (what the loader sends with
+    ``engine.uint8_frames``: a quarter of the float32 clip's bytes)."""
+    if frames.ndim != 4 or frames.shape[3] != 3:
+        raise ValueError(f"frames must be (T, H, W, 3), got shape {frames.shape}")
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)
+
+
+def normalize_clip(
+    clip: torch.Tensor,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> torch.Tensor:
+    """uint8 clip(s) ``(..., 3, T, H, W)`` on any device -> float32 ``(x/255 - mean) / std``
+    on that device. The same operations in the same order wherever it runs, so the loader's
+    CPU normalisation and the device's give the same values on a CPU."""
+    shape = (3, 1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=clip.device).view(shape)
+    std_t = torch.tensor(std, dtype=torch.float32, device=clip.device).view(shape)
+    return clip.float().div_(255.0).sub_(mean_t).div_(std_t).contiguous()
+
+
 def normalize(
     frames: np.ndarray,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> torch.Tensor:
     """uint8 ``(T, H, W, 3)`` -> float32 tensor ``(3, T, H, W)``, ``(x/255 - mean) / std``."""
-    if frames.ndim != 4 or frames.shape[3] != 3:
-        raise ValueError(f"frames must be (T, H, W, 3), got shape {frames.shape}")
-    clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
-    return clip.sub_(mean_t).div_(std_t).contiguous()
+    return normalize_clip(clip_tensor(frames), mean, std)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 Rules (each decision is recorded in the returned :class:`LoadReport`):
 
 * the state dict may sit under ``model``, ``module`` or ``state_dict``, or be bare; a DDP
-  ``module.`` prefix is removed;
+  ``module.`` and a ``torch.compile`` ``_orig_mod.`` prefix are removed (other code's
+  checkpoints of compiled models carry it; VideoMAE V2's issue #33);
 * a pretraining checkpoint (``encoder.*`` keys) loaded into a classifier/encoder: ``encoder.``
   is stripped and the decoder side (``decoder.*``, ``encoder_to_decoder``, ``mask_token``, the
   decoder ``pos_embed``) is dropped; ``norm.*`` is dropped when the model normalises after
@@ -96,7 +97,7 @@ def read_state_dict(path_or_state: str | Path | Mapping[str, Any]) -> tuple[dict
         if isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
-    state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, Tensor)}
+    state = {_plain_key(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not state:
         raise CheckpointError(f"{source}: no tensors found (keys: {sorted(obj)[:10]})")
     return state, source
@@ -184,6 +185,14 @@ def _is_backbone(key: str, pretrain: bool) -> bool:
     if pretrain:
         return key.startswith("encoder.") or key.startswith(DECODER_PREFIXES)
     return key.startswith(BACKBONE_PREFIXES)
+
+
+def _plain_key(key: str) -> str:
+    """``key`` without the wrapper prefixes of DDP (``module.``) and torch.compile
+    (``_orig_mod.``), in either order."""
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.removeprefix("module.").removeprefix("_orig_mod.")
+    return key
 
 
 def load_pretrained(

@@ -71,6 +71,7 @@ from tqdm import tqdm
 
 from mofo.formats.boxfile import BOX_COLUMNS  # the columns this stage writes (one home)
 from mofo.motion.faithful import AUTHORS_CLEANUP, faithful_box, two_contour_box
+from mofo.paths import beside
 
 Box = tuple[int, int, int, int]
 
@@ -322,21 +323,14 @@ def _write_atomic(path: Path, write) -> None:
         raise
 
 
-def _stem(out_csv: str | Path) -> Path:
-    p = Path(out_csv)
-    return p.with_name(p.name.removesuffix(".csv"))
-
-
 def report_path(out_csv: str | Path) -> Path:
-    """``boxes/shard-0000.csv`` -> ``boxes/shard-0000.report.json``."""
-    s = _stem(out_csv)
-    return s.with_name(s.name + ".report.json")
+    """``boxes/shard-0000.csv`` -> ``boxes/shard-0000.report.json`` (``mofo.paths.BESIDE``)."""
+    return Path(beside(out_csv, "boxes_report"))
 
 
 def rawflow_csv_path(out_csv: str | Path) -> Path:
     """``boxes/shard-0000.csv`` -> ``boxes/shard-0000.rawflow.csv`` (raw-flow baseline boxes)."""
-    s = _stem(out_csv)
-    return s.with_name(s.name + ".rawflow.csv")
+    return Path(beside(out_csv, "raw_flow_boxes"))
 
 
 def _boxes_for_store(maps_npz, store, boxes_cfg: dict, desc: str) -> tuple[pd.DataFrame, dict]:

@@ -73,28 +73,37 @@ def read_manifest(manifest_path: str | Path) -> pd.DataFrame:
     return _read(manifest_path)
 
 
+def pretraining_reads(strategy: str, target: str) -> dict[str, bool]:
+    """The optional inputs of a pretraining (``mofo.paths.training_inputs`` flags): MME's
+    trajectories for target ``mme``, the pooled flow for a masking that follows the flow
+    (``mgmae``). The rules (rules/common.smk, from the ``{masking}`` wildcard) and the resume
+    check (``mofo.training.pretrain.provenance``) both ask here."""
+    from mofo.masking import needs_token_flow
+
+    return {"trajectories": target == "mme", "pooled_flow": needs_token_flow(strategy)}
+
+
 def input_files(manifest_path: str | Path, results_dir: str | Path,
                 trajectories: bool = False, pooled_flow: bool = False) -> dict[str, Path]:
-    """The files a training stage reads, named relative to the results folder: the manifest,
-    and per shard of the manifest its frame index and motion boxes (and, with
-    ``trajectories``, MME's trajectory file; with ``pooled_flow``, for a flow-guided masking,
-    its ``flow/shard-XXXX.pooled.npz``). Their digests are part of the run's provenance
-    (``mofo.provenance.inputs_digest``): new boxes, frames, flow or clips make a new run. The
-    frame packs are covered by their index (offsets and sizes of every frame)."""
-    from mofo.data.manifest import shard_name
-    from mofo.formats.tokenflow import pooled_flow_path
+    """The files a training stage reads (``mofo.paths.training_inputs``, the list the rules
+    declare), for every shard of the manifest, named relative to the results folder
+    (``"boxes/shard-0000.csv"``); the manifest is ``manifest_path`` under the name
+    ``manifest.csv``. Their digests are part of the run's provenance
+    (``mofo.provenance.inputs_digest``): new boxes, frames, flow or clips make a new run. A
+    frame pack is covered by its index (offsets and sizes of every frame), not read whole."""
+    from mofo.paths import shard_name, sibling, training_inputs
 
-    results_dir = Path(results_dir)
-    files = {"manifest.csv": Path(manifest_path)}
-    for shard in sorted(read_manifest(manifest_path)["shard"].unique()):
-        name = shard_name(int(shard))
-        files[f"frames/{name}.index.csv"] = results_dir / "frames" / f"{name}.index.csv"
-        files[f"boxes/{name}.csv"] = results_dir / "boxes" / f"{name}.csv"
-        if trajectories:
-            files[f"trajectories/{name}.npz"] = results_dir / "trajectories" / f"{name}.npz"
-        if pooled_flow:
-            path = pooled_flow_path(results_dir, name)
-            files[str(path.relative_to(results_dir))] = path
+    shards = [shard_name(int(s)) for s in sorted(read_manifest(manifest_path)["shard"].unique())]
+    declared = training_inputs("", shards, trajectories=trajectories, pooled_flow=pooled_flow)
+    files = {}
+    for role, names in declared.items():
+        for name in [names] if isinstance(names, str) else names:
+            if role == "manifest":
+                files[name] = Path(manifest_path)
+                continue
+            if role == "frames":
+                name = sibling(name, "frames_pack", "frames_index")
+            files[name] = Path(results_dir) / name
     return files
 
 

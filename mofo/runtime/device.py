@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mofo.inputs.transforms import normalize_clip
+
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
@@ -21,8 +23,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def device_frames(frames: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Clips on ``device`` as the model takes them: a uint8 batch (the loader's
+    ``engine.uint8_frames``) is normalised there (``mofo.inputs.transforms.normalize_clip``);
+    float clips, normalised by the loader already, are moved as they are."""
+    frames = frames.to(device, non_blocking=True)
+    return normalize_clip(frames) if frames.dtype == torch.uint8 else frames
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor inside a (nested) batch to ``device``."""
+    """Move every tensor inside a (nested) batch to ``device``; a batch's ``frames`` go through
+    :func:`device_frames`, so they arrive normalised whichever side normalised them."""
+    if isinstance(batch, dict) and isinstance(batch.get("frames"), torch.Tensor):
+        moved = {k: to_device(v, device) for k, v in batch.items() if k != "frames"}
+        return {**moved, "frames": device_frames(batch["frames"], device)}
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):

@@ -184,7 +184,12 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP / DeepSpeed wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+    """The plain module inside DDP / DeepSpeed / ``torch.compile`` wrappers, so that weights
+    are saved and loaded without a wrapper's key prefix (``module.``, ``_orig_mod.``)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "module", None)  # DDP, DeepSpeed
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mofo.config import dataset_results_dir
+from mofo.paths import pattern, results_root
 from mofo.tracking.client import SafeClient
 from mofo.tracking.settings import (
     ENV_INVOCATION,
@@ -35,7 +35,7 @@ from mofo.tracking.tracker import LOG, PARENT_TAG, StageTracker, base_tags
 
 def workflow_record_path(config: Mapping[str, Any]) -> Path:
     """``<results>/<dataset>/tracking/workflow_run.json``: the latest invocation's parent run."""
-    return dataset_results_dir(dict(config)) / "tracking" / "workflow_run.json"
+    return Path(pattern("workflow_run", results_root(config)))
 
 
 def _never_raise(fn):
@@ -161,9 +161,7 @@ def finish_workflow_run(
     logs = [log] if isinstance(log, (str, Path)) else list(log or [])
     for path in logs:
         tracker.log_artifact(path, "logs")
-    bench_root = (
-        Path(benchmark_dir) if benchmark_dir else dataset_results_dir(dict(config)) / "benchmarks"
-    )
+    bench_root = Path(benchmark_dir or pattern("benchmarks", results_root(config)))
     start_ms = 0
     record_path = workflow_record_path(config)
     record: dict = {}

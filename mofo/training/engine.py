@@ -55,6 +55,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from mofo.paths import CHECKPOINT, LAST_CHECKPOINT, METRICS_LOG
 from mofo.provenance import digest
 from mofo.runtime.device import (
     AUTOCAST_DTYPE,
@@ -74,10 +75,6 @@ from mofo.runtime.loader import set_loader_epoch
 from mofo.training import resume_state as ckpt_io
 from mofo.training.optim import build_optimizer, build_scheduler, current_lr
 from mofo.training.requeue import REQUEUE_EXIT_CODE, REQUEUE_MARKER
-from mofo.training.restart import LAST_CHECKPOINT
-
-FINAL_CHECKPOINT = "checkpoint.pt"
-METRICS_FILE = "metrics.jsonl"
 
 Task = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
 MetricsCallback = Callable[[dict, int], None]
@@ -258,6 +255,10 @@ def wrap_model(
     if ctx.kind == "deepspeed":
         import deepspeed
 
+        if engine_cfg["compile"]:
+            raise ValueError("engine.compile is for engine.kind torch; DeepSpeed compiles "
+                             "through its own config (not used by mofo)")
+
         if int(engine_cfg["deepspeed"]["zero_stage"]) != 0:
             raise ValueError(
                 "engine.deepspeed.zero_stage must be 0: mofo checkpoints hold full optimizer "
@@ -272,11 +273,16 @@ def wrap_model(
         return Wrapped(ds_model, optimizer, ds_model)
     if ctx.distributed and ctx.world_size > 1:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel(
+        model = nn.parallel.DistributedDataParallel(
             model, device_ids=ids,
             find_unused_parameters=bool(engine_cfg["find_unused_parameters"]),
         )
-        return Wrapped(ddp, optimizer, None)
+    if engine_cfg["compile"]:
+        # Compiled around DDP, as torch recommends (its DDPOptimizer splits the graph at the
+        # buckets); checkpoints keep the plain module's keys (unwrap strips _orig_mod.).
+        print(f"[mofo] engine.compile: torch.compile(backend={engine_cfg['compile_backend']}); "
+              "the first step compiles", file=sys.stderr, flush=True)
+        model = torch.compile(model, backend=engine_cfg["compile_backend"])
     return Wrapped(model, optimizer, None)
 
 
@@ -561,8 +567,8 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = dict(meta or {})
-    last_path, final_path = out_dir / LAST_CHECKPOINT, out_dir / FINAL_CHECKPOINT
-    log = MetricsLog(out_dir / METRICS_FILE, ctx.is_main, metrics_callback)
+    last_path, final_path = out_dir / LAST_CHECKPOINT, out_dir / CHECKPOINT
+    log = MetricsLog(out_dir / METRICS_LOG, ctx.is_main, metrics_callback)
     hash_ = digest(hash_config)
     seed = int(stage_cfg["seed"])
     epochs = int(stage_cfg["epochs"])

@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 
 from mofo.config import deep_merge, load_config
-from mofo.masking import STRATEGY_NAMES, is_model_side, needs_token_flow, select_from_config
+from mofo.masking import STRATEGY_NAMES, is_model_side, select_from_config
 from mofo.models.build import build_pretrain_model
 from mofo.models.hog import hog_dim
+from mofo.paths import RECONSTRUCTIONS, VALIDATION
 from mofo.provenance import inputs_digest, pretrain_stage, pretraining_spec, stage_settings
 from mofo.recipe.batch import planned_stage
 from mofo.runtime import data as data_io
-from mofo.runtime.device import seed_everything
+from mofo.runtime.device import device_frames, seed_everything
 from mofo.runtime.distributed import cleanup_distributed, init_distributed, unwrap
 from mofo.stage_args import resolve_paths, stage_arg_parser
 from mofo.training.engine import MetricsCallback, TrainResult, train
@@ -110,8 +111,8 @@ def provenance(config: dict, manifest_path: str | Path, results_dir: str | Path)
     and digests of the input files (with the trajectory files for MME's target, the pooled
     flow for a strategy that follows the flow)."""
     target, masking = config["pretrain"]["target"], config["masking"]["strategy"]
-    files = data_io.input_files(manifest_path, results_dir, trajectories=target == "mme",
-                                pooled_flow=needs_token_flow(masking))
+    files = data_io.input_files(manifest_path, results_dir,
+                                **data_io.pretraining_reads(masking, target))
     spec = {"stage": "pretrain", "masking": masking,
             "settings": stage_settings(config, pretrain_stage(target), masking),
             "inputs": inputs_digest(files)}
@@ -149,7 +150,7 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path, maskin
         if ctx.is_main and result.status == "finished":
             if pre_cfg["target"] == "pixels":  # a non-pixel target has no pixels to draw
                 save_reconstructions(unwrap(model), loader.dataset, config,
-                                     out_dir / "reconstructions",
+                                     out_dir / RECONSTRUCTIONS,
                                      int(pre_cfg["n_reconstruction_clips"]), ctx.device)
             write_validation(unwrap(model), config, manifest_path, results_dir, out_dir, ctx.device)
         return _final_path(result)
@@ -173,8 +174,8 @@ def write_validation(model: torch.nn.Module, config: dict, manifest_path: str | 
         result = validation_reconstruction(model, config, manifest_path, results_dir, device)
     else:
         result = {"ratio": None, "split": None, "reason": "the manifest has no validation split"}
-    path = out_dir / "validation.json"
-    tmp = path.with_name(".validation.json.tmp")
+    path = out_dir / VALIDATION
+    tmp = path.with_name(f".{VALIDATION}.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(path)
     return path
@@ -196,14 +197,14 @@ def save_reconstructions(model: torch.nn.Module, dataset, config: dict, out_dir:
     model_cfg = config["model"]
     for i in range(min(n_clips, len(dataset))):
         item = dataset[i]
-        frames = item["frames"][None].to(device)
+        frames = device_frames(item["frames"][None], device)
         batch = {"frames": frames, **({"mask": item["mask"][None]} if "mask" in item else {})}
         hidden, target = (m.to(device) for m in pretrain_masks(model, batch, config["masking"]))
         pred = model(frames, hidden, target)[0]
         boxes = item.get("boxes")
         boxes = boxes.numpy() if isinstance(boxes, torch.Tensor) else boxes
         paths.append(reconstruction_figure(
-            item["frames"], target[0], pred, boxes, out_dir / f"{item['clip_id']}.png",
+            frames[0].cpu(), target[0], pred, boxes, out_dir / f"{item['clip_id']}.png",
             int(model_cfg["patch_size"]), int(model_cfg["tubelet_size"]),
             bool(config["pretrain"]["normalize_target"]),
             title=f"{item['clip_id']} ({config['masking']['strategy']} masking)",

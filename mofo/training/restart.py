@@ -3,7 +3,8 @@
 ``checkpoint-last.pt`` is resumed when it belongs to the same run (same provenance hash,
 :mod:`mofo.training.engine`). That alone would also resume it when the user asked Snakemake
 to *redo* the job (``--forcerun`` / ``-R``, ``--force`` / ``-f`` on its output, ``--forceall``
-/ ``-F``) after a preemption, which the README promises trains from step 0. So:
+/ ``-F``) after a preemption, which docs/RERUNS.md ("When training restarts and when it
+resumes") promises trains from step 0. So:
 
 * The main Snakemake process learns what this invocation forces from its DAG settings in the
   ``onstart`` hook (at parse time they are not set yet; hooks run in the main process only,
@@ -34,9 +35,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mofo.paths import LAST_CHECKPOINT
+
 FORCED_ENV = "MOFO_FORCED_JOBS"
 FORCED_MARKER = "forced-run.json"
-LAST_CHECKPOINT = "checkpoint-last.pt"  # = mofo.training.engine.LAST_CHECKPOINT
 
 
 def forced_environment(dag_settings: Any) -> dict[str, str]:

@@ -29,6 +29,7 @@ import torch
 from mofo.masking import is_model_side, mask_from_config, needs_token_flow, select_from_config
 from mofo.masking.grid import token_grid
 from mofo.runtime import data as data_io
+from mofo.runtime.device import device_frames
 from mofo.training.losses import patch_normalized_target
 
 MASK_SEED = 20231215  # one fixed base seed for the validation masks of every run
@@ -82,7 +83,7 @@ def validation_reconstruction(model: torch.nn.Module, config: dict, manifest_pat
     model.eval()
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        frames = torch.stack([it["frames"] for it in items]).to(device)
+        frames = device_frames(torch.stack([it["frames"] for it in items]), device)
         inbox = torch.stack([it["inbox"] for it in items]).numpy()
         hidden, mask = validation_masks(model, config["masking"], frames, items, inbox, grid)
         masks = mask.cpu().numpy()

@@ -1,6 +1,7 @@
 """Snakemake adapter: pooled encoder features per clip (python -m mofo.evaluation.features)."""
 
 from mofo.logs import job_log
+from mofo.paths import results_root
 from mofo.stages import run_stage_module
 from mofo.tracking import stage_run_from_snakemake
 
@@ -9,7 +10,7 @@ with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
     run_stage_module(
         "mofo.evaluation.features",
         ["--checkpoint", sm.params.source, "--seed", sm.wildcards.seed, "--manifest", sm.input.manifest,
-         "--results-dir", sm.config["results_dir"] + "/" + sm.config["dataset"]["name"],
+         "--results-dir", results_root(sm.config),
          "--out", sm.params.out_dir, "--splits", "train", "validation"],
         sm.config,
         sm.params.out_dir,

@@ -1,6 +1,7 @@
 """Snakemake adapter: fine-tuning with a mean or MCA head (python -m mofo.training.finetune)."""
 
 from mofo.logs import job_log
+from mofo.paths import METRICS_LOG, results_root
 from mofo.recipe.published import training_params
 from mofo.stages import run_stage_module
 from mofo.tracking import stage_run_from_snakemake
@@ -14,7 +15,7 @@ with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
         "mofo.training.finetune",
         ["--head", sm.wildcards.head, "--seed", sm.wildcards.seed, "--manifest", sm.input.manifest,
          *(["--pretrained", sm.input.pretrained] if sm.input.pretrained else []),  # scratch: none
-         "--results-dir", sm.config["results_dir"] + "/" + sm.config["dataset"]["name"],
+         "--results-dir", results_root(sm.config),
          "--out", sm.params.out_dir],
         sm.config,
         sm.params.out_dir,
@@ -22,5 +23,5 @@ with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
         nodes=sm.params.nodes,
         threads=sm.threads,
     )
-    tracker.log_jsonl(sm.params.out_dir + "/metrics.jsonl")
+    tracker.log_jsonl(f"{sm.params.out_dir}/{METRICS_LOG}")
     tracker.log_artifact(sm.output.checkpoint, "models")

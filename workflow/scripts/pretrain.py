@@ -1,6 +1,7 @@
 """Snakemake adapter: MOFO / VideoMAE pretraining (python -m mofo.training.pretrain)."""
 
 from mofo.logs import job_log
+from mofo.paths import METRICS_LOG, RECONSTRUCTIONS, results_root
 from mofo.recipe.published import training_params
 from mofo.stages import run_stage_module
 from mofo.tracking import stage_run_from_snakemake
@@ -13,7 +14,7 @@ with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
     run_stage_module(
         "mofo.training.pretrain",
         ["--masking", sm.wildcards.masking, "--seed", sm.wildcards.seed, "--manifest", sm.input.manifest,
-         "--results-dir", sm.config["results_dir"] + "/" + sm.config["dataset"]["name"],
+         "--results-dir", results_root(sm.config),
          "--out", sm.params.out_dir],
         sm.config,
         sm.params.out_dir,
@@ -21,6 +22,6 @@ with stage_run_from_snakemake(sm) as tracker, job_log(sm.log[0]):
         nodes=sm.params.nodes,
         threads=sm.threads,
     )
-    tracker.log_jsonl(sm.params.out_dir + "/metrics.jsonl")
+    tracker.log_jsonl(f"{sm.params.out_dir}/{METRICS_LOG}")
     tracker.log_artifact(sm.output.checkpoint, "models")
-    tracker.log_artifact(sm.params.out_dir + "/reconstructions", "figures")
+    tracker.log_artifact(f"{sm.params.out_dir}/{RECONSTRUCTIONS}", "figures")
