@@ -108,6 +108,11 @@ PRETRAIN_TARGETS = ("pixels", "mme")
 #: (the rules' wildcard_constraints; config/config.schema.yaml's variants[].masking is
 #: ``^PRETRAINING_NAME$``, tests/test_paths.py holds them equal).
 PRETRAINING_NAME = r"[a-z]+(_[a-z]+)?"
+#: The two names the ``{masking}`` wildcard takes besides pretrainings: a variant's masking
+#: ``scratch`` fine-tunes from a random init (no pretraining), and the probes' encoder
+#: ``random`` is a pretraining's initial weights (the reference row of every kNN figure).
+SCRATCH = "scratch"
+RANDOM_ENCODER = "random"
 
 
 def pretraining_spec(name: str) -> tuple[str, str]:

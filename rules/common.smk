@@ -17,8 +17,11 @@ from mofo.paths import (  # file names inside a run folder
 )
 from mofo.recipe.batch import TRAINING_STAGES, describe_plans, processes_per_node
 from mofo.runtime.data import pretraining_reads
+from mofo.masking import check_strategy
 from mofo.provenance import (  # a rule's rerun trigger: what its stage reads
     PRETRAINING_NAME,
+    RANDOM_ENCODER as RANDOM_INIT,
+    SCRATCH,
     pretrain_stage,
     pretraining_spec,
     stage_hash,
@@ -102,8 +105,9 @@ def pretrain_config_hash(wildcards):
 
 VARIANTS = config["variants"]
 SEEDS = config["seeds"]
-SCRATCH = "scratch"  # a variant's masking that means "no pretraining": fine-tuning from a random init
 PRETRAININGS = sorted({v["masking"] for v in VARIANTS.values()} - {SCRATCH})
+for _name in PRETRAININGS + [config["masking"]["strategy"]]:  # the registry owns the names
+    check_strategy(pretraining_spec(_name)[0])
 
 
 def pretrained_input(wildcards):
@@ -172,7 +176,6 @@ SHARD_GROUP = "motion_chain"
 
 # Probes (rules/probe.smk), per seed: every pretraining of the variants, and `random` -- the
 # pretraining's initial weights under the {seed} wildcard, the reference row.
-RANDOM_INIT = "random"
 PROBE_ENCODERS = PRETRAININGS + [RANDOM_INIT]
 
 

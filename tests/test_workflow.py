@@ -85,6 +85,21 @@ def test_bad_config_value_stops_with_the_key(tmp_path: Path):
     assert "raft" in output and "optical_flow" in output and "method" in output
 
 
+@pytest.mark.parametrize("overlay", [
+    "masking:\n  strategy: nope\n",
+    "variants:\n  odd:\n    label: Odd\n    masking: nope_mme\n    head: mean\n",
+])
+def test_an_unregistered_masking_strategy_stops_the_dry_run(tmp_path: Path, overlay: str):
+    """The masking registry is the one list of strategies (the schema checks only the form):
+    the workflow checks every pretraining's strategy, and the default, before planning."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(overlay)
+    result = snakemake("-n", "--configfile", str(bad))
+    assert result.returncode != 0
+    assert ("unknown masking strategy 'nope'; choose one of ['everest', 'mgmae', 'mofo', "
+            "'tube']") in result.stdout + result.stderr
+
+
 @pytest.mark.slow
 def test_motion_stages_end_to_end_and_a_corrupt_video(tiny_overlay: Path, tmp_path: Path):
     result = snakemake("motion", "--cores", "2", "--configfile", str(TINY), str(tiny_overlay))

@@ -39,12 +39,13 @@ from mofo.models.build import build_encoder, build_pretrain_model
 from mofo.models.checkpoint import load_pretrained, pretrained_meta
 from mofo.models.vit import VideoEncoder
 from mofo.paths import FEATURES
+from mofo.provenance import RANDOM_ENCODER
 from mofo.runtime import data as data_io
 from mofo.runtime.device import autocast_context, seed_everything, to_device
 from mofo.runtime.distributed import apply_cpu_threads, rank_info, select_device
 from mofo.stage_args import resolve_paths, stage_arg_parser
 
-RANDOM = "random"
+RANDOM = RANDOM_ENCODER  # --checkpoint random: the initial weights, no checkpoint
 POOLING = "mean over all tokens of the encoder output after its final LayerNorm"
 
 
