@@ -20,6 +20,7 @@ from mofo.runtime.distributed import DistContext, RankInfo, rank_info
 from mofo.training import engine
 from mofo.training.losses import masked_reconstruction_loss, patch_normalized_target
 from mofo.training.optim import build_optimizer
+from mofo.training.wrapping import deepspeed_config
 
 TINY_MODEL = {"size": "demo", "input_size": 16, "num_frames": 4, "sampling_rate": 1,
               "patch_size": 8, "tubelet_size": 2}
@@ -358,7 +359,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_large_batch(tmp_path
 def test_effective_batch_is_batch_times_processes_times_accumulation():
     assert engine.effective_batch({"batch_size": 32, "accum_steps": 8}, 8) == 2048
     assert engine.effective_batch({"batch_size": 4, "accum_steps": 1}, 2) == 8
-    ds = engine.deepspeed_config({"clip_grad": 1.0}, ENGINE, batch_size=4, world=2, accum_steps=3,
+    ds = deepspeed_config({"clip_grad": 1.0}, ENGINE, batch_size=4, world=2, accum_steps=3,
                                  device=torch.device("cpu"))
     assert ds["gradient_accumulation_steps"] == 3 and ds["train_batch_size"] == 24
 

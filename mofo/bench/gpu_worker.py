@@ -130,9 +130,9 @@ def run_ddp(spec: dict) -> dict:
 def run_deepspeed(spec: dict) -> dict:
     """One DeepSpeed process (ZeRO 0, fp32 weights, torch autocast): timed steps."""
     from mofo.runtime.distributed import cleanup_distributed, init_distributed
-    from mofo.training.engine import wrap_model
     from mofo.training.optim import build_optimizer
     from mofo.training.pretrain import pretrain_task
+    from mofo.training.wrapping import wrap_model
 
     preset = get_preset(spec["preset"])
     engine_cfg = {**load_config()["engine"], "kind": "deepspeed", "device": spec["device"],

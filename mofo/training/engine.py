@@ -32,8 +32,9 @@ nccl on GPU) and under DeepSpeed (``engine.kind: deepspeed``). A stage supplies 
   ``mofo.training.selection``); its state is saved in ``checkpoint-last.pt``.
 
 DeepSpeed note: the forward runs under torch autocast as in the other engines (DeepSpeed's
-``torch_autocast`` section, see :func:`deepspeed_config`) and DeepSpeed keeps fp32 weights (no
-``bf16`` section), ZeRO stage 0; mofo's own checkpoint format is used so
+``torch_autocast`` section, see :func:`mofo.training.wrapping.deepspeed_config`) and
+DeepSpeed keeps fp32 weights (no ``bf16`` section), ZeRO stage 0; mofo's own checkpoint format
+is used so
 that resuming and ``load_pretrained`` work the same whichever engine wrote the file.
 """
 
@@ -58,11 +59,9 @@ from tqdm import tqdm
 from mofo.paths import CHECKPOINT, LAST_CHECKPOINT, METRICS_LOG
 from mofo.provenance import digest
 from mofo.runtime.device import (
-    AUTOCAST_DTYPE,
     autocast_context,
     seed_everything,
     to_device,
-    uses_autocast,
 )
 from mofo.runtime.distributed import (
     DistContext,
@@ -73,11 +72,12 @@ from mofo.runtime.distributed import (
 )
 from mofo.runtime.loader import set_loader_epoch
 from mofo.training import resume_state as ckpt_io
+from mofo.training.metrics_log import MetricsCallback, MetricsLog
 from mofo.training.optim import build_optimizer, build_scheduler, current_lr
 from mofo.training.requeue import REQUEUE_EXIT_CODE, REQUEUE_MARKER
+from mofo.training.wrapping import Wrapped, wrap_model
 
 Task = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
-MetricsCallback = Callable[[dict, int], None]
 
 
 class EpochEnd(Protocol):
@@ -168,122 +168,6 @@ def count_batch(batch: Any) -> int:
     """Clips in a batch (first dimension of its ``frames``)."""
     frames = batch["frames"] if isinstance(batch, dict) else batch[0]
     return int(frames.shape[0])
-
-
-# --------------------------------------------------------------------------- metrics log
-class MetricsLog:
-    """Appends JSON lines on rank 0 and forwards every record to ``callback``."""
-
-    def __init__(self, path: Path, enabled: bool, callback: MetricsCallback | None):
-        self.path = path
-        self.enabled = enabled
-        self.callback = callback
-
-    def truncate_after(self, global_step: int) -> None:
-        """Drop records a killed run wrote after the step it is resumed from."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by the kill
-            if record.get("step", 0) <= global_step and record.get("type") != "end":
-                kept.append(line)
-        self.path.write_text("".join(k + "\n" for k in kept))
-
-    def reset(self) -> None:
-        if self.enabled and self.path.exists():
-            self.path.unlink()
-
-    def write(self, record: dict, step: int) -> None:
-        if not self.enabled:
-            return
-        record = {"time": time.time(), **record}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if self.callback is not None:
-            self.callback(record, step)
-
-
-# --------------------------------------------------------------------------- engine wrapper
-@dataclass
-class Wrapped:
-    """The model as the loop calls it plus the objects that step it."""
-
-    model: nn.Module  # DDP / DeepSpeed engine / plain module
-    optimizer: torch.optim.Optimizer
-    ds_engine: Any | None
-
-
-def deepspeed_config(stage_cfg: dict, engine_cfg: dict, batch_size: int, world: int,
-                     accum_steps: int, device: torch.device) -> dict:
-    """DeepSpeed's JSON config: fp32 weights, ZeRO 0, our client optimizer, clipping, and
-    ``accum_steps`` micro-batches of ``batch_size`` per optimizer step.
-
-    Where :func:`uses_autocast` holds, the config turns DeepSpeed's ``torch_autocast`` on:
-    without it the engine's forward switches off the caller's autocast (DeepSpeed >= 0.16
-    does, with a warning), and a "bf16" run trains in fp32 (``mofo bench gpu`` on an H200:
-    half the clips/s of DDP, fp32's peak memory). ``lower_precision_safe_modules: []`` keeps
-    every gradient's all-reduce in fp32, as DDP's; DeepSpeed's default would reduce the
-    ``nn.Linear`` gradients in bf16.
-    """
-    ds_cfg = engine_cfg["deepspeed"]
-    dtype = str(AUTOCAST_DTYPE).removeprefix("torch.")
-    autocast = ({"torch_autocast": {"enabled": True, "dtype": dtype,
-                                    "lower_precision_safe_modules": []}}
-                if uses_autocast(engine_cfg, device) else {})
-    return {
-        **autocast,
-        "train_micro_batch_size_per_gpu": batch_size,
-        "gradient_accumulation_steps": accum_steps,
-        "train_batch_size": batch_size * world * accum_steps,
-        "gradient_clipping": float(stage_cfg.get("clip_grad") or 0.0),
-        "zero_optimization": {"stage": int(ds_cfg["zero_stage"])},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def wrap_model(
-    model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext, stage_cfg: dict,
-    engine_cfg: dict, batch_size: int, accum_steps: int,
-) -> Wrapped:
-    """DDP for several torch processes, ``deepspeed.initialize`` for DeepSpeed, else as is."""
-    if ctx.kind == "deepspeed":
-        import deepspeed
-
-        if engine_cfg["compile"]:
-            raise ValueError("engine.compile is for engine.kind torch; DeepSpeed compiles "
-                             "through its own config (not used by mofo)")
-
-        if int(engine_cfg["deepspeed"]["zero_stage"]) != 0:
-            raise ValueError(
-                "engine.deepspeed.zero_stage must be 0: mofo checkpoints hold full optimizer "
-                "states (ViT-B fits on one GPU, so ZeRO sharding is not needed)"
-            )
-        ds_model, _ds_opt, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            config=deepspeed_config(stage_cfg, engine_cfg, batch_size, ctx.world_size,
-                                    accum_steps, ctx.device),
-        )
-        return Wrapped(ds_model, optimizer, ds_model)
-    if ctx.distributed and ctx.world_size > 1:
-        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=ids,
-            find_unused_parameters=bool(engine_cfg["find_unused_parameters"]),
-        )
-    if engine_cfg["compile"]:
-        # Compiled around DDP, as torch recommends (its DDPOptimizer splits the graph at the
-        # buckets); checkpoints keep the plain module's keys (unwrap strips _orig_mod.).
-        print(f"[mofo] engine.compile: torch.compile(backend={engine_cfg['compile_backend']}); "
-              "the first step compiles", file=sys.stderr, flush=True)
-        model = torch.compile(model, backend=engine_cfg["compile_backend"])
-    return Wrapped(model, optimizer, None)
 
 
 # --------------------------------------------------------------------------- the loop

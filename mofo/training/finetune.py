@@ -39,8 +39,9 @@ from mofo.runtime import data as data_io
 from mofo.runtime.device import seed_everything
 from mofo.runtime.distributed import cleanup_distributed, init_distributed
 from mofo.stage_args import resolve_paths, stage_arg_parser
-from mofo.training.engine import MetricsCallback, train
+from mofo.training.engine import train
 from mofo.training.losses import classification_loss
+from mofo.training.metrics_log import MetricsCallback
 from mofo.training.mixup import VideoMixup
 from mofo.training.selection import last_selection_meta, selection_hook
 

@@ -33,8 +33,9 @@ from mofo.runtime import data as data_io
 from mofo.runtime.device import device_frames, seed_everything
 from mofo.runtime.distributed import cleanup_distributed, init_distributed, unwrap
 from mofo.stage_args import resolve_paths, stage_arg_parser
-from mofo.training.engine import MetricsCallback, TrainResult, train
+from mofo.training.engine import TrainResult, train
 from mofo.training.losses import masked_reconstruction_loss, mme_loss
+from mofo.training.metrics_log import MetricsCallback
 
 
 def pretrain_masks(model: torch.nn.Module, batch: dict,
