@@ -46,8 +46,10 @@ def mlflow_tracking_server(tmp_path_factory) -> MlflowServer:
 @pytest.fixture(scope="session")
 def tiny_local_pipeline(mlflow_tracking_server, tmp_path_factory) -> Path:
     """The real pipeline on .test/config/tiny.yaml with the local executor (2 cores), tracked
-    to the test server. Shared: the ``mlflow`` tests check its runs, the ``slurm`` tests
-    compare the SLURM run's results with it. Returns the working directory."""
+    to the test server. Built once per session and shared read-only: the ``mlflow`` tests
+    check its runs, the ``slurm`` tests compare the SLURM run's results with it; the report
+    and resume tests run Snakemake on a private copy of it
+    (``tests.cluster.pipeline.private_copy``). Returns the working directory."""
     work = pipeline.workdir(tmp_path_factory.mktemp("tiny-local") / "work")
     proc = pipeline.run_local(work, extra_env={"MLFLOW_TRACKING_URI": mlflow_tracking_server.uri})
     assert proc.returncode == 0, f"local pipeline run failed:\n{proc.stderr[-6000:]}"

@@ -1,7 +1,9 @@
 """The training loop under torchrun (2 CPU processes, gloo) and under DeepSpeed (CPU).
 
 Both start real subprocesses. DeepSpeed compiles a small C++ op on its first start (minutes);
-it is cached under ``~/.cache/mofo/torch_extensions`` (or ``$TORCH_EXTENSIONS_DIR``).
+it is cached under ``~/.cache/mofo/torch_extensions`` (or ``$TORCH_EXTENSIONS_DIR``), which
+no test changes, so the session (and every later one) compiles it once. The plain DeepSpeed
+run is shared by the two DeepSpeed tests (module fixture ``deepspeed_plain``).
 """
 
 from __future__ import annotations
@@ -94,15 +96,28 @@ def test_torchrun_two_cpu_processes_train_in_sync(tmp_path):
     assert (tmp_path / "checkpoint.pt").exists()
 
 
+def deepspeed_selfcheck(out, batch: int, accum: int):
+    """``mofo.bench.selfcheck`` under DeepSpeed (one CPU process) into ``out``."""
+    run([sys.executable, "-m", "mofo.bench.selfcheck", "--engine", "deepspeed",
+         "--batch-size", str(batch), "--accum-steps", str(accum), "--out", str(out)],
+        timeout=900)
+    return out
+
+
+@pytest.fixture(scope="module")
+def deepspeed_plain(tmp_path_factory):
+    """The self-check's DeepSpeed run at its defaults (micro-batches of 4, no accumulation),
+    read, not written, by the two DeepSpeed tests: one DeepSpeed start instead of two."""
+    return deepspeed_selfcheck(tmp_path_factory.mktemp("deepspeed-plain"), 4, 1)
+
+
 @pytest.mark.slow
-def test_deepspeed_engine_takes_optimizer_steps_on_cpu(tmp_path):
-    run([sys.executable, "-m", "mofo.bench.selfcheck", "--engine", "deepspeed", "--out",
-         str(tmp_path)], timeout=900)
-    (s,) = summaries(tmp_path, 1)
+def test_deepspeed_engine_takes_optimizer_steps_on_cpu(deepspeed_plain):
+    (s,) = summaries(deepspeed_plain, 1)
     assert s["engine"] == "deepspeed" and s["steps"] == 8 and s["status"] == "finished"
     assert all(math.isfinite(v) for v in s["losses"])
-    assert_trained(weights(tmp_path, s), initial_weights())
-    final = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert_trained(weights(deepspeed_plain, s), initial_weights())
+    final = torch.load(deepspeed_plain / "checkpoint.pt", weights_only=True)
     assert final["global_step"] == 8
 
 
@@ -128,16 +143,11 @@ def test_ddp_accumulation_all_reduces_once_per_optimizer_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_accumulation_matches_one_larger_micro_batch(tmp_path):
+def test_deepspeed_accumulation_matches_one_larger_micro_batch(deepspeed_plain, tmp_path):
     """DeepSpeed with gradient_accumulation_steps 2 on micro-batches of 2 trains the same
     weights as micro-batches of 4: its backward divides by the accumulation steps and its
     step() updates only at the window's end."""
-    out = {}
-    for batch, accum in ((4, 1), (2, 2)):
-        out[accum] = tmp_path / f"accum{accum}"
-        run([sys.executable, "-m", "mofo.bench.selfcheck", "--engine", "deepspeed",
-             "--batch-size", str(batch), "--accum-steps", str(accum), "--out", str(out[accum])],
-            timeout=900)
+    out = {1: deepspeed_plain, 2: deepspeed_selfcheck(tmp_path / "accum2", 2, 2)}
     (plain,), (acc,) = summaries(out[1], 1), summaries(out[2], 1)
     assert plain["steps"] == acc["steps"] == 8
     assert acc["losses"] == pytest.approx(plain["losses"], rel=1e-5)

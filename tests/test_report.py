@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.smkwork import run_snakemake
+from tests.cluster import pipeline
+from tests.smkwork import run_snakemake, snakemake_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / ".test" / "config" / "tiny.yaml"
@@ -95,23 +96,54 @@ def chromium(*args: str, user_dir: Path, timeout: int = 180) -> subprocess.Compl
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+#: The rules that draw the report's figures (localrules): all that `figures` runs on a finished run.
+FIGURE_RULES = {"figures", "pretrain_figures", "variant_figures", "table_figure"}
+
+
+def job_stats(output: str) -> dict[str, int]:
+    """The "Job stats" table Snakemake prints before it runs (or dry-runs) the jobs."""
+    table = output.split("Job stats:", 1)[1].strip().split("\n\n", 1)[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, flags=re.M)}
+
+
+def no_tracking(folder: Path) -> Path:
+    path = folder / "no-tracking.yaml"
+    path.write_text(yaml.safe_dump({"tracking": {"mlflow": {"enabled": False}}}))
+    return path
+
+
 @pytest.fixture(scope="module")
-def tiny_report(tmp_path_factory) -> tuple[Path, Path]:
-    """The tiny pipeline, its figures and the report, in one snakemake command (docs/PIPELINE.md
-    "Report")."""
+def tiny_report(tiny_local_pipeline, tmp_path_factory) -> tuple[Path, Path]:
+    """The report of the tiny pipeline with the docs' command (docs/PIPELINE.md "Report"):
+    ``snakemake --cores 2 figures --report <html> --report-after-run``, on a private copy of
+    the session's finished tiny pipeline, where it only draws the figures and writes the
+    report (checked: no stage job runs). That the same command runs the whole pipeline on a
+    fresh checkout is checked by its dry run below."""
     root = tmp_path_factory.mktemp("report")
-    paths = root / "paths.yaml"
-    paths.write_text(yaml.safe_dump({
-        "results_dir": str(root / "results"),
-        "dataset": {"demo": {"root": str(root / "demo")}},
-        "tracking": {"mlflow": {"enabled": False}},
-    }))
-    report = root / "results" / "demo" / "report.html"
-    result = run_snakemake("--cores", "2", "figures", "--configfile", str(TINY), str(paths),
-                           "--report", str(report), "--report-after-run", timeout=1800,
-                           base=root)
+    work = pipeline.private_copy(tiny_local_pipeline, root / "work")
+    report = work / "results" / "demo" / "report.html"
+    result = subprocess.run(
+        snakemake_cmd(work, "--cores", "2", "figures", "--configfile", str(TINY),
+                      str(no_tracking(root)), "--report", str(report), "--report-after-run"),
+        cwd=work, capture_output=True, text=True, timeout=1800, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return root, report
+    ran = set(job_stats(result.stdout + result.stderr)) - {"total"}
+    assert ran and ran <= FIGURE_RULES, ran  # a finished run: only the figures are drawn
+    return work, report
+
+
+def test_report_command_runs_the_whole_pipeline_on_a_fresh_checkout(tmp_path: Path):
+    """docs/PIPELINE.md "Report": the same command on a fresh checkout runs what is missing,
+    every stage of the pipeline, and then draws the figures (a dry run)."""
+    result = run_snakemake("-n", "figures", "--configfile", str(TINY), str(no_tracking(tmp_path)))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    counts = job_stats(result.stdout)
+    # Every rule that becomes a job, but MME's trajectories (no MME pretraining in the tiny
+    # config); the figures once per pretraining, per variant and for the table.
+    assert set(counts) - {"total"} == (pipeline.PIPELINE_RULES - {"trajectories"}) | FIGURE_RULES
+    assert counts["pretrain_figures"] == counts["pretrain"] == 2, counts
+    assert counts["variant_figures"] == counts["evaluate"] == 5, counts
+    assert counts["table_figure"] == counts["figures"] == 1, counts
 
 
 @pytest.mark.slow

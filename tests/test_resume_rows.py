@@ -6,8 +6,9 @@ The interruption is real: a tiny Snakemake run of fine-tuning gets SIGUSR1 (what
 exits with the requeue code 75, so Snakemake sees a failed job -- the state a preempted job
 leaves behind. Fine-tuning runs ``EPOCHS`` epochs here (an overlay on the tiny config) so
 that the signal lands well before the end. Every Snakemake call runs in this module's own
-working directory (its own ``.snakemake/``); the tests share one built pipeline and each
-starts by interrupting fine-tuning itself, so they do not depend on their order.
+working directory (its own ``.snakemake/``: a copy of the session's tiny pipeline); the tests
+share it and each starts by interrupting fine-tuning itself, so they do not depend on their
+order.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import pytest
 import torch
 import yaml
 
+from tests.cluster.pipeline import args as pipeline_args
+from tests.cluster.pipeline import private_copy
 from tests.test_reruns import assert_trained_from_step_zero
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / ".test" / "config" / "tiny.yaml"
 STAGE = "finetune/mofo-mean/s0"
 EPOCHS = 20
 STEPS = EPOCHS * (12 // 4)  # tiny: 12 training clips in batches of 4
@@ -45,11 +46,11 @@ class Pipeline:
         self.stage_dir = self.res / STAGE
         self.log = self.res / "logs" / "finetune" / "mofo-mean-s0.log"
         self.target = self.stage_dir / "checkpoint.pt"
-        self.base = [self.overlay("paths", {
-            "results_dir": str(root / "results"),
-            "dataset": {"demo": {"root": str(root / "demo")}},
-            "tracking": {"mlflow": {"enabled": False}},
-        }), self.overlay("long", {"finetune": {"epochs": EPOCHS}})]
+        self.target_arg = f"results/demo/{STAGE}/checkpoint.pt"  # as the rule names it
+        # The layout of the copied tiny pipeline (results/, data/demo: the config's defaults,
+        # relative to this working directory), without tracking.
+        self.base = [self.overlay("paths", {"tracking": {"mlflow": {"enabled": False}}}),
+                     self.overlay("long", {"finetune": {"epochs": EPOCHS}})]
 
     def overlay(self, name: str, content: dict) -> Path:
         path = self.root / f"{name}.yaml"
@@ -57,10 +58,11 @@ class Pipeline:
         return path
 
     def command(self, args: tuple[str, ...], overlays: tuple[Path, ...]) -> list[str]:
-        return [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--nolock",
-                "--cores", "2", str(self.target), *args, "--configfile",
-                str(ROOT / "config" / "config.yaml"), str(TINY), *map(str, self.base),
-                *map(str, overlays)]
+        # The tiny pipeline's own command line (config/ is linked in the working directory,
+        # the overlays come after the tiny config): the same config, keys in the same order,
+        # so Snakemake sees the copied outputs' params unchanged.
+        return [sys.executable, "-m", "snakemake", "--nolock", "--cores", "2", self.target_arg,
+                *args, *pipeline_args(self.root, *self.base, *overlays)]
 
     @staticmethod
     def env() -> dict[str, str]:
@@ -104,15 +106,18 @@ class Pipeline:
 
 
 def stage_pid(out_dir: Path) -> int:
-    """The process id of the fine-tuning stage writing to ``out_dir`` (from /proc)."""
+    """The process id of the fine-tuning stage writing to ``out_dir`` (from /proc: its
+    ``--out`` names the folder relative to the process's working directory)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
+            cwd = Path(os.readlink(entry / "cwd"))
         except OSError:
             continue
-        if b"mofo.training.finetune" in argv and str(out_dir).encode() in argv:
+        if b"mofo.training.finetune" in argv and any(
+                cwd / os.fsdecode(arg) == out_dir for arg in argv if arg):
             return int(entry.name)
     raise AssertionError(f"no fine-tuning process for {out_dir}")
 
@@ -132,16 +137,24 @@ def assert_resumed(p: Pipeline, at: int, since: float) -> None:
     interrupted run's records, the ones after it new, every step once, and the log says so."""
     assert p.steps() == list(range(1, STEPS + 1)), p.steps()
     assert p.steps(since) == list(range(at + 1, STEPS + 1)), p.steps(since)
-    assert f"resuming from {p.stage_dir / 'checkpoint-last.pt'} at epoch" in p.log.read_text()
+    last = p.stage_dir.relative_to(p.root) / "checkpoint-last.pt"  # results/ is relative
+    assert f"resuming from {last} at epoch" in p.log.read_text()
     assert f"step {at}" in p.log.read_text()
     assert p.target.exists() and not (p.stage_dir / "checkpoint-last.pt").exists()
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Pipeline:
-    """The tiny demo's motion chain, `mofo` pretraining and `mofo-mean` fine-tuning, once."""
-    p = Pipeline(tmp_path_factory.mktemp("resume-rows"))
+def pipeline(tiny_local_pipeline, tmp_path_factory) -> Pipeline:
+    """The tiny demo's motion chain, `mofo` pretraining and `mofo-mean` fine-tuning: a private
+    copy of the session's tiny pipeline, where the longer fine-tuning (``EPOCHS``) is the only
+    job that runs (checked)."""
+    p = Pipeline(private_copy(tiny_local_pipeline, tmp_path_factory.mktemp("resume-rows") / "work"))
+    since = time.time()
     p.snakemake()
+    assert p.steps(since) == list(range(1, STEPS + 1))  # the fine-tuning ran, in full
+    assert all(path.stat().st_mtime < since for path in (
+        p.res / "pretrain" / "mofo" / "s0" / "checkpoint.pt", p.res / "manifest.csv",
+        *(p.res / "boxes").glob("*.csv"))), "more than the fine-tuning ran again"
     return p
 
 
@@ -185,7 +198,7 @@ def rerun_after_preemption(pipeline: Pipeline, *args: str,
 ], ids=["forcerun-rule", "R-rule", "R-file", "force-target"])
 def test_preempted_job_forced_trains_from_step_zero(pipeline: Pipeline, force: tuple[str, ...]):
     since = rerun_after_preemption(
-        pipeline, *(str(pipeline.target) if a == "<target>" else a for a in force))
+        pipeline, *(pipeline.target_arg if a == "<target>" else a for a in force))
     assert_trained_from_step_zero(pipeline.stage_dir, pipeline.log, since, STEPS)
 
 

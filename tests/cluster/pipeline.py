@@ -8,6 +8,7 @@ repository's, because the Snakefile's ``configfile:`` is read relative to the wo
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,17 @@ def workdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config").symlink_to(REPO_ROOT / "config")
     return path
+
+
+def private_copy(work: Path, dest: Path) -> Path:
+    """A copy of the finished pipeline directory ``work`` (the session's ``tiny_local_pipeline``)
+    at ``dest``, for a test that runs Snakemake on it: the shared directory stays read-only.
+    ``symlinks=True`` keeps ``config/`` a link to the repository's; copy2 keeps the mtimes and
+    ``.snakemake/`` (metadata) comes along, so Snakemake sees the same up-to-date outputs and
+    reruns only what the test changes. Every path in the results is relative to the working
+    directory (``results/``, ``data/demo``), so the copy reads and writes only its own files."""
+    shutil.copytree(work, dest, symlinks=True)
+    return dest
 
 
 def args(work: Path, *configfiles: Path) -> list[str]:
