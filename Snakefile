@@ -24,6 +24,17 @@ from mofo.tracking import finish_workflow_run, start_workflow_run
 from mofo.training.restart import forced_environment
 
 
+# A job's own Snakemake (--mode remote: in the batch step and, started by srun, in the job
+# step) ignores SLURM's warning signal. SIGUSR1 kills a Python process without a handler: the
+# job step's task would end at once and the step with it (on a cluster that tracks processes
+# by cgroup, the training too, before it saved), instead of waiting until the training has
+# written checkpoint-last.pt and exited 75 (mofo/stages.py passes the signal on).
+if workflow.remote_exec:
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 # Main process only, before any job starts: tell the training jobs what this invocation
 # forces (--forcerun/-R, -f, -F), so a forced job trains from step 0 while a retry of its
 # interrupted attempt resumes (mofo/training/restart.py explains why an environment variable).

@@ -297,6 +297,59 @@ def test_shared_server_needs_credentials(mlflow_auth_server, tmp_path, monkeypat
     assert client.get_experiment_by_name("anonymous") is None
 
 
+OWNER_ACCOUNT = ("mofo-owner", "owner-password-1234")  # test server only
+READER_ACCOUNT = ("mofo-reader", "reader-password-1234")
+
+
+def test_shared_server_credentials_file_and_no_permission(mlflow_auth_server, tmp_path,
+                                                          monkeypatch):
+    """docs/CLUSTER.md "MLflow": credentials kept in ``~/.mlflow/credentials`` (no variables
+    set) are read by every job, which logs as usual; the variables win over the file; an
+    account without permission on the experiment (``default_permission = READ``, the
+    experiment made by another account) is refused with 403: each job warns once, naming the
+    URI and the refusal, writes its outputs, and nothing is logged."""
+    from mlflow.server import get_app_client
+
+    server = mlflow_auth_server
+    server.create_user(*OWNER_ACCOUNT)
+    server.create_user(*READER_ACCOUNT)
+    home = tmp_path / "home"
+    (home / ".mlflow").mkdir(parents=True)
+    credentials = home / ".mlflow" / "credentials"
+    credentials.touch(mode=0o600)
+    credentials.write_text(f"[mlflow]\nmlflow_tracking_username = {OWNER_ACCOUNT[0]}\n"
+                           f"mlflow_tracking_password = {OWNER_ACCOUNT[1]}\n")
+
+    folder = write_workflow(tmp_path / "file", "from-file")
+    proc = run_snakemake(folder, server.uri, extra_env={"HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "MLflow tracking at" not in proc.stderr, proc.stderr[-5000:]
+    for var, value in server.admin_env().items():  # the checks read as the admin
+        monkeypatch.setenv(var, value)
+    client = server.client()
+    runs = check_tracked_workflow(client, folder, "from-file")
+    # The file's account made the experiment: the auth app gave it MANAGE, the reader READ.
+    experiment = client.get_experiment_by_name("from-file").experiment_id
+    auth = get_app_client("basic-auth", tracking_uri=server.uri)
+    for account, permission in ((OWNER_ACCOUNT, "MANAGE"), (READER_ACCOUNT, "READ")):
+        got = auth.get_user_permission(account[0], "experiment", experiment).permission
+        assert got == permission, (account[0], got)
+
+    # The reader's variables beside the owner's file: the variables win, and the reader may
+    # read the owner's experiment but not log to it. One shard: the onstart hook and one job.
+    folder = write_workflow(tmp_path / "reader", "from-file")
+    reader = {"HOME": str(home), "MLFLOW_TRACKING_USERNAME": READER_ACCOUNT[0],
+              "MLFLOW_TRACKING_PASSWORD": READER_ACCOUNT[1]}
+    proc = run_snakemake(folder, server.uri, ["--", "results/demo/decode/shard-0000.txt"],
+                         extra_env=reader)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert (folder / "results/demo/decode/shard-0000.txt").read_text() == "decode output\n"
+    warnings = [x for x in proc.stderr.splitlines() if "MLflow tracking at " + server.uri in x]
+    assert len(warnings) == 2, proc.stderr[-5000:]
+    assert all("403" in w for w in warnings), warnings
+    assert runs_of(client, "from-file").keys() == runs.keys()  # nothing logged by the reader
+
+
 def test_local_store_is_the_default(tmp_path):
     """No URI anywhere: runs go to <results_dir>/mlflow.db, artifacts next to it."""
     from mlflow.tracking import MlflowClient

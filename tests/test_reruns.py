@@ -22,6 +22,7 @@ from tests.test_workflow import job_counts
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / ".test" / "config" / "tiny.yaml"
 TARGET = "finetune/mofo-mean/s0/checkpoint.pt"
+EVAL_TARGET = "eval/mofo-mean/s0/metrics.json"
 
 
 class Run:
@@ -81,10 +82,11 @@ def assert_trained_from_step_zero(stage_dir: Path, log: Path, since: float,
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Run:
-    """Motion chain, `mofo` pretraining and `mofo-mean` fine-tuning of the tiny demo, once.
-    Tests that use it only dry-run; the ones that rerun build their own."""
+    """Motion chain, `mofo` pretraining, `mofo-mean` fine-tuning and its evaluation of the
+    tiny demo, once. Tests that use it only dry-run or write outside its results; the ones
+    that rerun build their own."""
     run = Run(tmp_path_factory.mktemp("reruns-built"))
-    run.snakemake()
+    run.snakemake(target=EVAL_TARGET)
     return run
 
 
@@ -110,6 +112,92 @@ def test_changed_settings_rerun_exactly_the_stages_that_read_them(built: Run):
         "masking": {"strategy": "tube"},
     })
     assert built.dry_run(unread) == {}
+
+
+#: The rerun claims of the README ("Rerunning one piece", now docs/RERUNS.md), setting by
+#: setting: overlay on the tiny config -> the jobs a dry run of the evaluation then lists.
+#: The frame cache and keeping the flow rerun nothing; the test views rerun only `evaluate`;
+#: the picture count is read by the flow job (it keeps the picture clips' flow), so changing
+#: it recomputes the flow -- and, from the new flow files on, every stage built on them.
+README_RERUNS = {
+    "frame_cache_mb": ({"pretrain": {"frame_cache_mb": 0}, "finetune": {"frame_cache_mb": 0}},
+                       {}),
+    "optical_flow.keep": ({"optical_flow": {"keep": True}}, {}),
+    "augment.test_clips": ({"augment": {"test_clips": 2}}, {"evaluate": 1, "total": 1}),
+    "pictures.clips_per_shard": (
+        {"pictures": {"clips_per_shard": 2}},
+        {"optical_flow": 2, "motion_map": 2, "motion_boxes": 2, "pretrain": 1, "finetune": 1,
+         "evaluate": 1, "total": 9},
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", sorted(README_RERUNS))
+def test_documented_rerun_of_each_setting(built: Run, setting: str):
+    overlay, expected = README_RERUNS[setting]
+    jobs = built.dry_run(built.overlay(setting, overlay), target=EVAL_TARGET)
+    assert jobs == expected, (setting, jobs)
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess:
+    """``python -m <args>`` from the repository, output captured."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, check=False)
+
+
+@pytest.mark.slow
+def test_finetuning_stage_starts_from_a_hugging_face_folder(built: Run, tmp_path: Path):
+    """docs/PIPELINE.md "Hugging Face checkpoints": the fine-tuning stage's ``--pretrained``
+    takes a transformers VideoMAE folder. The folder is the tiny run's own pretraining,
+    written by ``mofo export-hf`` (no hub); the stage, run with the pipeline fine-tuning job's
+    own config, seed and inputs, trains the model the pipeline trained from checkpoint.pt --
+    up to the folder's fc_norm eps (transformers fixes it at 1e-5, mofo uses 1e-6)."""
+    res = built.res
+    folder = tmp_path / "hf-mofo"
+    export = run_module("mofo.cli", "export-hf", "--configfile", str(TINY),
+                        str(res / "pretrain/mofo/s0/checkpoint.pt"), str(folder))
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+    out = tmp_path / "finetune"
+    stage = run_module("mofo.training.finetune",
+                       "--config", str(res / "finetune/mofo-mean/s0/config.yaml"),
+                       "--head", "mean", "--seed", "0", "--manifest", str(res / "manifest.csv"),
+                       "--results-dir", str(res), "--pretrained", str(folder), "--out", str(out))
+    assert stage.returncode == 0, stage.stderr[-3000:]
+    report = json.loads((out / "load_report.json").read_text())
+    assert report["source"] == str(folder), report["source"]
+    assert report["notes"][0] == "Hugging Face VideoMAE folder", report["notes"]
+    assert report["checkpoint_format"] == "pretrain"
+    assert not report["missing"] and not report["unexpected"], report
+    assert {k for k in report["loaded"] if k.startswith("blocks.")}, report["loaded"]
+    tuned = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert tuned["meta"]["pretrained"] == str(folder)
+    ours, pipeline = tuned["model"], weights(res / "finetune/mofo-mean/s0/checkpoint.pt")
+    assert ours.keys() == pipeline.keys()
+    worst = max(float((ours[k] - pipeline[k]).abs().max()) for k in ours)
+    assert worst < 1e-5, f"fine-tuned from the folder: {worst} from the pipeline's weights"
+
+
+@pytest.mark.slow
+def test_loader_reports_clips_shorter_than_the_model_span(built: Run, tmp_path: Path):
+    """docs/DATASETS.md "Bad input": a clip shorter than the model's span (``num_frames`` x
+    ``sampling_rate``) is trained on, its frames spread over the clip and repeated, and the
+    training loader logs how many clips that concerns -- in the stage's output, i.e. the
+    job's log. The tiny demo's clips have 12 frames; 8 frames at stride 2 span 16."""
+    res = built.res
+    stride = tmp_path / "stride.yaml"
+    stride.write_text(yaml.safe_dump({"model": {"sampling_rate": 2}}))
+    stage = run_module("mofo.training.finetune",
+                       "--config", str(res / "finetune/mofo-mean/s0/config.yaml"),
+                       "--config", str(stride), "--head", "mean", "--seed", "0",
+                       "--manifest", str(res / "manifest.csv"), "--results-dir", str(res),
+                       "--max-steps", "1", "--out", str(tmp_path / "finetune"))
+    assert stage.returncode == 0, stage.stderr[-3000:]
+    message = (f"{res}/train: 12 of 12 clips have fewer than the model's 16-frame span; their "
+               "frames are spread over the clip and repeated (mofo/inputs/sampling.py)")
+    assert message in stage.stderr.splitlines(), stage.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mofo.config import REPO_ROOT
@@ -414,7 +415,8 @@ def wait_for_training_steps(
 
 # ---------------------------------------------------------------------------------------------
 # The training rules' launch and preemption paths, for real: rules/training.smk through the
-# profile, mofo.stages.stage_command's srun line, SLURM's own time-limit signal.
+# profile, mofo.stages.stage_command's srun line, the warning signal (as SLURM records it at
+# submission, and sent by the test).
 
 def copy_pipeline(shared: Path, work: Path) -> Path:
     """A private copy of the SLURM pipeline's directory, for a test that retrains in it.
@@ -523,41 +525,125 @@ def test_several_node_launch_line_trains_with_srun_tasks(slurm_cluster, slurm_pi
     assert step_records(out / "metrics.jsonl") == list(range(1, 2 * steps_per_epoch + 1))
 
 
-#: Preemption by the time limit: SLURM sends the profile's USR1 this many seconds before it.
-SIGNAL_LEAD = 60
-#: Long enough that a tiny pretraining is still running when the signal comes: SLURM checks
-#: time limits every 30 s, so the signal can come ~35 s after the limit is lowered, and on an
-#: idle machine 450 steps finished before it came: 1500 steps.
-PREEMPT_EPOCHS = 500
+#: The profile's warning signal before the time limit: ``--signal=USR1@<lead>`` (``B:`` would
+#: signal the batch shell only; the test below expects SLURM to have recorded none).
+PROFILE_SIGNAL = re.compile(r"--signal=(?:B:)?USR1@(\d+)")
+
+#: One job after the other: the controller logs concurrent submissions interleaved.
+SIGNAL_SNAKEFILE = """
+rule all:
+    input: "out/evaluate.txt"
+
+rule pretrain:
+    output: "out/pretrain.txt"
+    shell: "echo $SLURM_JOB_ID > {output}"
+
+rule finetune:
+    input: "out/pretrain.txt"
+    output: "out/finetune.txt"
+    shell: "echo $SLURM_JOB_ID > {output}"
+
+rule evaluate:  # a GPU rule without the warning signal
+    input: "out/finetune.txt"
+    output: "out/evaluate.txt"
+    shell: "echo $SLURM_JOB_ID > {output}"
+"""
 
 
-def elapsed_seconds(cluster: LocalSlurm, job: str) -> int:
-    """Run time so far of a running job, from squeue's ``[[D-]H:]M:S``."""
-    text = cluster.run("squeue", "-h", "-j", job, "-o", "%M").strip()
-    days, _, clock = text.rpartition("-")
-    seconds = 0
-    for part in clock.split(":"):
-        seconds = 60 * seconds + int(part)
-    return seconds + 86400 * int(days or 0)
-
-
-def end_job_in(cluster: LocalSlurm, job: str, seconds: int) -> None:
-    """Set the job's time limit so that it ends ``seconds`` from now (minutes:seconds)."""
-    limit = elapsed_seconds(cluster, job) + seconds
-    cluster.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit // 60}:{limit % 60:02d}")
+def submitted_signals(cluster: LocalSlurm, since: int) -> dict[str, str]:
+    """Job id -> the warning signal the controller recorded for the job when it was submitted
+    (``<signal number>@<seconds>``, ``B:`` first for the batch shell only), from the job
+    descriptors slurmctld logs at debug3 from byte ``since`` of its log, submissions one at a
+    time. ``scontrol show job`` does not show the setting on SLURM 22.05 (nor does
+    ``squeue --json``)."""
+    text = cluster.ctld_log.read_bytes()[since:].decode(errors="replace")
+    found, current = {}, None
+    for line in text.splitlines():
+        if "JobDesc:" in line:
+            current = None
+        elif (m := re.search(r"end_time=\S* signal=(\S+)", line)) is not None:
+            current = m[1]
+        elif (m := re.search(r"_slurm_rpc_submit_batch_job: JobId=(\d+)", line)) is not None:
+            found[m[1]] = current
+    return found
 
 
 @pytest.mark.slow
-def test_time_limit_signal_requeues_and_the_retry_resumes(slurm_cluster, slurm_pipeline, tmp_path):
-    """README "Time limits and preemption", end to end in ONE ``snakemake --profile`` run: a
-    real pretraining job gets SLURM's ``--signal=USR1@<s>`` before its time limit, writes
-    checkpoint-last.pt and exits 75; ``retries: 1`` resubmits it and the second job resumes at
-    the step the first saved; the invocation exits 0 and no step is trained twice.
+def test_profile_asks_slurm_for_usr1_before_the_time_limit(slurm_cluster, tmp_path):
+    """The profile's ``slurm_extra: '--signal=USR1@600'`` of pretrain and finetune reaches
+    SLURM with each job as USR1, 600 s, to the job steps (no ``B:``); evaluate has none. Read
+    from what the controller itself recorded at submission (its debug3 job descriptor), for
+    the jobs of one ``snakemake --profile`` run. What SLURM then does with the setting (USR1 to
+    every job step ``lead`` seconds before the limit) is what ``scancel --signal=USR1 <job>``
+    does, which the preemption test below sends."""
+    profile_cfg = yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"]
+    leads = {rule: PROFILE_SIGNAL.search(profile_cfg[rule]["slurm_extra"])
+             for rule in ("pretrain", "finetune")}
+    assert all(leads.values()), profile_cfg
+    (tmp_path / "Snakefile").write_text(SIGNAL_SNAKEFILE)
+    profile = local_profile(PROFILE, tmp_path / "profile", slurm_cluster, extra={"retries": 0})
+    work = tmp_path / "work"
+    since = slurm_cluster.ctld_log.stat().st_size
+    slurm_cluster.run("scontrol", "setdebug", "debug3")
+    try:
+        proc = snakemake(
+            slurm_cluster,
+            ["--profile", str(profile), "-s", str(tmp_path / "Snakefile"), "-d", str(work)],
+        )
+    finally:
+        slurm_cluster.run("scontrol", "setdebug", "info")
+    assert_ok(proc)
+    signals = submitted_signals(slurm_cluster, since)
+    usr1 = int(signal.SIGUSR1)
+    for rule, lead in leads.items():
+        [job] = run_jobs(slurm_cluster, work, rule)
+        assert job["state"] == "COMPLETED", job
+        assert signals.get(job["id"]) == f"{usr1}@{lead[1]}", (rule, job["id"], signals)
+    [job] = run_jobs(slurm_cluster, work, "evaluate")
+    assert signals.get(job["id"]) == "0@0", (job["id"], signals)
 
-    The time limit is lowered (``scontrol update``) once the first job trains, to end
-    SIGNAL_LEAD + 5 s later: SLURM's own warning signal then comes at its next time-limit check
-    (every 30 s), while training runs -- a fixed limit from the submission would signal a job
-    that is still starting on a loaded machine. The retry keeps the profile's 10-minute limit."""
+
+#: Long enough that the pretraining is still running when the test signals it after 3 steps
+#: (3 steps per epoch): the signal comes within a second, the last step ~10 s later.
+PREEMPT_EPOCHS = 30
+
+
+def wait_for_queued_retry(cluster: LocalSlurm, first: str, old_jobs: set, marker: Path,
+                          proc: subprocess.Popen, timeout: float = 600) -> tuple[list, dict]:
+    """The pretrain jobs submitted after ``first`` and the requeue marker it left, once
+    ``first`` has ended, its retry is queued and the marker parses (training writes it after
+    checkpoint-last.pt, and nothing after it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"snakemake exited ({proc.returncode}) without a retry")
+        jobs = [j for j in rule_jobs(cluster, "pretrain") if j["id"] not in old_jobs]
+        ended = any(j["id"] == first and j["state"] not in ("RUNNING", "COMPLETING")
+                    for j in jobs)
+        retries = [j for j in jobs if j["id"] != first]
+        if ended and retries and marker.exists():
+            try:
+                return retries, json.loads(marker.read_text())
+            except json.JSONDecodeError:
+                pass  # being written
+        time.sleep(0.5)
+    raise AssertionError(f"no queued retry of job {first} after {timeout} s")
+
+
+@pytest.mark.slow
+def test_warning_signal_requeues_and_the_retry_resumes(slurm_cluster, slurm_pipeline, tmp_path):
+    """docs/CLUSTER.md "Time limits and preemption", end to end in ONE ``snakemake --profile``
+    run with ``retries: 1``: SIGUSR1 to the steps of a running pretraining job (``scancel
+    --signal=USR1``: the processes SLURM signals for the profile's ``--signal=USR1@<lead>``,
+    see the test above) makes training write checkpoint-last.pt and stop; the job fails,
+    Snakemake resubmits it, and the retry resumes at the step the first job saved; the
+    invocation exits 0 and no step is trained twice. The first job ends because its stage
+    exited 75, not because the signal killed the job step's own Snakemake (the Snakefile has
+    it ignore SIGUSR1).
+
+    Nothing depends on timing: the test signals once the job has trained 3 steps, and the
+    partition is down from before the signal until the test has read what the first job left
+    (the retry waits PENDING meanwhile; it would delete the requeue marker)."""
     shared, _, _ = slurm_pipeline
     work = copy_pipeline(shared, tmp_path / "work")
     out_dir = work / PRETRAIN_DIR
@@ -565,14 +651,11 @@ def test_time_limit_signal_requeues_and_the_retry_resumes(slurm_cluster, slurm_p
     (out_dir / "checkpoint.pt").unlink()  # the job to rerun
     longer = tmp_path / "longer.yaml"
     longer.write_text(yaml.safe_dump({"pretrain": {"epochs": PREEMPT_EPOCHS}}))
-    profile = local_profile(
-        PROFILE, tmp_path / "profile", slurm_cluster, extra={"retries": 1},
-        resources={"pretrain": {"runtime": 10, "slurm_extra": f"'--signal=USR1@{SIGNAL_LEAD}'"}},
-    )
+    profile = local_profile(PROFILE, tmp_path / "profile", slurm_cluster, extra={"retries": 1})
     cmd = ["timeout", "-s", "INT", "900", sys.executable, "-m", "snakemake", "--profile",
            str(profile), *pipeline_args(work, longer), "--", PRETRAIN_TARGET]
     before = {j["id"] for j in rule_jobs(slurm_cluster, "pretrain")}
-    saved = []  # what the first job's requeue marker said (the retry deletes it)
+    partition = f"PartitionName={slurm_cluster.partition}"
     with open(tmp_path / "snakemake.log", "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=slurm_cluster.env({**os.environ, **clean_env()}))
@@ -580,27 +663,44 @@ def test_time_limit_signal_requeues_and_the_retry_resumes(slurm_cluster, slurm_p
             first = wait_for_training_steps(
                 slurm_cluster, before, out_dir / "metrics.jsonl", 3, proc=proc
             )
-            end_job_in(slurm_cluster, first, SIGNAL_LEAD + 5)
-            while proc.poll() is None:
-                if not saved and (out_dir / "requeue.json").exists():
-                    saved.append(json.loads((out_dir / "requeue.json").read_text()))
-                time.sleep(0.2)
+            slurm_cluster.run("scontrol", "update", partition, "State=DOWN")
+            try:
+                slurm_cluster.run("scancel", "--signal=USR1", first)
+                retries, saved = wait_for_queued_retry(
+                    slurm_cluster, first, before, out_dir / "requeue.json", proc
+                )
+                last = torch.load(out_dir / "checkpoint-last.pt", weights_only=True)
+                steps_then = step_records(out_dir / "metrics.jsonl")
+                first_log = (work / PRETRAIN_LOG).read_text()  # the retry deletes it
+            finally:
+                slurm_cluster.run("scontrol", "update", partition, "State=UP")
+            proc.wait(timeout=900)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGINT)
                 proc.wait(timeout=60)
     output = (tmp_path / "snakemake.log").read_text()
     assert proc.returncode == 0, output[-5000:]
-    jobs = sorted(run_jobs(slurm_cluster, work, "pretrain"), key=lambda j: int(j["id"]))
-    assert [j["state"] for j in jobs] == ["FAILED", "COMPLETED"], jobs
-    assert jobs[0]["id"] == first
-    assert saved, "the first job left no requeue marker (was it signalled?)"
+    assert [j["state"] for j in retries] == ["PENDING"], retries
     total = PREEMPT_EPOCHS * 3  # 12 clips / batch 4
-    assert 3 <= saved[0]["step"] < total, saved
+    step = saved["step"]
+    assert 3 <= step < total, saved
+    assert last["global_step"] == step, (last["global_step"], saved)
+    assert steps_then == list(range(1, step + 1)), steps_then
+    # The stage saved, exited 75 and was reported as a requeue; the job step's Snakemake
+    # (the task srun started) outlived the signal and exited after the stage, rather than
+    # being killed by it and ending the step under the training.
+    assert f"checkpoint written at step {step} to " in first_log, first_log[-3000:]
+    assert "checkpointed and stopped for requeue (exit 75)" in first_log, first_log[-3000:]
+    [slurm_log] = (work / ".snakemake" / "slurm_logs").rglob(f"{first}.log")
+    assert re.search(r"task 0: Exited with exit code \d+", slurm_log.read_text()), (
+        slurm_log.read_text()[-3000:])
+    jobs = sorted(run_jobs(slurm_cluster, work, "pretrain"), key=lambda j: int(j["id"]))
+    assert [(j["id"], j["state"]) for j in jobs] == [
+        (first, "FAILED"), (retries[0]["id"], "COMPLETED")], jobs
     # Snakemake removes a job's log before it runs: this log is the retry's own.
     log = (work / PRETRAIN_LOG).read_text()
     resumed = re.findall(r"resuming from \S+checkpoint-last\.pt at epoch (\d+), step (\d+)", log)
-    step = saved[0]["step"]
     assert resumed == [(str((step - 1) // 3), str(step))], log[-3000:]  # 3 steps per epoch
     # ...and it trained from there: a retry that printed that line but restarted at step 0
     # (the metrics file is reset then) left the same metrics and checkpoint behind.
