@@ -80,6 +80,7 @@ BESIDE: dict[str, tuple[str, str, str]] = {
 CHECKPOINT = "checkpoint.pt"  # the final weights: a training rule's output
 LAST_CHECKPOINT = "checkpoint-last.pt"  # the resumable state (not a declared output)
 METRICS_LOG = "metrics.jsonl"  # a training run's records (not a declared output)
+LABEL_SUBSET = "label_subset.csv"  # fine-tuning on a share of the labels: the clips it used
 VALIDATION = "validation.json"  # pretraining's held-out reconstruction
 RECONSTRUCTIONS = "reconstructions"  # pretraining's pictures (a folder)
 METRICS = "metrics.json"  # evaluation and probe results

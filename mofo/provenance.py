@@ -34,6 +34,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,8 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     ),
     # Features of one encoder: its weights (the checkpoint, an input file; for the random
     # reference the {seed} wildcard); one centre view per clip (model grid, temporal sampling).
-    "features": ("dataset.name", "model", "augment.finetune_sampling", "engine.precision"),
+    "features": ("dataset.name", "model", "augment.finetune_sampling", "engine.precision",
+                 "probe.attentive.enabled"),
     "probe": ("probe", "-probe.batch_size", "-probe.num_workers"),
     "table": ("variants", "seeds"),
 }
@@ -95,11 +97,23 @@ VARIANT_READS: dict[tuple[str, str], tuple[str, ...]] = {
     (stage, "mgmae"): ("masking.mgmae",) for stage in ("pretrain", "pretrain_mme")
 }
 
+
+@dataclass(frozen=True)
+class Unless:
+    """A ``READS_WHEN`` value that applies while the setting is anything but ``value``."""
+
+    value: Any
+
+
 # stage -> ((setting, value, keys the stage reads only while the setting has that value), ...)
 READS_WHEN: dict[str, tuple[tuple[str, Any, tuple[str, ...]], ...]] = {
-    # selection best validates on evaluate.split after every epoch (mofo/training/selection.py)
-    "finetune": (("finetune.selection", "best",
-                  ("finetune.selection", "finetune.patience", "evaluate.split")),),
+    "finetune": (
+        # selection best validates on evaluate.split after every epoch (mofo/training/selection.py)
+        ("finetune.selection", "best",
+         ("finetune.selection", "finetune.patience", "evaluate.split")),
+        # every label (1.0) is what fine-tuning did before the key existed: it reruns nothing
+        ("finetune.label_fraction", Unless(1.0), ("finetune.label_fraction",)),
+    ),
 }
 
 
@@ -128,6 +142,36 @@ def pretraining_spec(name: str) -> tuple[str, str]:
             f"pretraining name {name!r}: expected <strategy> (pixel targets, e.g. 'tube') or "
             f"<strategy>_<target> with target in {list(PRETRAIN_TARGETS[1:])} (e.g. 'tube_mme')")
     return strategy, target
+
+
+#: A fine-tuning name, the DAG's ``{head}`` wildcard: ``<head>`` fine-tunes on the train split's
+#: labels as ``finetune.label_fraction`` says (1.0: every one), ``<head>_l<percent>`` on a
+#: stratified share of them (a variant's ``label_fraction``: ``mean_l10`` = 10 %).
+FINETUNING_NAME = r"[a-z]+(_l\d+)?"
+
+
+def finetuning_name(head: str, label_fraction: float | None = None) -> str:
+    """The fine-tuning name of a variant: ``head``, or ``<head>_l<percent>`` for a variant's
+    ``label_fraction`` below 1 (a whole percent from 1 to 99)."""
+    if label_fraction is None or float(label_fraction) == 1.0:
+        return head
+    percent = round(float(label_fraction) * 100)
+    if not (0 < float(label_fraction) < 1 and abs(percent - float(label_fraction) * 100) < 1e-9):
+        raise ValueError(f"label_fraction {label_fraction!r}: a variant's share of the labels is "
+                         "a whole percent between 0.01 and 0.99 (or 1.0, every label)")
+    return f"{head}_l{percent}"
+
+
+def finetuning_spec(name: str) -> tuple[str, float | None]:
+    """``(head, label fraction)`` of a fine-tuning name (:data:`FINETUNING_NAME`); the fraction
+    is None for a bare head (the config's ``finetune.label_fraction`` applies)."""
+    if not re.fullmatch(FINETUNING_NAME, str(name)):
+        raise ValueError(f"fine-tuning name {name!r}: expected <head> or <head>_l<percent> "
+                         "(e.g. 'mean', 'mca_l10')")
+    head, _, percent = str(name).partition("_l")
+    if percent and not 0 < int(percent) < 100:
+        raise ValueError(f"fine-tuning name {name!r}: the label share is 1 to 99 percent")
+    return head, (int(percent) / 100 if percent else None)
 
 
 def pretrain_stage(target: str) -> str:
@@ -189,7 +233,8 @@ def _apply_reads_when(settings: dict[str, Any], config: Mapping[str, Any], stage
     """``READS_WHEN`` on ``settings``: add the conditional keys that apply and are not already
     inside a section read whole; take those that do not apply out (also from such a section)."""
     for setting, value, reads in READS_WHEN.get(stage, ()):
-        applies = lookup(config, setting) == value
+        current = lookup(config, setting)
+        applies = current != value.value if isinstance(value, Unless) else current == value
         for key in reads:
             owner = next((k for k in settings if key.startswith(k + ".")), None)
             if applies and owner is None:

@@ -19,9 +19,11 @@ from mofo.recipe.batch import TRAINING_STAGES, describe_plans, processes_per_nod
 from mofo.runtime.data import pretraining_reads
 from mofo.masking import check_strategy
 from mofo.provenance import (  # a rule's rerun trigger: what its stage reads
+    FINETUNING_NAME,
     PRETRAINING_NAME,
     RANDOM_ENCODER as RANDOM_INIT,
     SCRATCH,
+    finetuning_name,
     pretrain_stage,
     pretraining_spec,
     stage_hash,
@@ -52,7 +54,7 @@ def filled(key, file=""):
 wildcard_constraints:
     shard=paths.SHARD_WILDCARD,
     masking=PRETRAINING_NAME,  # a pretraining name: <strategy> or <strategy>_<target>
-    head=r"[a-z]+",
+    head=FINETUNING_NAME,  # a fine-tuning name: <head> or <head>_l<percent> (a share of the labels)
     seed=r"\d+",
 
 
@@ -110,6 +112,19 @@ for _name in PRETRAININGS + [config["masking"]["strategy"]]:  # the registry own
     check_strategy(pretraining_spec(_name)[0])
 
 
+def variant_finetuning(v):
+    """A variant's fine-tuning name, its runs' {head}: the head, with _l<percent> when the
+    variant fine-tunes on a share of the labels (``label_fraction``)."""
+    return finetuning_name(v["head"], v.get("label_fraction"))
+
+
+for _name, _v in VARIANTS.items():  # a bad share stops the planning with the variant's name
+    try:
+        variant_finetuning(_v)
+    except ValueError as error:
+        raise ValueError(f"variants.{_name}: {error}") from None
+
+
 def pretrained_input(wildcards):
     """The pretrained checkpoint a fine-tuning starts from; none for the scratch variant."""
     if wildcards.masking == SCRATCH:
@@ -128,7 +143,9 @@ def table_runs():
             pretrained = v["masking"] != SCRATCH
             runs.append({
                 "variant": v["label"], "masking": v["masking"], "head": v["head"], "seed": seed,
-                "metrics": P("eval", METRICS, masking=v["masking"], head=v["head"], seed=seed),
+                "label_fraction": v.get("label_fraction", config["finetune"]["label_fraction"]),
+                "metrics": P("eval", METRICS, masking=v["masking"], head=variant_finetuning(v),
+                             seed=seed),
                 "validation": (P("pretrain", VALIDATION, masking=v["masking"], seed=seed)
                                if pretrained else None),
                 "probe": (P("probe", METRICS, masking=v["masking"], seed=seed)

@@ -1,11 +1,14 @@
-# Probes of the frozen pretrained encoders: pooled features per clip -> kNN and linear probe.
+# Probes of the frozen pretrained encoders: pooled features per clip -> kNN and linear probe
+# (and, with probe.attentive.enabled, the tokens per clip -> attentive probe).
 # {masking} is a pretraining (tube, mofo) or `random`: the pretraining's initial weights under
 # the {seed} wildcard, the reference row. Target: `probes` (every encoder x every seed).
 
 
 rule features:
     """Pooled encoder features (mean over all tokens after the encoder's norm) per clip of the
-    train and validation splits, one centre view per clip; reads decoded frames only."""
+    train and validation splits, one centre view per clip; reads decoded frames only. With
+    probe.attentive.enabled the files also keep every token (float16, clips x t*h*w x D: large
+    on real data) for the attentive probe."""
     input:
         unpack(frames_inputs),  # manifest, frames
         checkpoint=features_checkpoint,
@@ -31,7 +34,9 @@ rule features:
 
 
 rule probe:
-    """kNN and linear probe of one encoder's features: top-1 on the validation split."""
+    """kNN and linear probe of one encoder's pooled features and, with probe.attentive.enabled,
+    the attentive probe of its tokens (learned queries, seeded by {seed}): top-1 on the
+    validation split."""
     input:
         train=P("features", FEATURES, split="train"),
         validation=P("features", FEATURES, split="validation"),

@@ -215,5 +215,5 @@ rule figures:
         P("box_quality"),
         P("report_table"),
         expand(P("report_pretrain", RECONSTRUCTIONS), masking=PRETRAININGS, seed=SEEDS),
-        [P("report_variant", name, masking=v["masking"], head=v["head"], seed=seed)
+        [P("report_variant", name, masking=v["masking"], head=variant_finetuning(v), seed=seed)
          for v in VARIANTS.values() for seed in SEEDS for name in (CURVES, CONFUSION)],

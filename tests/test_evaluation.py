@@ -166,9 +166,11 @@ def test_table_mean_std_over_seeds_and_paper_numbers(tmp_path):
                                   "MOFO*": [("mofo", "mean"), [41.0, 43.0, 42.0]]},
                        recon=[0.5, 0.6, 0.7], probe=[30.0, 40.0, 50.0])
     df = make_table(runs, tmp_path / "table.csv", tmp_path / "seeds.csv", tmp_path / "table.md", "ssv2")
-    assert df.columns[:11].tolist() == [
-        "variant", "pretrain_masking", "finetune_head", "n_seeds", "top1_mean", "top1_std",
-        "top5_mean", "top5_std", "probe_knn_mean", "probe_linear_mean", "recon_ratio_mean"]
+    assert df.columns[:16].tolist() == [
+        "variant", "pretrain_masking", "finetune_head", "label_fraction", "n_seeds", "top1_mean",
+        "top1_std", "top5_mean", "top5_std", "probe_knn_mean", "probe_knn_std",
+        "probe_linear_mean", "probe_linear_std", "probe_attentive_mean", "probe_attentive_std",
+        "recon_ratio_mean"]
     row = df.set_index("variant").loc["VideoMAE"]
     assert row["n_seeds"] == 3 and row["top1_mean"] == pytest.approx(42.0)
     assert row["top1_std"] == pytest.approx(2.0)  # sample std (n - 1)
@@ -180,6 +182,37 @@ def test_table_mean_std_over_seeds_and_paper_numbers(tmp_path):
     # +19 points with std ~1-2 over 3 seeds: larger than the spread; MOFO* +0.0: within it.
     assert "MOFO† vs VideoMAE (top-1): +19.0 points, larger than the seed spread" in md
     assert "MOFO* vs VideoMAE (top-1): +0.0 points, within the seed spread" in md
+
+
+def test_scarce_label_rows_are_judged_against_scratch_on_the_same_share(tmp_path):
+    """A variant fine-tuned on 10 % of the labels is compared with Scratch on 10 %, not with the
+    full-label VideoMAE; the attentive probe has its column and its verdict against random."""
+    runs = seeded_runs(tmp_path / "all", {"VideoMAE": [("tube", "mean"), [40.0, 42.0, 44.0]],
+                                          "Scratch": [("scratch", "mean"), [70.0, 71.0, 72.0]]})
+    runs += seeded_runs(tmp_path / "l10", {"Scratch 10%": [("scratch", "mean"), [20.0, 21.0, 22.0]],
+                                           "VideoMAE 10%": [("tube", "mean"), [30.0, 31.0, 29.0]]})
+    for run in runs:
+        object.__setattr__(run, "label_fraction", 0.1 if "10%" in run.variant else 1.0)
+    probes = [write_json(tmp_path / f"p{s}.json", knn_top1=20.0, linear_top1=20.0,
+                         attentive_top1=a) for s, a in enumerate([50.0, 52.0, 54.0])]
+    randoms = [write_json(tmp_path / f"r{s}.json", knn_top1=20.0, linear_top1=20.0,
+                          attentive_top1=a) for s, a in enumerate([30.0, 31.0, 32.0])]
+    runs = [Run(r.variant, r.masking, r.head, r.seed, r.label_fraction, r.metrics,
+                probe=probes[r.seed] if r.variant == "VideoMAE" else None) for r in runs]
+    runs += [Run("Random init", "random", "", s, probe=randoms[s]) for s in range(3)]
+    df = make_table(runs, tmp_path / "t.csv", tmp_path / "s.csv", tmp_path / "t.md", "demo")
+    rows = df.set_index("variant")
+    assert rows.loc["VideoMAE 10%", "label_fraction"] == pytest.approx(0.1)
+    assert rows.loc["VideoMAE", "probe_attentive_mean"] == pytest.approx(52.0)
+    assert rows.loc["VideoMAE", "probe_attentive_std"] == pytest.approx(2.0)
+    assert math.isnan(rows.loc["Random init", "label_fraction"])
+    md = (tmp_path / "t.md").read_text()
+    assert "VideoMAE 10% vs Scratch 10% (top-1, 10% of the labels): +9.0 points, larger" in md
+    assert "VideoMAE 10% vs VideoMAE" not in md and "Scratch 10% vs" not in md
+    assert "VideoMAE vs Random init (attentive probe): +21.0 points, larger" in md
+    assert "| VideoMAE 10% | tube | mean | 10% | 3 |" in md
+    seeds = pd.read_csv(tmp_path / "s.csv")
+    assert seeds.loc[seeds["variant"] == "Scratch 10%", "label_fraction"].tolist() == [0.1] * 3
 
 
 def test_table_one_seed_says_no_spread_and_scratch_has_no_recon(tmp_path):

@@ -1,4 +1,4 @@
-"""The features stage on a list dataset of real videos, and the kNN / linear probes."""
+"""The features stage on a list dataset of real videos, and the kNN / linear / attentive probes."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from tests.videofixtures import make_frames, write_video
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-PROBE_CFG = {"knn_k": 10, "knn_temperature": 0.07, "linear_l2": 1e-3, "linear_max_iter": 200}
+ATTENTIVE = load_config()["probe"]["attentive"]  # the shipped settings (enabled: true)
+PROBE_CFG = {"knn_k": 10, "knn_temperature": 0.07, "linear_l2": 1e-3, "linear_max_iter": 200,
+             "attentive": {**ATTENTIVE, "enabled": False}}  # kNN and linear only
 
 
 # ----------------------------------------------------------------- probes on synthetic features
@@ -85,6 +87,68 @@ def test_knn_votes_by_weighted_neighbours_and_skips_unknown_labels():
     assert y.tolist() == [3] and x.shape == (1, 2)
 
 
+def time_order(n: int, seed: int) -> FeatureTable:
+    """Tokens on a grid t=4, h=2, w=2 of width 32 made of two fixed vectors A and B (+ noise
+    0.1): class 0 = A in the first half of time and B in the second, class 1 = the reverse.
+    Every clip holds 8 A and 8 B tokens, so the mean token (``features``) is the same for both
+    classes: only the order in time tells them apart."""
+    t, h, w, dim = 4, 2, 2, 32
+    a, b = np.random.default_rng(99).normal(size=(2, dim))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    early = np.arange(t * h * w) // (h * w) < t // 2  # token order (t, h, w)
+    is_a = early[None, :] == (y[:, None] == 0)
+    tokens = np.where(is_a[..., None], a, b) + rng.normal(0, 0.1, (n, t * h * w, dim))
+    return FeatureTable(np.array([f"c{i}" for i in range(n)]), y.astype(np.int64),
+                        np.full(n, "train"), tokens.mean(axis=1).astype(np.float32),
+                        {"token_grid": [t, h, w]}, tokens.astype(np.float16))
+
+
+def test_attentive_probe_sees_the_time_order_that_the_mean_token_loses():
+    train, val = time_order(200, seed=1), time_order(400, seed=2)
+    m = probe.probe_metrics(train, val, {**PROBE_CFG, "attentive": ATTENTIVE}, seed=0)
+    # the mean token carries no class information: chance is 50 % (400 clips: sd 2.5 points)
+    assert m["linear_top1"] <= 65.0 and m["knn_top1"] <= 65.0, m
+    assert m["attentive_top1"] >= 90.0 and m["seed"] == 0, m
+    # deterministic for a seed; the key is absent when the probe is off
+    train_t, grid = probe.labelled_tokens(train)
+    val_t, _ = probe.labelled_tokens(val)
+    runs = [probe.attentive_probe(train_t[:64], probe.labelled(train)[1][:64], val_t[:50], grid,
+                                  2, {**ATTENTIVE, "epochs": 3}, seed=5) for _ in range(2)]
+    assert torch.equal(*runs) and runs[0].dtype == torch.int64 and runs[0].shape == (50,)
+    assert "attentive_top1" not in probe.probe_metrics(
+        train, val, {**PROBE_CFG, "attentive": {**ATTENTIVE, "enabled": False}})
+
+
+def test_attentive_probe_sits_at_chance_on_random_labels():
+    """Random labels on tokens of pure noise (N(0, 1), t=4, h=2, w=2, width 32). Noise tokens
+    can be memorised: the same probe trained on the validation clips themselves scores ~88 %
+    on them, so a leak of validation labels into training would show here."""
+    def noise(n: int, seed: int) -> FeatureTable:
+        rng = np.random.default_rng(seed)
+        tokens, y = rng.normal(size=(n, 16, 32)), rng.integers(0, 2, n)
+        return FeatureTable(np.arange(n).astype(str), y, np.full(n, "train"),
+                            tokens.mean(axis=1).astype(np.float32), {"token_grid": [4, 2, 2]},
+                            tokens.astype(np.float16))
+
+    m = probe.probe_metrics(noise(200, 1), noise(400, 2), {**PROBE_CFG, "attentive": ATTENTIVE})
+    # Predictions that do not depend on the validation labels (two classes drawn with p 1/2)
+    # are right with p 1/2 per clip whatever they are: 400 clips give a binomial sd of 2.5
+    # points, so 50 +- 10 is four standard deviations.
+    assert 40.0 <= m["attentive_top1"] <= 60.0, m
+
+
+def test_attentive_probe_needs_tokens_and_heads_that_divide_the_width():
+    train, val = time_order(20, seed=1), time_order(10, seed=2)
+    cfg = {**PROBE_CFG, "attentive": ATTENTIVE}
+    no_tokens = FeatureTable(val.clip_id, val.label, val.split, val.features,
+                             {"split": "validation"})
+    with pytest.raises(ValueError, match="no tokens.*probe.attentive.enabled must be true"):
+        probe.probe_metrics(train, no_tokens, cfg)
+    with pytest.raises(ValueError, match="num_heads 5 must divide the token width D = 32"):
+        probe.probe_metrics(train, val, {**PROBE_CFG, "attentive": {**ATTENTIVE, "num_heads": 5}})
+
+
 # ----------------------------------------------------------------- the features stage
 @pytest.fixture(scope="module")
 def list_dataset(tmp_path_factory) -> tuple[dict, Path, Path]:
@@ -132,12 +196,14 @@ def test_features_write_one_row_per_clip_of_a_list_dataset(list_dataset, tmp_pat
         assert table.features.shape == (len(rows), 96) and table.features.dtype == np.float32
         assert np.isfinite(table.features).all()
         assert table.meta["encoder"] == "random" and table.meta["split"] == split
-    # the random reference is probed like any encoder
-    metrics = probe.run_probe(written["train"], written["validation"], PROBE_CFG,
-                              tmp_path / "probe" / "metrics.json")
+    # the random reference is probed like any encoder, the attentive probe included
+    cfg = {**PROBE_CFG, "attentive": {**ATTENTIVE, "epochs": 2}}
+    metrics = probe.run_probe(written["train"], written["validation"], cfg,
+                              tmp_path / "probe" / "metrics.json", seed=3)
     saved = json.loads((tmp_path / "probe" / "metrics.json").read_text())
     assert saved == metrics and (saved["n_train"], saved["n_val"]) == (4, 2)
     assert saved["feature_dim"] == 96 and 0.0 <= saved["knn_top1"] <= 100.0
+    assert 0.0 <= saved["attentive_top1"] <= 100.0 and saved["seed"] == 3
 
 
 def test_random_reference_is_the_pretrainings_init_for_the_seed(list_dataset, tmp_path):
@@ -166,7 +232,8 @@ def test_random_reference_is_the_pretrainings_init_for_the_seed(list_dataset, tm
 def test_features_of_a_checkpoint_are_its_encoders_mean_token(list_dataset, tmp_path):
     """A pretraining checkpoint's encoder, not a fresh one: the file's row equals the mean
     over all tokens of the checkpoint model's encoder output (after its norm) on the same
-    centre view, computed here by hand."""
+    centre view, computed here by hand; with ``probe.attentive.enabled`` (the default) the file
+    keeps those tokens too, as float16, and switching it off changes nothing else."""
     from mofo.models.build import build_pretrain_model
     from mofo.runtime import data as data_io
 
@@ -189,8 +256,21 @@ def test_features_of_a_checkpoint_are_its_encoders_mean_token(list_dataset, tmp_
         with torch.no_grad():
             frames = device_frames(item["frames"][None], torch.device("cpu"))
             want = model.encoder.forward_features(frames).mean(dim=1)[0]
+            tokens = model.encoder.forward_features(frames)[0]
         row = table.clip_id.tolist().index(item["clip_id"])
         assert np.allclose(table.features[row], want.numpy(), atol=1e-5)
+        assert np.allclose(table.tokens[row].astype(np.float32), tokens.numpy(), rtol=2e-3,
+                           atol=2e-3)
+    assert table.tokens.shape == (len(view), 64, 96) and table.tokens.dtype == np.float16
+    assert table.meta["token_grid"] == [4, 4, 4]
+    # off: no tokens in the file (nor read back), the pooled features are the same numbers
+    off = {**config, "probe": {**config["probe"],
+                               "attentive": {**config["probe"]["attentive"], "enabled": False}}}
+    path = features.run(off, manifest_path, results, ckpt, tmp_path / "g", ("validation",))
+    without = read_features(path["validation"])
+    with np.load(path["validation"]) as stored:
+        assert without.tokens is None and "tokens" not in stored.files
+    assert np.array_equal(without.features, table.features)
 
 
 # ----------------------------------------------------------------- the rules

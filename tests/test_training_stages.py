@@ -89,6 +89,41 @@ def test_pretrain_finetune_evaluate_end_to_end(results, tmp_path):
         evaluate.run(cfg, manifest, root, ft, "mean", tmp_path / "ev2")
 
 
+def test_finetuning_on_a_share_of_the_labels_uses_and_lists_it(results, tmp_path):
+    """label_fraction 0.5 of 4 train clips of one class: two clips drawn from the seed, listed in
+    label_subset.csv, and the only ones trained on (1 step a clip; c3 failed to decode and is
+    skipped if drawn, as every stage skips it; every label: the 3 decoded clips, 3 steps)."""
+    from mofo.data.manifest import label_subset, read_manifest
+    from mofo.training import finetune
+
+    manifest_path, root = results
+    manifest = read_manifest(manifest_path)
+    manifest.loc[manifest["split"] == "train", "label"] = 0
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    cfg = tiny_config(dataset={"demo": {"classes": ["left", "right", "up"]}},
+                      finetune={"total_batch": 1, "batch_size": 1})
+    steps = {}
+    for share in (0.5, 1.0):
+        out = tmp_path / f"ft{share}"
+        finetune.run(cfg, tmp_path / "manifest.csv", root, None, "mean", out, seed=2,
+                     label_fraction=share)
+        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        steps[share] = len([r for r in records if r["type"] == "step"])
+    listed = pd.read_csv(tmp_path / "ft0.5" / "label_subset.csv")
+    drawn = label_subset(manifest, 0.5, seed=2)
+    assert listed["clip_id"].tolist() == drawn["clip_id"].tolist() and len(listed) == 2
+    trained = len(set(listed["clip_id"]) - {"c3"})
+    assert steps == {0.5: trained, 1.0: 3}
+    assert not (tmp_path / "ft1.0" / "label_subset.csv").exists()
+    meta = torch.load(tmp_path / "ft0.5" / "checkpoint.pt", weights_only=True)["meta"]
+    assert meta["label_fraction"] == 0.5 and meta["label_subset"] == trained
+    big = tiny_config(dataset={"demo": {"classes": ["left", "right", "up"]}},
+                      finetune={"total_batch": 4, "batch_size": 4})
+    with pytest.raises(ValueError, match="2 labelled train clips, fewer than one step's"):
+        finetune.run(big, tmp_path / "manifest.csv", root, None, "mean", tmp_path / "x",
+                     label_fraction=0.5)
+
+
 def test_seeds_change_pretraining_and_the_same_seed_reproduces_it(results, tmp_path):
     """The {seed} wildcard's --seed decides init, loader order, augmentations and masks."""
     from mofo.training import pretrain

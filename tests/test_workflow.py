@@ -153,9 +153,22 @@ def test_demo_study_lists_the_other_methods_per_seed(tiny_overlay: Path):
     result = snakemake("-n", "--configfile", str(TINY), str(study), str(tiny_overlay))
     assert result.returncode == 0, result.stderr[-3000:]
     counts = job_counts(result.stdout)
-    assert counts["pretrain"] == 5 * 3 and counts["finetune"] == 8 * 3 and counts["evaluate"] == 8 * 3
+    # 8 full-label variants and 4 x 2 few-label rows, 3 seeds each; the few-label rows share
+    # the pretrainings (no pretrain job of their own)
+    assert counts["pretrain"] == 5 * 3 and counts["finetune"] == 16 * 3 and counts["evaluate"] == 16 * 3
     assert counts["trajectories"] == 2  # one per shard, shared by the seeds
     for seed in (0, 1, 2):
         for path in (f"pretrain/everest/s{seed}/", f"pretrain/mgmae/s{seed}/", f"pretrain/tube_mme/s{seed}/",
-                     f"eval/mgmae-mean/s{seed}/metrics.json", f"eval/tube_mme-mean/s{seed}/metrics.json"):
+                     f"eval/mgmae-mean/s{seed}/metrics.json", f"eval/tube_mme-mean/s{seed}/metrics.json",
+                     f"finetune/scratch-mean_l10/s{seed}/", f"eval/mofo-mca_l25/s{seed}/metrics.json"):
             assert path in result.stdout, path
+    assert "wildcards: masking=tube, head=mean_l10, seed=2" in result.stdout
+
+
+def test_a_label_share_that_is_no_whole_percent_stops_the_dry_run(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("variants:\n  odd:\n    label: Odd\n    masking: tube\n    head: mean\n"
+                   "    label_fraction: 0.125\n")
+    result = snakemake("-n", "--configfile", str(bad))
+    assert result.returncode != 0
+    assert "variants.odd: label_fraction 0.125" in result.stdout + result.stderr

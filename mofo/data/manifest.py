@@ -16,6 +16,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mofo.data import adapters
@@ -177,3 +178,28 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     except pd.errors.EmptyDataError as err:
         raise ManifestError(f"{path}: empty file") from err
     return validate_manifest(df, source=str(path))
+
+
+def label_subset(manifest: pd.DataFrame, fraction: float, seed: int,
+                 split: str = "train") -> pd.DataFrame:
+    """The labelled clips of ``split`` that a fine-tuning on ``fraction`` of the labels uses:
+    per class (``label``; EPIC-KITCHENS-100: the verb class), ``max(1, round(fraction x n))``
+    of its ``n`` clips, drawn without replacement by ``numpy.random.default_rng(seed)`` from the
+    clips sorted by id, classes in increasing order -- the same subset for every variant of a
+    seed, whatever the manifest's row order. Rows of other splits are never drawn. Returns the
+    drawn rows (sorted by label, then clip id); ``fraction`` 1 = every labelled clip. A drawn
+    clip that failed to decode is skipped when the clips load, as every stage skips it."""
+    if not 0 < float(fraction) <= 1:
+        raise ValueError(f"finetune.label_fraction must be in (0, 1], got {fraction!r}")
+    rows = manifest[(manifest["split"] == split) & (manifest["label"] >= 0)]
+    rows = rows.sort_values(["label", "clip_id"], kind="stable")
+    if float(fraction) == 1.0:
+        return rows.reset_index(drop=True)
+    rng = np.random.default_rng(int(seed))
+    drawn = []
+    for _, group in rows.groupby("label", sort=True):
+        keep = max(1, round(float(fraction) * len(group)))
+        drawn.append(group.iloc[np.sort(rng.choice(len(group), size=keep, replace=False))])
+    if not drawn:
+        raise ValueError(f"finetune.label_fraction {fraction}: split {split!r} has no labelled clip")
+    return pd.concat(drawn).reset_index(drop=True)

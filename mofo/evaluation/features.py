@@ -16,10 +16,17 @@ sampling; ``augment.finetune_sampling``), the short side resized to ``model.inpu
 the centre square crop. No box files are read (``with_boxes=False``): only decoded frames.
 
 Feature = the mean over all ``N = t x h x w`` tokens (nothing masked) of the encoder's output
-after its final LayerNorm (the pretraining encoder's ``norm``), float32 ``(D,)``.
+after its final LayerNorm (the pretraining encoder's ``norm``), float32 ``(D,)``, the mean taken
+over the float32 tokens.
+
+With ``probe.attentive.enabled`` the file also keeps those tokens themselves, the attentive
+probe's input: float16 ``(N_clips, t*h*w, D)`` in token order (t, h, w), and ``meta`` holds the
+grid ``token_grid`` ``[t, h, w]`` (always). Its size is ``N_clips x T x D x 2`` bytes, held in
+memory while a split is embedded: ~6 MB for the demo's train split, but SSV2 train with ViT-B is
+169k x 1568 x 768 x 2 B ~ 400 GB, which is why the real-data overlays may switch it off.
 
 File layout: :mod:`mofo.formats.featurefile` (one row per clip: clip_id, label, split,
-features; ``meta`` JSON).
+features, optional tokens; ``meta`` JSON).
 
 ``python -m mofo.evaluation.features --checkpoint <ckpt | random> --out <dir>`` is the CLI.
 """
@@ -67,31 +74,42 @@ def load_encoder(config: dict, source: str | Path,
 
 
 @torch.no_grad()
-def pooled_features(encoder: VideoEncoder, loader, device: torch.device,
-                    engine_cfg: dict) -> tuple[list[str], np.ndarray]:
-    """Clip ids and float32 ``(clips, D)`` mean-pooled features, in loader order."""
+def pooled_features(encoder: VideoEncoder, loader, device: torch.device, engine_cfg: dict,
+                    keep_tokens: bool = False
+                    ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+    """Clip ids, float32 ``(clips, D)`` features (the mean of the float32 tokens) and, with
+    ``keep_tokens``, float16 ``(clips, t*h*w, D)`` tokens (order t, h, w; else None), in loader
+    order."""
     encoder.eval().to(device)
     ids: list[str] = []
     chunks: list[np.ndarray] = []
+    token_chunks: list[np.ndarray] = []
     for batch in tqdm(loader, desc="features", file=sys.stderr, leave=False):
         batch = to_device(batch, device)
         with autocast_context(engine_cfg, device):
             tokens = encoder.forward_features(batch["frames"])
-        chunks.append(tokens.float().mean(dim=1).cpu().numpy())
+        tokens = tokens.float()
+        chunks.append(tokens.mean(dim=1).cpu().numpy())
+        if keep_tokens:
+            token_chunks.append(tokens.half().cpu().numpy())
         ids.extend(batch["clip_id"])
-    return ids, np.concatenate(chunks).astype(np.float32)
+    kept = np.concatenate(token_chunks) if keep_tokens else None
+    return ids, np.concatenate(chunks).astype(np.float32), kept
 
 
 def run(config: dict, manifest_path: str | Path, results_dir: str | Path, source: str | Path,
         out_dir: str | Path, splits: tuple[str, ...] = ("train", "validation"),
         seed: int | None = None) -> dict[str, Path]:
-    """Embed every decoded clip of each of ``splits``; returns ``{split: <out_dir>/<split>.npz}``."""
+    """Embed every decoded clip of each of ``splits`` (with their tokens when
+    ``probe.attentive.enabled``); returns ``{split: <out_dir>/<split>.npz}``."""
     probe_cfg, engine_cfg = config["probe"], config["engine"]
+    keep_tokens = bool(probe_cfg.get("attentive", {}).get("enabled", False))
     encoder, meta = load_encoder(config, source, seed)
     apply_cpu_threads(engine_cfg)
     device = select_device(engine_cfg, rank_info())
     meta.update({"pooling": POOLING, "dataset": config["dataset"]["name"],
-                 "model_size": config["model"]["size"], "feature_dim": encoder.embed_dim})
+                 "model_size": config["model"]["size"], "feature_dim": encoder.embed_dim,
+                 "token_grid": list(encoder.grid)})
     written = {}
     for split in splits:
         dataset = data_io.build_dataset(config, manifest_path, results_dir, split, "test",
@@ -99,10 +117,11 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path, source
         loader = data_io.build_loader(dataset, int(probe_cfg["batch_size"]),
                                       int(probe_cfg["num_workers"]), shuffle=False, seed=0,
                                       drop_last=False, distributed=False)
-        ids, feats = pooled_features(encoder, loader, device, engine_cfg)
+        ids, feats, tokens = pooled_features(encoder, loader, device, engine_cfg, keep_tokens)
         labels = dataset.clips.set_index("clip_id")["label"].loc[ids].to_numpy(np.int64)
         table = FeatureTable(np.asarray(ids), labels, np.full(len(ids), split), feats,
-                             {**meta, "split": split, "n_skipped_clips": int(dataset.n_skipped)})
+                             {**meta, "split": split, "n_skipped_clips": int(dataset.n_skipped)},
+                             tokens)
         written[split] = write_features(Path(out_dir) / FEATURES.format(split=split), table)
     return written
 

@@ -4,19 +4,20 @@ the seeds, and the per-seed values beside it.
 Inputs are runs (:class:`Run`): one per variant and seed, with the evaluation's
 ``metrics.json`` and, where they exist, the pretraining's ``validation.json`` (held-out
 reconstruction vs the predict-the-mean floor, ``mofo.training.validation``) and the probe's
-``metrics.json`` (kNN and linear probe of the pretrained encoder). A run without a fine-tuned
+``metrics.json`` (kNN, linear and attentive probes of the pretrained encoder). A run without a fine-tuned
 model (``metrics`` None) is a probe-only row, e.g. the randomly initialised encoder.
 
 Outputs:
 
-* ``table_seeds.csv``: one row per run: ``variant, pretrain_masking, finetune_head, seed,
-  top1, top5, probe_knn, probe_linear, recon_ratio, recon_ratio_inbox, recon_ratio_outbox``
+* ``table_seeds.csv``: one row per run: ``variant, pretrain_masking, finetune_head,
+  label_fraction, seed, top1, top5, probe_knn, probe_linear, probe_attentive, recon_ratio,
+  recon_ratio_inbox, recon_ratio_outbox``
   (+ the EPIC-KITCHENS-100 columns), then the fine-tuning as run (:func:`training_columns`:
   ``total_batch, accum_steps, lr, batch_exact, selection, selected_epoch``) and ``recipe``
   (``published`` or the deviations, ``mofo.recipe.published.recipe_label``);
-* ``table.csv``: one row per variant: ``variant, pretrain_masking, finetune_head, n_seeds,
-  top1_mean, top1_std, top5_mean, top5_std, probe_knn_mean, probe_linear_mean,
-  recon_ratio_mean`` (+ in/out-of-box recon ratios, + EPIC means/stds, + the training
+* ``table.csv``: one row per variant: ``variant, pretrain_masking, finetune_head,
+  label_fraction, n_seeds, top1_mean, top1_std, top5_mean, top5_std``, mean and std of each
+  probe (``probe_knn_mean, probe_knn_std``, linear, attentive), ``recon_ratio_mean`` (+ in/out-of-box recon ratios, + EPIC means/stds, + the training
   columns, one value when the seeds agree, + ``recipe``); empty where a value does not apply; std is the sample standard deviation (n - 1), empty for one seed;
 * ``table.md``: mean ± std, the paper's numbers beside ours where the paper reports the
   dataset, and under it which differences are larger than the seed spread (:func:`verdicts`).
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from mofo.provenance import SCRATCH
 
 # (masking, head) -> the paper's label for its four variants, in the paper's row order.
 VARIANTS: dict[tuple[str, str], str] = {
@@ -59,10 +62,12 @@ PAPER: dict[str, dict[str, dict[str, float]]] = {
     },
 }
 
-KEY_COLUMNS = ["variant", "pretrain_masking", "finetune_head"]
+KEY_COLUMNS = ["variant", "pretrain_masking", "finetune_head", "label_fraction"]
 ACCURACY = ["top1", "top5"]
 EPIC_ACCURACY = ["verb_top1", "verb_top5", "noun_top1", "noun_top5", "action_top1", "action_top5"]
-PROBE = {"probe_knn": "knn_top1", "probe_linear": "linear_top1"}  # our column -> probe's key
+# our column -> the probe's key (mofo/evaluation/probe.py)
+PROBE = {"probe_knn": "knn_top1", "probe_linear": "linear_top1",
+         "probe_attentive": "attentive_top1"}
 RECON = ["recon_ratio", "recon_ratio_inbox", "recon_ratio_outbox"]
 
 
@@ -74,6 +79,7 @@ class Run:
     masking: str
     head: str
     seed: int
+    label_fraction: float | None = None  # fine-tuning's share of the train labels (1 = all)
     metrics: str | Path | None = None
     validation: str | Path | None = None
     probe: str | Path | None = None
@@ -131,8 +137,11 @@ def seed_rows(runs: Sequence[Run]) -> pd.DataFrame:
     """``table_seeds.csv``'s rows: one per run, in the given order."""
     rows = []
     for run in runs:
+        tuned = run.metrics is not None
         row = {"variant": run.variant, "pretrain_masking": run.masking,
-               "finetune_head": run.head if run.metrics is not None else "", "seed": run.seed}
+               "finetune_head": run.head if tuned else "",
+               "label_fraction": _number(run.label_fraction) if tuned else float("nan"),
+               "seed": run.seed}
         if run.metrics is not None:
             m = _read_json(run.metrics)
             row.update({c: _number(m[c]) for c in ACCURACY + EPIC_ACCURACY if c in m})
@@ -161,12 +170,13 @@ def summarize(per_seed: pd.DataFrame, epic: bool = False) -> pd.DataFrame:
     for variant, group in per_seed.groupby("variant", sort=False):
         first = group.iloc[0]
         row = {"variant": variant, "pretrain_masking": first["pretrain_masking"],
-               "finetune_head": first["finetune_head"], "n_seeds": int(group["seed"].nunique())}
-        for col in accuracy:
+               "finetune_head": first["finetune_head"], "label_fraction": first["label_fraction"],
+               "n_seeds": int(group["seed"].nunique())}
+        for col in [*accuracy, *PROBE]:
             values = group[col] if col in group else pd.Series(dtype=float)
             row[f"{col}_mean"] = float(values.mean()) if values.notna().any() else float("nan")
             row[f"{col}_std"] = _std(values)
-        for col in [*PROBE, *RECON]:
+        for col in RECON:
             values = group[col] if col in group else pd.Series(dtype=float)
             row[f"{col}_mean"] = float(values.mean()) if values.notna().any() else float("nan")
         for col in TRAINING:  # one value when the seeds agree, else all of them
@@ -185,17 +195,41 @@ def _difference(a: pd.Series, b: pd.Series, metric: str) -> tuple[float, float] 
     return a[f"{metric}_mean"] - b[f"{metric}_mean"], spread
 
 
+def _comparisons(by_name: dict) -> list[tuple[str, str, str, str]]:
+    """(variant, reference, metric, words): each full-label variant's top-1 against
+    ``BASELINE``'s; each variant fine-tuned on a share of the labels against the scratch row of
+    the same share (what pretraining buys with few labels); each encoder's attentive probe
+    against the random encoder's."""
+    def share(row) -> float:
+        value = row["label_fraction"]
+        return 1.0 if value is None or math.isnan(value) else float(value)
+
+    pairs = []
+    for name, row in by_name.items():
+        if math.isnan(row["top1_mean"]):
+            continue
+        if share(row) == 1.0 and name != BASELINE and BASELINE in by_name:
+            pairs.append((name, BASELINE, "top1", "top-1"))
+        elif share(row) < 1.0 and row["pretrain_masking"] != SCRATCH:
+            ref = next((other for other, r in by_name.items() if r["pretrain_masking"] == SCRATCH
+                        and share(r) == share(row) and not math.isnan(r["top1_mean"])), None)
+            if ref is not None:
+                pairs.append((name, ref, "top1", f"top-1, {share(row):.0%} of the labels"))
+    if RANDOM_ENCODER in by_name:
+        pairs += [(name, RANDOM_ENCODER, "probe_attentive", "attentive probe")
+                  for name, row in by_name.items() if name != RANDOM_ENCODER
+                  and not math.isnan(row["probe_attentive_mean"])]
+    return pairs
+
+
 def verdicts(summary: pd.DataFrame, per_seed: pd.DataFrame) -> list[str]:
-    """One sentence per comparison: each variant's top-1 against ``BASELINE``'s, and each
-    encoder's kNN probe against the random encoder's. A difference is "larger than the seed
-    spread" when it exceeds two standard errors of the difference of the two means
+    """One sentence per comparison (:func:`_comparisons`), then each encoder's kNN probe
+    against the random encoder's. A difference is "larger than the seed spread" when it
+    exceeds two standard errors of the difference of the two means
     (2 * sqrt(std_a^2 / n_a + std_b^2 / n_b)); with one seed there is no spread to compare with."""
     lines = []
     by_name = {row["variant"]: row for _, row in summary.iterrows()}
-    pairs = [(name, BASELINE, "top1", "top-1") for name in by_name
-             if name != BASELINE and BASELINE in by_name
-             and not math.isnan(by_name[name]["top1_mean"])]
-    for name, ref, metric, words in pairs:
+    for name, ref, metric, words in _comparisons(by_name):
         diff = _difference(by_name[name], by_name[ref], metric)
         if diff is None:
             lines.append(f"- {name} vs {ref} ({words}): fewer than 2 seeds, no spread to judge by.")
@@ -226,19 +260,20 @@ def markdown_table(summary: pd.DataFrame, per_seed: pd.DataFrame, dataset_name: 
     epic = dataset_name == "epic100"
     metrics = ["verb_top1", "noun_top1", "action_top1"] if epic else ["top1", "top5"]
     paper = PAPER.get(dataset_name)
-    header = ["variant", "pretraining", "head", "seeds"]
+    header = ["variant", "pretraining", "head", "labels", "seeds"]
     for m in metrics:
         header += [f"{m} (ours)"] + ([f"{m} (paper)"] if paper else [])
-    header += ["kNN probe", "linear probe", "recon / floor (in box, out)"]
+    header += ["kNN probe", "linear probe", "attentive probe", "recon / floor (in box, out)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in summary.iterrows():
+        share = row["label_fraction"]
         cells = [str(row["variant"]), str(row["pretrain_masking"]), str(row["finetune_head"]),
-                 str(row["n_seeds"])]
+                 "" if math.isnan(share) else f"{share:.0%}", str(row["n_seeds"])]
         for m in metrics:
             cells.append(_cell(row[f"{m}_mean"], row[f"{m}_std"]))
             if paper:
                 cells.append(_cell(paper.get(row["variant"], {}).get(m, float("nan"))))
-        cells += [_cell(row["probe_knn_mean"]), _cell(row["probe_linear_mean"])]
+        cells += [_cell(row[f"{col}_mean"], row[f"{col}_std"]) for col in PROBE]
         recon = row["recon_ratio_mean"]
         cells.append("–" if math.isnan(recon) else
                      f"{recon:.2f} ({row['recon_ratio_inbox_mean']:.2f}, {row['recon_ratio_outbox_mean']:.2f})")
@@ -251,6 +286,8 @@ def markdown_table(summary: pd.DataFrame, per_seed: pd.DataFrame, dataset_name: 
     else:
         note = (f"The paper reports no numbers for '{dataset_name}' (it reports SSV2 and "
                 "EPIC-KITCHENS-100); only this run's numbers are shown.")
+    note += (" labels: the share of the train split's labels fine-tuning used (stratified by "
+             "class, drawn from the seed). Probes: top-1 of frozen features, mean ± std.")
     note += (" recon / floor: held-out reconstruction loss over the predict-the-patch-mean "
              "loss (1 = nothing learned), inside and outside the motion box.")
     return (f"## {title}\n\n" + "\n".join(lines) + f"\n\n{note}\n\n"

@@ -7,7 +7,13 @@ Layout (``numpy.load(path)``, no pickle needed): one row per clip, aligned array
 
 - ``clip_id``: str ``(N,)``; ``label``: int64 ``(N,)`` (-1 = unknown; EPIC: the verb class);
   ``split``: str ``(N,)``; ``features``: float32 ``(N, D)``;
-- ``meta``: a 0-d str array holding JSON (source, encoder, pooling, model size, dataset, split).
+- ``tokens`` (optional, only in files made with ``probe.attentive.enabled``): float16
+  ``(N, T, D)``, every clip's ``T = t x h x w`` encoder output tokens in token order (t, h, w),
+  the input of the attentive probe. Size ``N x T x D x 2`` bytes: the demo's 480 train clips
+  x 64 x 96 ~ 6 MB, but SSV2 train with ViT-B 169k x 1568 x 768 x 2 B ~ 400 GB (the real-data
+  overlays may switch it off). The file is read whole (no memory map inside an ``.npz``);
+- ``meta``: a 0-d str array holding JSON (source, encoder, pooling, model size, dataset, split,
+  ``token_grid`` ``[t, h, w]``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class FeatureTable:
     split: np.ndarray  # str (N,)
     features: np.ndarray  # float32 (N, D)
     meta: dict
+    tokens: np.ndarray | None = None  # float16 (N, T, D), token order (t, h, w); or None
 
     def __len__(self) -> int:
         return len(self.clip_id)
@@ -38,17 +45,24 @@ def write_features(path: str | Path, table: FeatureTable) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
+    optional = {}
+    if table.tokens is not None:  # written only when present
+        if len(table.tokens) != len(table.clip_id) or np.ndim(table.tokens) != 3:
+            raise ValueError(f"tokens must be (N={len(table.clip_id)}, T, D), "
+                             f"got {np.shape(table.tokens)}")
+        optional["tokens"] = np.asarray(table.tokens, dtype=np.float16)
     np.savez(tmp, clip_id=np.asarray(table.clip_id, dtype=str),
              label=np.asarray(table.label, dtype=np.int64),
              split=np.asarray(table.split, dtype=str),
              features=np.asarray(table.features, dtype=np.float32),
-             meta=np.asarray(json.dumps(table.meta)))
+             meta=np.asarray(json.dumps(table.meta)), **optional)
     tmp.replace(path)
     return path
 
 
 def read_features(path: str | Path) -> FeatureTable:
-    """A features file written by :func:`write_features`."""
+    """A features file written by :func:`write_features` (``tokens`` None where it has none)."""
     with np.load(path, allow_pickle=False) as data:
+        tokens = data["tokens"] if "tokens" in data.files else None
         return FeatureTable(data["clip_id"], data["label"], data["split"], data["features"],
-                            json.loads(str(data["meta"])))
+                            json.loads(str(data["meta"])), tokens)

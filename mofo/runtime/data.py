@@ -108,11 +108,14 @@ def input_files(manifest_path: str | Path, results_dir: str | Path,
 
 
 def build_dataset(config: dict, manifest_path: str | Path, results_dir: str | Path, split: str,
-                  mode: str, **kwargs: Any):
-    """``mofo.inputs.dataset.VideoClipDataset`` for one split and mode."""
+                  mode: str, clip_ids: Any = None, **kwargs: Any):
+    """``mofo.inputs.dataset.VideoClipDataset`` for one split and mode; ``clip_ids`` (None =
+    all) keeps only those clips of the split."""
     from mofo.inputs.dataset import VideoClipDataset
 
     manifest = read_manifest(manifest_path)
+    if clip_ids is not None:
+        manifest = manifest[(manifest["split"] != split) | manifest["clip_id"].isin(set(clip_ids))]
     return VideoClipDataset(manifest, results_dir, split, mode=mode, config=config, **kwargs)
 
 
@@ -126,12 +129,12 @@ def build_loader(dataset: Any, batch_size: int, num_workers: int, shuffle: bool,
 
 
 def build_train_loader(config: dict, manifest_path: str | Path, results_dir: str | Path,
-                       mode: str, stage_cfg: dict, world_size: int):
+                       mode: str, stage_cfg: dict, world_size: int, clip_ids: Any = None):
     """The shuffled train-split loader of a training stage (``mode`` pretrain / finetune),
     seeded and sized by the stage's section (``seed``, ``batch_size``, ``num_workers``,
-    ``frame_cache_mb``)."""
+    ``frame_cache_mb``); ``clip_ids`` (None = all): the train clips it may use."""
     seed = int(stage_cfg["seed"])
-    dataset = build_dataset(config, manifest_path, results_dir, "train", mode, seed=seed,
+    dataset = build_dataset(config, manifest_path, results_dir, "train", mode, clip_ids, seed=seed,
                             frame_cache_mb=float(stage_cfg["frame_cache_mb"]))
     return build_loader(dataset, int(stage_cfg["batch_size"]), int(stage_cfg["num_workers"]),
                         shuffle=True, seed=seed, drop_last=True, distributed=world_size > 1)

@@ -16,6 +16,11 @@ on ``evaluate.split``, validated after every epoch, with early stopping on the v
 loss after ``finetune.patience`` epochs without improvement (``best``); ``meta["selection"]``
 records the rule, the epoch kept and the epochs run.
 
+With ``finetune.label_fraction`` below 1 (a variant's ``label_fraction``: the ``label_fraction``
+argument) only that share of the train split's labelled clips is used, stratified by class
+and drawn from the seed (``mofo.data.manifest.label_subset``); ``out_dir/label_subset.csv``
+lists them (clip_id, label) and ``meta["label_subset"]`` counts them.
+
     python -m mofo.training.finetune --pretrained results/demo/pretrain/mofo/checkpoint.pt \
         --head mca --out results/demo/finetune/mofo_mca
 """
@@ -30,9 +35,11 @@ from pathlib import Path
 import torch
 
 from mofo.config import deep_merge, load_config
+from mofo.data.manifest import label_subset
 from mofo.masking.grid import token_grid
 from mofo.models.build import build_model
 from mofo.models.checkpoint import pretrained_meta
+from mofo.paths import LABEL_SUBSET
 from mofo.provenance import inputs_digest, stage_settings
 from mofo.recipe.batch import planned_stage
 from mofo.runtime import data as data_io
@@ -110,18 +117,40 @@ def provenance(config: dict, head: str, manifest_path: str | Path, results_dir: 
             "inputs": inputs_digest(files)}
 
 
+def labelled_share(ft: dict, manifest, out_dir: Path, is_main: bool) -> list[str] | None:
+    """The train clips fine-tuning may use: None for every one (``label_fraction`` 1), else the
+    seed's stratified share (module doc), written to ``out_dir/label_subset.csv`` by the main
+    process. Too few clips for one optimizer step is an error naming the numbers."""
+    fraction = float(ft["label_fraction"])
+    if fraction == 1.0:
+        return None
+    subset = label_subset(manifest, fraction, int(ft["seed"]))
+    if len(subset) < int(ft["total_batch"]):
+        raise ValueError(f"finetune.label_fraction {fraction}: {len(subset)} labelled train clips, "
+                         f"fewer than one step's finetune.total_batch {ft['total_batch']}")
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / f".{LABEL_SUBSET}.tmp"
+        subset[["clip_id", "label"]].to_csv(tmp, index=False)
+        tmp.replace(out_dir / LABEL_SUBSET)
+    return subset["clip_id"].tolist()
+
+
 def run(config: dict, manifest_path: str | Path, results_dir: str | Path,
         pretrained_ckpt: str | Path | None, head: str, out_dir: str | Path,
         metrics_callback: MetricsCallback | None = None, max_steps: int | None = None,
-        seed: int | None = None) -> Path:
+        seed: int | None = None, label_fraction: float | None = None) -> Path:
     """Fine-tune and return the path of the final checkpoint (``out_dir/checkpoint.pt``).
     ``seed`` (the rule's ``{seed}`` wildcard; None = the first of ``seeds``) decides the head
-    init, mixup draws and the loader order; it becomes ``finetune.seed`` of the stage config
-    (not a config-file key: the ``seeds`` list is its one home)."""
+    init, mixup draws, the loader order and the label share; it becomes ``finetune.seed`` of the
+    stage config (not a config-file key: the ``seeds`` list is its one home).
+    ``label_fraction`` (a variant's, from the ``{head}`` wildcard; None = the config's) becomes
+    ``finetune.label_fraction``, so it is in the run's provenance."""
     if head not in HEADS:
         raise ValueError(f"fine-tuning head must be one of {HEADS}, got {head!r}")
     seed = int(config["seeds"][0] if seed is None else seed)
-    config = deep_merge(config, {"finetune": {"seed": seed}})
+    share = {} if label_fraction is None else {"label_fraction": float(label_fraction)}
+    config = deep_merge(config, {"finetune": {"seed": seed, **share}})
     engine_cfg = config["engine"]
     out_dir = Path(out_dir)
     ctx = init_distributed(engine_cfg)
@@ -131,8 +160,9 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path,
         manifest = data_io.read_manifest(manifest_path)
         heads = data_io.output_heads(config, manifest)
         actions = data_io.epic_actions(config, manifest)  # None unless EPIC's action classifier
+        clip_ids = labelled_share(ft, manifest, out_dir, ctx.is_main)
         loader = data_io.build_train_loader(config, manifest_path, results_dir, "finetune", ft,
-                                            ctx.world_size)
+                                            ctx.world_size, clip_ids)
         seed_everything(int(ft["seed"]))  # same head init on every rank and run
         model = build_model(config, heads, head)
         report = None
@@ -149,7 +179,9 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path,
                 "pretrain_masking": src_meta.get("masking",
                                                  "external" if pretrained_ckpt else "none"),
                 "pretrained": str(pretrained_ckpt or ""), "dataset": config["dataset"]["name"],
-                "model_size": config["model"]["size"], "batch": plan.as_dict()}
+                "model_size": config["model"]["size"], "batch": plan.as_dict(),
+                "label_fraction": float(ft["label_fraction"]),
+                "label_subset": len(loader.dataset) if clip_ids is not None else None}
         if actions is not None:  # action index -> [verb_class, noun_class], for evaluation
             meta["actions"] = [list(pair) for pair in actions]
         mixer = VideoMixup(ft, heads, token_grid(config["model"]),
@@ -176,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="pretrained checkpoint (ours or official); omit to train from scratch")
     parser.add_argument("--head", required=True, choices=list(HEADS))
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--label-fraction", type=float, default=None,
+                        help="fine-tune on this share of the train split's labels, stratified "
+                             "by class (default: the config's finetune.label_fraction)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the head init, mixup and loader order (default: the first "
                              "of the config's seeds)")
@@ -183,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config)
     manifest, results_dir = resolve_paths(config, args)
     print(run(config, manifest, results_dir, args.pretrained, args.head, args.out,
-              max_steps=args.max_steps, seed=args.seed))
+              max_steps=args.max_steps, seed=args.seed, label_fraction=args.label_fraction))
     return 0
 
 
