@@ -103,7 +103,7 @@ def run(config: dict, manifest_path: str | Path, results_dir: str | Path, source
     """Embed every decoded clip of each of ``splits`` (with their tokens when
     ``probe.attentive.enabled``); returns ``{split: <out_dir>/<split>.npz}``."""
     probe_cfg, engine_cfg = config["probe"], config["engine"]
-    keep_tokens = bool(probe_cfg.get("attentive", {}).get("enabled", False))
+    keep_tokens = bool(probe_cfg["attentive"]["enabled"])
     encoder, meta = load_encoder(config, source, seed)
     apply_cpu_threads(engine_cfg)
     device = select_device(engine_cfg, rank_info())
