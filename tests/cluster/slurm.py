@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -299,6 +300,11 @@ def one_cluster_per_machine(timeout: float = 3600, interval: float = 2) -> Itera
         try:
             waited = False
             while (other := _other_live_cluster()) is not None:
+                if not waited:  # past pytest's capture: a wait of up to an hour must say why
+                    print(f"mofo tests: waiting for the local SLURM test cluster of {other.parent} "
+                          "to stop (another test session; a killed one leaves its slurmctld and "
+                          f"slurmd running: stop them with kill <pid in {other.parent}/*.pid>)",
+                          file=sys.__stderr__, flush=True)
                 waited = True
                 if time.monotonic() > deadline:
                     raise SlurmError(f"another local SLURM test cluster runs ({other})")
