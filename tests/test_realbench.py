@@ -161,6 +161,19 @@ def test_cli_names_the_fetch_script_when_videos_are_missing(tmp_path, capsys):
     from mofo.cli import main
 
     rc = main(["bench", "boxes-real", "--flow", "dis", "--videos", str(tmp_path / "none"),
-               "--out", str(tmp_path / "out")])
+               "--ground-truth", str(GROUND_TRUTH), "--out", str(tmp_path / "out")])
     assert rc == 2
     assert "tools/fetch_real_clips.sh" in capsys.readouterr().err
+
+
+def test_cli_names_the_ground_truth_option_when_its_folder_is_missing(tmp_path, capsys):
+    """The default --ground-truth is relative to the repository root: started elsewhere, the
+    error says which file is missing and how to point at it."""
+    from mofo.cli import main
+
+    rc = main(["bench", "boxes-real", "--flow", "dis", "--videos", str(tmp_path),
+               "--ground-truth", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"ground truth not found: {tmp_path / 'nowhere' / 'clips.csv'}" in err
+    assert "--ground-truth DIR" in err

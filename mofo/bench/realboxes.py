@@ -365,6 +365,11 @@ def run_benchmark(cfg: dict, videos: str | Path, ground_truth: str | Path,
     videos = Path(videos)
     clips_csv = Path(ground_truth) / CLIPS_FILE
     keyframes_csv = Path(ground_truth) / KEYFRAMES_FILE
+    for path in (clips_csv, keyframes_csv):
+        if not path.is_file():
+            raise FileNotFoundError(f"ground truth not found: {path} (the repository's "
+                                    "benchmarks/real_boxes; run from the repository root or pass "
+                                    "--ground-truth DIR)")
     clips = load_clips(clips_csv)
     keys = load_keyframes(keyframes_csv)
     if only:
