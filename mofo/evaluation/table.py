@@ -4,8 +4,8 @@ the seeds, and the per-seed values beside it.
 Inputs are runs (:class:`Run`): one per variant and seed, with the evaluation's
 ``metrics.json`` and, where they exist, the pretraining's ``validation.json`` (held-out
 reconstruction vs the predict-the-mean floor, ``mofo.training.validation``) and the probe's
-``metrics.json`` (kNN, linear and attentive probes of the pretrained encoder). A run without a fine-tuned
-model (``metrics`` None) is a probe-only row, e.g. the randomly initialised encoder.
+``metrics.json`` (kNN, linear and attentive probes of the pretrained encoder). A run without a
+fine-tuned model (``metrics`` None) is a probe-only row, e.g. the randomly initialised encoder.
 
 Outputs:
 
@@ -17,7 +17,8 @@ Outputs:
   (``published`` or the deviations, ``mofo.recipe.published.recipe_label``);
 * ``table.csv``: one row per variant: ``variant, pretrain_masking, finetune_head,
   label_fraction, n_seeds, top1_mean, top1_std, top5_mean, top5_std``, mean and std of each
-  probe (``probe_knn_mean, probe_knn_std``, linear, attentive), ``recon_ratio_mean`` (+ in/out-of-box recon ratios, + EPIC means/stds, + the training
+  probe (``probe_knn_mean, probe_knn_std``, linear, attentive), ``recon_ratio_mean`` (+
+  in/out-of-box recon ratios, + EPIC means/stds, + the training
   columns, one value when the seeds agree, + ``recipe``); empty where a value does not apply; std is the sample standard deviation (n - 1), empty for one seed;
 * ``table.md``: mean ± std, the paper's numbers beside ours where the paper reports the
   dataset, and under it which differences are larger than the seed spread (:func:`verdicts`).
