@@ -5,7 +5,7 @@ demo: .installed
 	snakemake --cores 2
 
 test: .installed
-	python3 -m pytest
+	python3 -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
 
 install: .installed
 

@@ -76,9 +76,33 @@ def pytest_addoption(parser):
     )
 
 
+#: Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) each test file is one unit of
+#: work, so its module fixtures are built once. These files are one unit, handed out first: the
+#: local SLURM cluster exists once per machine (it owns /etc/slurm/slurm.conf), and they share
+#: one tiny pipeline (``tiny_local_pipeline``) and one MLflow server. Most of its time is spent
+#: waiting for SLURM, beside the other worker's CPU work.
+SHARED_PIPELINE_FILES = ("test_slurm.py", "test_mlflow.py", "test_report.py")
+#: Then the next longest unit (it builds its own tiny pipeline on the other worker).
+SECOND_FILES = ("test_resume_rows.py",)
+
+
+def xdist_unit(item) -> tuple[int, str]:
+    """(hand-out rank, group name) of a test under xdist: see ``SHARED_PIPELINE_FILES``."""
+    name = item.path.name
+    if name in SHARED_PIPELINE_FILES:
+        return 0, "shared-pipeline"
+    return (1 if name in SECOND_FILES else 2), name
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--reverse-order"):
         items.reverse()
+    if not hasattr(config, "workerinput"):  # not an xdist worker: the order stays
+        return
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_unit(item)[1]))
+    items.sort(key=lambda item: xdist_unit(item)[0])  # stable: file order kept within a rank
 
 
 @pytest.hookimpl(hookwrapper=True)
