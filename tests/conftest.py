@@ -76,22 +76,29 @@ def pytest_addoption(parser):
     )
 
 
-#: Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) each test file is one unit of
-#: work, so its module fixtures are built once. These files are one unit, handed out first: the
-#: local SLURM cluster exists once per machine (it owns /etc/slurm/slurm.conf), and they share
-#: one tiny pipeline (``tiny_local_pipeline``) and one MLflow server. Most of its time is spent
-#: waiting for SLURM, beside the other worker's CPU work.
-SHARED_PIPELINE_FILES = ("test_slurm.py", "test_mlflow.py", "test_report.py")
-#: Then the next longest unit (it builds its own tiny pipeline on the other worker).
-SECOND_FILES = ("test_resume_rows.py",)
+#: Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup --no-loadscope-reorder``) a test
+#: runs in one of these units of work, handed out in this order: the tests on the local SLURM
+#: cluster (it exists once per machine: it owns /etc/slurm/slurm.conf), mostly waiting for SLURM
+#: beside the other worker's CPU work; then the other users of the session's tiny pipeline, on
+#: the other worker (it builds its own copy there); then each remaining file as one unit, so
+#: its module fixtures are built once.
+XDIST_UNITS = (("slurm", "slurm_cluster"), ("tiny-pipeline", "tiny_local_pipeline"))
 
 
 def xdist_unit(item) -> tuple[int, str]:
-    """(hand-out rank, group name) of a test under xdist: see ``SHARED_PIPELINE_FILES``."""
-    name = item.path.name
-    if name in SHARED_PIPELINE_FILES:
-        return 0, "shared-pipeline"
-    return (1 if name in SECOND_FILES else 2), name
+    """(hand-out rank, group name) of a test under xdist: see ``XDIST_UNITS``."""
+    fixtures = getattr(item, "fixturenames", ())
+    for rank, (group, fixture) in enumerate(XDIST_UNITS):
+        if fixture in fixtures:
+            return rank, group
+    return len(XDIST_UNITS), item.path.name
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # an xdist worker: two of them share the 2 cores
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group marks

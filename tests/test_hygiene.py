@@ -6,6 +6,8 @@ fixture from tests/conftest.py, so a change that breaks one of them fails here.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # pytester's in-process runs remove from sys.modules what was first imported inside them, and
 # numpy (a C extension) cannot be imported a second time in one process: a later test that
 # imports it (through torch) failed with "cannot load module more than once per process" when
@@ -142,3 +144,73 @@ def test_2_sees_no_parent_run():
 """
     )
     inner.runpytest().assert_outcomes(passed=2)
+
+
+XDIST_CONFTEST = """
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (  # noqa: F401
+    pytest_addoption,
+    pytest_collection_modifyitems,
+    pytest_configure,
+)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    return "cluster"
+
+
+@pytest.fixture(scope="session")
+def tiny_local_pipeline():
+    return "pipeline"
+
+
+@pytest.fixture(autouse=True)
+def record(request):
+    import torch
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(Path(os.environ["XDIST_RECORD"]), "a") as fh:
+        node = request.node.nodeid.split("@")[0]  # xdist appends @<group>
+        fh.write(f"{worker} {node} {torch.get_num_threads()}\\n")
+"""
+
+
+def test_make_test_workers_keep_the_slurm_tests_together_and_first(pytester, monkeypatch,
+                                                                   tmp_path):
+    """``make test``'s xdist split (tests/conftest.py ``XDIST_UNITS``): the SLURM tests, from
+    several files, run on one worker before anything else there (one cluster per machine); the
+    other tiny-pipeline users run first on the other worker; each other file stays on one
+    worker; every worker runs torch on one thread."""
+    pytest.importorskip("xdist")  # the dev extra's pytest-xdist, which make test runs on
+    pytester.makeconftest(XDIST_CONFTEST)
+    pytester.makeini("[pytest]\naddopts = -p no:randomly\n")
+    plain = "".join(f"def test_{i}(): pass\n" for i in range(6))
+    pytester.makepyfile(
+        test_a_plain=plain,
+        test_b_cluster="def test_1(slurm_cluster): pass\ndef test_2(): pass\n",
+        test_c_plain=plain,
+        test_d_tiny="def test_1(tiny_local_pipeline): pass\n"
+                    "def test_2(tiny_local_pipeline): pass\n",
+        test_e_cluster="def test_1(slurm_cluster, tiny_local_pipeline): pass\n"
+                       "def test_2(slurm_cluster): pass\n",
+    )
+    monkeypatch.setenv("XDIST_RECORD", str(tmp_path / "record.txt"))
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
+    result = pytester.runpytest_subprocess("-n", "2", "--dist", "loadgroup",
+                                           "--no-loadscope-reorder")
+    result.assert_outcomes(passed=18)
+    runs = [line.split() for line in (tmp_path / "record.txt").read_text().splitlines()]
+    order = {w: [node for worker, node, _ in runs if worker == w] for w, _, _ in runs}
+    assert {threads for _, _, threads in runs} == {"1"}, runs
+    cluster = ["test_b_cluster.py::test_1", "test_e_cluster.py::test_1",
+               "test_e_cluster.py::test_2"]
+    [slurm_worker] = [w for w, nodes in order.items() if nodes[:3] == cluster]
+    [tiny_worker] = [w for w, nodes in order.items() if w != slurm_worker]
+    assert order[tiny_worker][:2] == ["test_d_tiny.py::test_1", "test_d_tiny.py::test_2"], order
+    for name in ("test_a_plain.py", "test_c_plain.py"):
+        assert len({w for w, nodes in order.items() for n in nodes if n.startswith(name)}) == 1
