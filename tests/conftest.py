@@ -76,12 +76,12 @@ def pytest_addoption(parser):
     )
 
 
-#: Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup --no-loadscope-reorder``) a test
-#: runs in one of these units of work, handed out in this order: the tests on the local SLURM
-#: cluster (it exists once per machine: it owns /etc/slurm/slurm.conf), mostly waiting for SLURM
-#: beside the other worker's CPU work; then the other users of the session's tiny pipeline, on
-#: the other worker (it builds its own copy there); then each remaining file as one unit, so
-#: its module fixtures are built once.
+#: Under pytest-xdist (``make test``, the Makefile's flags) a test runs in one of these units of
+#: work, handed out in this order: the tests on the local SLURM cluster (it exists once per
+#: machine: it owns /etc/slurm/slurm.conf), mostly waiting for SLURM beside the other worker's
+#: CPU work; then the other users of the session's tiny pipeline, on the other worker (it builds
+#: its own copy there: one build per worker); then each remaining file as one unit, so its
+#: module fixtures are built once.
 XDIST_UNITS = (("slurm", "slurm_cluster"), ("tiny-pipeline", "tiny_local_pipeline"))
 
 

@@ -177,7 +177,8 @@ def test_report_renders_the_table_and_the_pictures(tiny_report):
                      r"\s+top1_mean\s+top1_std", table_text)
     for row in (r"Scratch\s+scratch\s+mean", r"VideoMAE\s+tube\s+mean", r"MOFO\*\s+mofo\s+mean",
                 r"MOFO\*\*\s+tube\s+mca", r"MOFO†\s+mofo\s+mca"):
-        assert re.search(row + r"\s+1\.000\s+1\s+\d+\.\d\d\d", table_text), row  # all labels, one seed, top1
+        # all labels (1.000), one seed, top1_mean
+        assert re.search(row + r"\s+1\.000\s+1\s+\d+\.\d\d\d", table_text), row
     # Every picture visit shows a PNG that the browser decoded (natural size > 0).
     for visit in seen["visits"][1:]:
         images = visit["images"]
